@@ -1,0 +1,3 @@
+from bigl.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,53 @@
+"""The ``bigl`` command line.
+
+Each sub-command lives in its own module of this package with a ``register(subparsers)`` function
+that adds its parser and sets ``func`` (a callable taking the parsed arguments and returning an exit
+status). Heavy imports (torch) happen inside ``func`` so that ``bigl --help`` stays fast.
+User errors (:class:`bigl.errors.BiGLError`) are printed with their fix and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from bigl import __version__
+from bigl.errors import BiGLError
+
+#: Sub-command modules, in the order ``bigl --help`` lists them.
+COMMANDS = ("segment", "train", "evaluate", "score", "demo", "phantoms", "info")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bigl",
+        description="Cross-modality brain tumour segmentation (BiGL domain adaptation).",
+    )
+    parser.add_argument("--version", action="version", version=f"bigl {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"bigl.cli.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"bigl.cli.{name}":
+                continue
+            raise
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 1
+    try:
+        return int(args.func(args) or 0)
+    except BiGLError as exc:
+        print(f"bigl {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"bigl {args.command}: interrupted", file=sys.stderr)
+        return 130
