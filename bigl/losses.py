@@ -1,0 +1,134 @@
+"""Losses of BiGL (paper section 3.4).
+
+Segmentation (Eq. 4): cross-entropy + generalised Dice. The paper gives the Dice class weight as
+``w_i = 1 / num(class i)``; Sudre et al. (2017), who introduced the generalised Dice loss, use
+``1 / num^2``. Both are available through ``weight_power`` (1, the paper, by default; 2, Sudre; 0,
+all classes equal). The paper's formula is typeset as a weighted sum of per-class Dice ratios; we
+use Sudre's ratio of weighted sums, which stays in [0, 1] for any weights.
+
+Output consistency (Eq. 5) is printed as ``-E[||Phi(x_t) - Phi(x_t->s)||_2]``; minimised as written
+it would push the two predictions apart, contrary to its stated purpose. We minimise the mean
+squared L2 distance between the two softmax maps instead (zero when the predictions agree).
+
+Adversarial losses come in the two usual flavours: least squares (LSGAN, used by CycleGAN) and
+binary cross-entropy on logits (the log-likelihood form of Eq. 6-9).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from bigl.errors import ConfigError
+
+ADVERSARIAL_MODES = ("lsgan", "bce")
+
+
+def _check_segmentation_inputs(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """ValueError unless logits [B, K, H, W] and target [B, H, W] class indices agree; returns a long target."""
+    if logits.ndim != 4:
+        raise ValueError(f"logits must be [B, K, H, W], got shape {tuple(logits.shape)}")
+    if target.ndim == 4 and target.shape[1] == 1:
+        target = target[:, 0]
+    if target.shape != logits.shape[:1] + logits.shape[2:]:
+        raise ValueError(
+            f"target must be class indices [B, H, W] matching logits {tuple(logits.shape)}, got {tuple(target.shape)}"
+        )
+    if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
+        raise ValueError(f"target must hold integer class indices, got dtype {target.dtype}")
+    target = target.long()
+    num_classes = logits.shape[1]
+    if target.numel() and (int(target.min()) < 0 or int(target.max()) >= num_classes):
+        raise ValueError(
+            f"target class indices must be in 0..{num_classes - 1}, got {int(target.min())}..{int(target.max())}"
+            " (BraTS labels 0/1/2/4 must first be mapped with bigl.labels.labels_to_classes)"
+        )
+    return target
+
+
+def generalized_dice_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    eps: float = 1e-5,
+    weight_power: float = 1.0,
+    per_image: bool = False,
+) -> torch.Tensor:
+    """Generalised Dice loss on softmax probabilities p and one-hot targets g.
+
+    loss = 1 - (2 * sum_i w_i sum_x p_ix g_ix + eps) / (sum_i w_i sum_x (p_ix + g_ix) + eps),
+    w_i = 1 / num_i ** weight_power with num_i the number of voxels of class i in the target.
+    Weights are normalised to sum to 1 (the ratio does not change; ``eps`` then has the same effect
+    for every ``weight_power``). A class absent from the target gets the largest weight of the
+    present classes, so predicting it is still penalised (as MONAI does) and nothing is infinite.
+
+    Voxel counts are taken over the whole mini-batch (``per_image=False``, steadier for 2D slices
+    where a tumour class may cover a handful of pixels) or per image, averaging the per-image losses.
+    """
+    target = _check_segmentation_inputs(logits, target)
+    num_classes = logits.shape[1]
+    probabilities = torch.softmax(logits.float(), dim=1)
+    one_hot = F.one_hot(target, num_classes).permute(0, 3, 1, 2).to(probabilities.dtype)
+    dims = (2, 3) if per_image else (0, 2, 3)
+    intersection = (probabilities * one_hot).sum(dims)  # [B, K] or [K]
+    total = (probabilities + one_hot).sum(dims)
+    counts = one_hot.sum(dims)
+    present = counts > 0
+    weights = torch.where(present, counts.clamp_min(1.0).pow(-float(weight_power)), torch.zeros_like(counts))
+    largest = weights.amax(dim=-1, keepdim=True)
+    weights = torch.where(present, weights, largest)
+    weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(weights.dtype).tiny)
+    numerator = 2 * (weights * intersection).sum(-1) + eps
+    denominator = (weights * total).sum(-1) + eps
+    return (1 - numerator / denominator).mean()
+
+
+def segmentation_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    ce_weight: float = 1.0,
+    dice_weight: float = 1.0,
+    class_weights: torch.Tensor | None = None,
+    weight_power: float = 1.0,
+    eps: float = 1e-5,
+) -> torch.Tensor:
+    """L_seg = ce_weight * cross-entropy (optionally class-weighted) + dice_weight * generalised Dice."""
+    target = _check_segmentation_inputs(logits, target)
+    if class_weights is not None:
+        class_weights = torch.as_tensor(class_weights, dtype=logits.dtype, device=logits.device)
+        if class_weights.shape != (logits.shape[1],):
+            raise ValueError(
+                f"class_weights must have one value per class ({logits.shape[1]}), got {tuple(class_weights.shape)}"
+            )
+    cross_entropy = F.cross_entropy(logits, target, weight=class_weights)
+    dice = generalized_dice_loss(logits, target, eps=eps, weight_power=weight_power)
+    return ce_weight * cross_entropy + dice_weight * dice
+
+
+def adversarial_loss(logits: torch.Tensor, is_real: bool, mode: str = "lsgan") -> torch.Tensor:
+    """Discriminator logits against the all-real (1) or all-fake (0) target.
+
+    'lsgan': mean squared error to 1 / 0; 'bce': binary cross-entropy with logits.
+    The generator side uses ``is_real=True`` on fakes, the discriminator side both.
+    """
+    target = torch.full_like(logits, 1.0 if is_real else 0.0)
+    if mode == "lsgan":
+        return F.mse_loss(logits, target)
+    if mode == "bce":
+        return F.binary_cross_entropy_with_logits(logits, target)
+    raise ConfigError(f"unknown adversarial loss mode {mode!r}", f"use one of: {', '.join(ADVERSARIAL_MODES)}")
+
+
+def output_consistency_loss(logits_a: torch.Tensor, logits_b: torch.Tensor) -> torch.Tensor:
+    """Eq. 5 as a distance to minimise: mean over pixels of ||softmax(a) - softmax(b)||^2 (sum over classes).
+
+    Zero for identical predictions, symmetric, and unchanged by adding a constant to all logits of a
+    pixel. Gradients flow into both arguments.
+    """
+    if logits_a.shape != logits_b.shape or logits_a.ndim < 2:
+        raise ValueError(
+            f"output consistency needs two logit maps of the same shape [B, K, ...], got {tuple(logits_a.shape)} "
+            f"and {tuple(logits_b.shape)}"
+        )
+    difference = torch.softmax(logits_a, dim=1) - torch.softmax(logits_b, dim=1)
+    return difference.pow(2).sum(dim=1).mean()
