@@ -1,0 +1,236 @@
+"""BiGLPredictor: outputs on the input grid, valid probabilities, attention/translation maps,
+determinism and clear errors for unusable inputs or requests."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from bigl.bundle import load_bundle, make_metadata, save_bundle
+from bigl.data.preprocess import PreprocessConfig
+from bigl.errors import BundleError, ConfigError, InputError
+from bigl.data.preprocess import SliceGeometry, restore_maps
+from bigl.inference import BiGLPredictor, _channel_summary, _position_summary, modality_from_name, restore_on_grid
+from bigl.labels import classes_to_labels
+from bigl.models import DualAttentionUNet, SegmenterConfig
+
+
+def synthetic_scan(shape=(40, 44, 30), seed=0) -> np.ndarray:
+    """An ellipsoid 'brain' with texture and a bright blob, zero background around it."""
+    rng = np.random.default_rng(seed)
+    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing="ij"))
+    brain = (grid**2 / np.array([0.7, 0.75, 0.8])[:, None, None, None] ** 2).sum(0) < 1
+    blob = ((grid - np.array([0.2, -0.1, 0.1])[:, None, None, None]) ** 2).sum(0) < 0.06
+    scan = np.where(brain, 300 + 40 * rng.standard_normal(shape) + 500 * blob, 0.0)
+    return scan.astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def predictor(tiny_bundle):
+    return BiGLPredictor(load_bundle(tiny_bundle), device="cpu", batch_size=8)
+
+
+@pytest.fixture(scope="module")
+def full_prediction(predictor):
+    return predictor.predict(synthetic_scan(), np.diag([1.0, 1.2, 2.5, 1.0]), probabilities=True,
+                             attention=True, translated=True)
+
+
+def _corner(volume: np.ndarray):
+    """A voxel far outside the brain crop of :func:`synthetic_scan`."""
+    return volume[..., 0, 0, 0]
+
+
+def test_labels_on_the_input_grid(full_prediction):
+    labels = full_prediction.labels
+    assert labels.dtype == np.uint8 and labels.shape == (40, 44, 30)
+    assert set(np.unique(labels).tolist()) <= {0, 1, 2, 4}
+    assert np.array_equal(full_prediction.affine, np.diag([1.0, 1.2, 2.5, 1.0]))
+
+
+def test_probabilities_are_a_distribution_and_give_the_labels(full_prediction):
+    probs = full_prediction.probabilities
+    assert probs.dtype == np.float32 and probs.shape == (4, 40, 44, 30)
+    assert probs.min() >= 0 and np.allclose(probs.sum(axis=0), 1.0, atol=1e-5)
+    assert np.array_equal(full_prediction.labels, classes_to_labels(probs.argmax(axis=0)))
+    assert np.allclose(_corner(probs), [1, 0, 0, 0])  # outside the brain crop: background for sure
+    # an untrained network is not confident anywhere inside the brain
+    assert probs[0, 20, 22, 15] < 0.99
+
+
+def test_attention_maps(full_prediction):
+    attention = full_prediction.attention
+    assert set(attention) == {"position", "channel"}
+    for kind, volume in attention.items():
+        assert volume.dtype == np.float32 and volume.shape == (40, 44, 30), kind
+        assert volume.min() >= 0 and volume.max() <= 1, kind
+        assert volume.max() > 0.9, f"{kind} map is normalised per volume"
+        assert _corner(volume) == 0, kind
+        assert volume[10:30, 10:34, 8:22].std() > 0, f"{kind} map varies inside the brain"
+
+
+def test_translated_image(full_prediction):
+    image = full_prediction.translated
+    assert image.dtype == np.float32 and image.shape == (40, 44, 30)
+    assert image.min() >= -1 and image.max() <= 1
+    assert _corner(image) == -1
+    assert image[10:30, 10:34, 8:22].std() > 0
+
+
+def test_deterministic(predictor):
+    scan = synthetic_scan(seed=3)
+    first = predictor.predict(scan, probabilities=True, attention=True)
+    second = predictor.predict(scan, probabilities=True, attention=True)
+    assert np.array_equal(first.labels, second.labels)
+    assert np.array_equal(first.probabilities, second.probabilities)
+    for kind in ("position", "channel"):
+        assert np.array_equal(first.attention[kind], second.attention[kind])
+
+
+def test_optional_outputs_are_off_by_default(predictor):
+    result = predictor.predict(synthetic_scan())
+    assert result.probabilities is None and result.attention is None and result.translated is None
+
+
+def test_batch_size_does_not_change_the_result(tiny_bundle, predictor):
+    scan = synthetic_scan(seed=5)
+    one_by_one = BiGLPredictor(load_bundle(tiny_bundle), device="cpu", batch_size=1)
+    a = one_by_one.predict(scan, probabilities=True)
+    b = predictor.predict(scan, probabilities=True)
+    assert np.allclose(a.probabilities, b.probabilities, atol=1e-5)
+
+
+def test_progress_counts_slices(predictor):
+    calls = []
+    predictor.predict(synthetic_scan(), translated=True, progress=lambda done, total: calls.append((done, total)))
+    totals = {total for _, total in calls}
+    assert len(totals) == 1
+    total = totals.pop()
+    dones = [done for done, _ in calls]
+    assert dones == sorted(dones) and dones[-1] == total
+    assert total % 2 == 0 and total // 2 <= 30  # two passes over at most the 30 axial slices
+
+
+def test_image_size_not_a_multiple_of_the_network_stride(tmp_path):
+    """Slices are padded for the networks and cropped back (image_size 36, segmenter stride 8)."""
+    seg_cfg = SegmenterConfig(base_channels=4, depth=3)
+    path = save_bundle(tmp_path / "odd.safetensors", segmenter=DualAttentionUNet(seg_cfg), metadata=make_metadata(
+        method="source-only", modality="t2", source_modality="t1", segmenter_config=seg_cfg,
+        preprocessing=PreprocessConfig(image_size=36, margin=2)))
+    result = BiGLPredictor(load_bundle(path), device="cpu").predict(synthetic_scan(), probabilities=True, attention=True)
+    assert result.labels.shape == (40, 44, 30)
+    assert np.allclose(result.probabilities.sum(axis=0), 1.0, atol=1e-5)
+    with pytest.raises(BundleError, match="translator"):
+        BiGLPredictor(load_bundle(path), device="cpu").predict(synthetic_scan(), translated=True)
+
+
+@pytest.mark.parametrize("image_size, square", [(32, 45), (32, 20), (16, 16)], ids=["up", "down", "same"])
+def test_fast_restore_matches_restore_maps(image_size, square):
+    geometry = SliceGeometry(original_shape=(50, 60, 12), bbox=((2, 2 + square - 3), (5, 5 + square), (1, 11)),
+                             slice_axis=2, square=square, pad=((1, 2), (0, 0)), image_size=image_size)
+    rng = np.random.default_rng(0)
+    for maps in (rng.random((10, 3, image_size, image_size)), rng.random((10, image_size, image_size))):
+        maps = maps.astype(np.float32)
+        expected = restore_maps(maps, geometry, fill=0.5)
+        got = restore_on_grid(maps, geometry, fill=0.5)
+        assert got.shape == expected.shape and got.dtype == np.float32
+        assert np.allclose(got, expected, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------ attention summaries
+
+
+def test_position_summary_is_the_attention_each_position_receives():
+    n = 4 * 4
+    attention = torch.zeros(1, n, n)
+    attention[0, :, 5] = 1.0  # every query attends only to position 5 = (row 1, col 1)
+    summary = _position_summary(SimpleNamespace(position_attention=attention), (4, 4))
+    assert summary.shape == (1, 1, 4, 4)
+    expected = torch.zeros(4, 4)
+    expected[1, 1] = 1.0
+    assert torch.equal(summary[0, 0], expected)
+
+
+def test_channel_summary_weights_features_by_received_channel_attention():
+    features = torch.zeros(1, 2, 2, 2)
+    features[0, 0, 0, 0] = 3.0  # channel 0 active top-left
+    features[0, 1, 1, 1] = -5.0  # channel 1 active bottom-right (magnitude counts)
+    attention = torch.tensor([[[0.0, 1.0], [0.0, 1.0]]])  # all attention goes to channel 1
+    summary = _channel_summary(SimpleNamespace(features=features, channel_attention=attention))
+    assert torch.equal(summary[0, 0], torch.tensor([[0.0, 0.0], [0.0, 5.0]]))
+
+
+# ------------------------------------------------------------------------------------ errors
+
+
+@pytest.mark.parametrize(
+    "volume, fragment",
+    [
+        (np.ones((32, 32), np.float32), "2D"),
+        (np.ones((8, 8, 8, 3), np.float32), "4D"),
+        (np.full((16, 16, 16), np.nan, np.float32), "NaN"),
+        (np.zeros((16, 16, 16), np.float32), "constant"),
+        (np.random.default_rng(0).choice([0, 1, 2, 4], size=(16, 16, 16)).astype(np.float32), "label map"),
+    ],
+    ids=["2d", "4d", "nan", "all-zero", "label-map"],
+)
+def test_unusable_volumes(predictor, volume, fragment):
+    with pytest.raises(InputError, match=fragment):
+        predictor.predict(volume)
+
+
+def test_modality_mismatch(predictor):
+    with pytest.raises(InputError, match="expects T2, got T1"):
+        predictor.predict(synthetic_scan(), modality="T1")
+    assert predictor.predict(synthetic_scan(), modality="t2w").labels.shape == (40, 44, 30)
+
+
+def test_bad_affine(predictor):
+    with pytest.raises(InputError, match="4x4"):
+        predictor.predict(synthetic_scan(), np.eye(3))
+
+
+def test_bad_settings(tiny_bundle):
+    bundle = load_bundle(tiny_bundle)
+    with pytest.raises(ConfigError, match="batch size"):
+        BiGLPredictor(bundle, device="cpu", batch_size=0)
+    with pytest.raises(ConfigError, match="thread"):
+        BiGLPredictor(bundle, device="cpu", num_threads=0)
+    with pytest.raises(ConfigError, match="device"):
+        BiGLPredictor(bundle, device="tpu")
+
+
+def test_num_threads_is_applied(tiny_bundle):
+    before = torch.get_num_threads()
+    try:
+        BiGLPredictor(load_bundle(tiny_bundle), device="cpu", num_threads=1)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on machines without CUDA")
+def test_cuda_requested_without_cuda(tiny_bundle):
+    with pytest.raises(ConfigError) as info:
+        BiGLPredictor.from_path(tiny_bundle, device="cuda")
+    assert "--device cpu" in info.value.hint
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_matches_cpu(tiny_bundle, full_prediction):
+    gpu = BiGLPredictor.from_path(tiny_bundle, device="cuda")
+    assert gpu.bundle.device.type == "cuda"
+    result = gpu.predict(synthetic_scan(), np.diag([1.0, 1.2, 2.5, 1.0]), probabilities=True, translated=True)
+    assert np.allclose(result.probabilities, full_prediction.probabilities, atol=1e-3)
+    assert np.allclose(result.translated, full_prediction.translated, atol=1e-3)
+
+
+def test_modality_from_file_name(tmp_path):
+    assert modality_from_name("Brats18_X_1_t2.nii.gz") == "t2"
+    assert modality_from_name("BraTS-GLI-00001-000-t1c.nii.gz") == "t1ce"
+    assert modality_from_name("case_FLAIR.nii") == "flair"
+    assert modality_from_name("patient7.nii.gz") is None
+    assert modality_from_name("scan_2.nii.gz") is None

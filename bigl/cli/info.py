@@ -1,0 +1,103 @@
+"""``bigl info``: describe a model bundle (reads only its header, never the weights)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+_METHODS = {
+    "bigl": "BiGL (bidirectional global-to-local unsupervised domain adaptation)",
+    "source-only": "source only (trained on labelled source scans, no adaptation)",
+    "target-only": "target only (trained on labelled target scans; upper bound)",
+}
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "info",
+        help="show what a model bundle is: method, modalities, architecture, metrics",
+        description="Print the description stored in a BiGL model bundle (.safetensors) without loading its weights.",
+    )
+    parser.add_argument("bundle", type=Path, metavar="BUNDLE", help="model bundle (.safetensors)")
+    parser.add_argument("--json", action="store_true", help="print the metadata as JSON (with parameter counts)")
+    parser.set_defaults(func=run)
+
+
+def describe(path: Path) -> dict:
+    """The bundle's metadata plus its path, file size and parameter count per network."""
+    from bigl.bundle import parameter_counts, read_metadata
+
+    metadata = read_metadata(path)
+    return {**metadata, "path": str(path), "file_size_bytes": path.stat().st_size,
+            "parameters": parameter_counts(path)}
+
+
+def run(args: argparse.Namespace) -> int:
+    info = describe(args.bundle.expanduser())
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        print(format_info(info))
+    return 0
+
+
+def format_info(info: dict) -> str:
+    """Readable multi-line description of :func:`describe`'s result."""
+    params = info.get("parameters", {})
+    modality = (info.get("modality") or "?").upper()
+    source = info.get("source_modality")
+    lines = [f"BiGL model bundle {info['path']} ({info['file_size_bytes'] / 1e6:.1f} MB)"]
+    row = lambda key, value: lines.append(f"  {key + ':':<15}{value}")  # noqa: E731
+    row("method", _METHODS.get(info["method"], info["method"]))
+    if info["method"] == "bigl" and source:
+        row("segments", f"{modality} scans (adapted from labelled {source.upper()} scans, without {modality} labels)")
+    elif info["method"] == "source-only" and source:
+        row("segments", f"{modality} scans (trained on labelled {source.upper()} scans only, no adaptation)")
+    else:
+        row("segments", f"{modality} scans")
+    row("segmenter", f"DualAttentionUNet {_settings(info['segmenter'])} ({_count(params.get('segmenter', 0))} parameters)")
+    translators = [name for name in ("translator_s2t", "translator_t2s") if name in params]
+    if info.get("translator") and translators:
+        per = ", ".join(f"{name.split('_')[1]} {_count(params[name])}" for name in translators)
+        row("translators", f"ResnetGenerator {_settings(info['translator'])} ({per} parameters)")
+    else:
+        row("translators", "none")
+    prep = info["preprocessing"]
+    row("preprocessing", f"{prep.get('image_size')}x{prep.get('image_size')} slices along axis {prep.get('slice_axis')}, "
+                         f"{_settings({k: v for k, v in prep.items() if k not in ('image_size', 'slice_axis')})}")
+    names = info.get("class_names") or []
+    row("labels", ", ".join(f"{label} {name}" for label, name in zip(info.get("labels", []), names)))
+    if info.get("metrics"):
+        lines.append("  metrics:")
+        lines.extend(f"    {key}: {value}" for key, value in _flatten(info["metrics"]))
+    else:
+        row("metrics", "not measured")
+    if info.get("training"):
+        lines.append("  training:")
+        lines.extend(f"    {key}: {value}" for key, value in _flatten(info["training"]))
+    row("created", f"{info.get('created', '?')} with bigl {info.get('bigl_version', '?')} "
+                   f"(bundle format {info.get('format_version')})")
+    if info.get("description"):
+        row("description", info["description"])
+    return "\n".join(lines)
+
+
+def _settings(values: dict) -> str:
+    return " ".join(f"{key}={value}" for key, value in values.items())
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e6:.2f} M" if n >= 1e5 else f"{n:,}"
+
+
+def _flatten(values, prefix: str = ""):
+    """(dotted key, formatted value) pairs of a nested dict."""
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            yield from _flatten(value, name + ".")
+        elif isinstance(value, float):
+            yield name, f"{value:.4g}"
+        else:
+            yield name, value

@@ -1,0 +1,189 @@
+"""``bigl segment``: segment a scan, or every scan in a folder, with a model bundle."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+#: Names (before .nii/.nii.gz) that mark label maps and BiGL outputs; skipped in folder mode.
+OUTPUT_SUFFIXES = ("_seg", "_translated", "_probabilities", "_attention_position", "_attention_channel")
+#: Short names of the tumour labels in the one-line summaries.
+_SHORT_NAMES = {1: "NCR/NET", 2: "oedema", 4: "enhancing"}
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "segment",
+        help="segment a brain MR scan (or a folder of scans) into tumour sub-regions",
+        description=(
+            "Segment a 3D NIfTI scan into BraTS labels (0 background, 1 necrotic/non-enhancing core, "
+            "2 oedema, 4 enhancing tumour) with a BiGL model bundle. The label map is written on the "
+            "input's exact voxel grid. With a folder as --input, every .nii/.nii.gz scan in it is "
+            "segmented (files ending in _seg and BiGL outputs are skipped) and --output is a folder."
+        ),
+    )
+    parser.add_argument("--input", "-i", required=True, type=Path, metavar="SCAN",
+                        help="NIfTI scan (.nii/.nii.gz) of the modality the model segments, or a folder of them")
+    parser.add_argument("--output", "-o", required=True, type=Path, metavar="SEG",
+                        help="label map to write (.nii.gz), or a folder in folder mode (<case>_seg.nii.gz)")
+    parser.add_argument("--model", "-m", type=Path, metavar="BUNDLE",
+                        help="model bundle (.safetensors); default: the model shipped with BiGL")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="where to run the networks (default: auto, the GPU when there is one)")
+    parser.add_argument("--attention-out", type=Path, metavar="DIR",
+                        help="also write <case>_attention_position/_channel.nii.gz attention maps (0-1) here")
+    parser.add_argument("--translated-out", type=Path, metavar="FILE",
+                        help="also write the scan translated to the source modality (a folder in folder mode)")
+    parser.add_argument("--probabilities-out", type=Path, metavar="FILE",
+                        help="also write the 4D class probabilities (float32; a folder in folder mode)")
+    parser.add_argument("--batch-size", type=int, default=16, metavar="N", help="slices per forward pass (default 16)")
+    parser.add_argument("--threads", type=int, metavar="N", help="CPU threads for PyTorch (default: PyTorch's choice)")
+    parser.add_argument("--modality", metavar="NAME",
+                        help="modality of the scans (t1, t1ce, t2, flair); checked against the model "
+                             "(default: taken from BraTS-style file names like *_t2.nii.gz)")
+    parser.add_argument("--progress", choices=("bar", "json", "none"), default="bar",
+                        help="progress display: a terminal bar, JSON lines on stdout for GUIs, or nothing")
+    parser.set_defaults(func=run)
+
+
+class Reporter:
+    """Progress and results, as human-readable lines or as JSON events on stdout."""
+
+    def __init__(self, mode: str):
+        self.mode = mode
+
+    def emit(self, event: str, **fields) -> None:
+        print(json.dumps({"event": event, **fields}), flush=True)
+
+    def progress_callback(self, **context):
+        if self.mode == "json":
+            return lambda done, total: self.emit("progress", done=done, total=total, **context)
+        if self.mode == "none":
+            return lambda done, total: None
+        return None  # bigl.inference shows a terminal bar
+
+    def say(self, text: str) -> None:
+        # JSON mode keeps stdout for events only
+        print(text, file=sys.stderr if self.mode == "json" else sys.stdout, flush=True)
+
+    def error(self, exc, event: str = "error", **context) -> None:
+        if self.mode == "json":
+            self.emit(event, message=getattr(exc, "message", str(exc)), hint=getattr(exc, "hint", None), **context)
+
+    def emit_unexpected(self, exc: Exception, event: str = "error", **context) -> None:
+        if self.mode == "json":
+            self.emit(event, message=f"unexpected {type(exc).__name__}: {exc}",
+                      hint="see the log for details; please report this if it persists", **context)
+
+
+def run(args: argparse.Namespace) -> int:
+    from bigl.errors import BiGLError
+
+    reporter = Reporter(args.progress)
+    try:
+        return _run(args, reporter)
+    except BiGLError as exc:
+        reporter.error(exc)
+        raise
+    except Exception as exc:  # a bug or a system problem: GUIs still get an error event
+        reporter.emit_unexpected(exc)
+        raise
+
+
+def _run(args: argparse.Namespace, reporter: Reporter) -> int:
+    from bigl.data.io import is_nifti_path
+    from bigl.errors import InputError
+    from bigl.inference import BiGLPredictor
+
+    source = args.input.expanduser()
+    if not source.exists():
+        raise InputError(f"input not found: {source}", "give a .nii/.nii.gz scan or a folder of scans")
+    if source.is_dir():
+        scans = sorted(p for p in source.iterdir() if p.is_file() and is_nifti_path(p) and not _is_output_name(p))
+        if not scans:
+            raise InputError(f"no scans (.nii/.nii.gz files, other than *_seg label maps) in {source}",
+                             "give a folder holding the NIfTI scans to segment, or one scan file")
+        if is_nifti_path(args.output):
+            raise InputError(f"--output {args.output} is a file name, but --input is a folder",
+                             "give an output folder; each scan's labels go to <folder>/<case>_seg.nii.gz")
+    predictor = BiGLPredictor.from_path(args.model, device=args.device, batch_size=args.batch_size,
+                                        num_threads=args.threads)
+    if source.is_dir():
+        return _segment_folder(args, scans, predictor, reporter)
+    prediction = _segment_one(args, source, args.output, predictor, reporter,
+                              translated_out=args.translated_out, probabilities_out=args.probabilities_out)
+    reporter.say(_summary(source, args.output, prediction))
+    if reporter.mode == "json":
+        reporter.emit("done", output=str(args.output))
+    return 0
+
+
+def _segment_one(args, source: Path, output: Path, predictor, reporter: Reporter, context=None, **extra_outputs):
+    from bigl.inference import segment_file
+
+    return segment_file(
+        source, output, model=predictor, attention_out=args.attention_out, modality=args.modality,
+        progress=reporter.progress_callback(**(context or {})), **extra_outputs,
+    )
+
+
+def _segment_folder(args, scans: list[Path], predictor, reporter: Reporter) -> int:
+    from bigl.errors import BiGLError
+    from bigl.inference import case_name
+
+    out_dir = args.output.expanduser()
+    failed = []
+    for index, scan in enumerate(scans, start=1):
+        case = case_name(scan)
+        output = out_dir / f"{case}_seg.nii.gz"
+        extra = {}
+        if args.translated_out is not None:
+            extra["translated_out"] = args.translated_out / f"{case}_translated.nii.gz"
+        if args.probabilities_out is not None:
+            extra["probabilities_out"] = args.probabilities_out / f"{case}_probabilities.nii.gz"
+        try:
+            context = {"file": scan.name, "index": index, "files": len(scans)}
+            prediction = _segment_one(args, scan, output, predictor, reporter, context, **extra)
+        except BiGLError as exc:
+            failed.append(scan)
+            reporter.say(f"[{index}/{len(scans)}] {scan.name}: FAILED: {exc}")
+            reporter.error(exc, "file_error", input=str(scan))
+            continue
+        except Exception as exc:  # one broken file must not stop the others
+            failed.append(scan)
+            reporter.say(f"[{index}/{len(scans)}] {scan.name}: FAILED (unexpected {type(exc).__name__}): {exc}")
+            reporter.emit_unexpected(exc, "file_error", input=str(scan))
+            continue
+        reporter.say(f"[{index}/{len(scans)}] {_summary(scan, output, prediction)}")
+        if reporter.mode == "json":
+            reporter.emit("file_done", input=str(scan), output=str(output))
+    done = len(scans) - len(failed)
+    reporter.say(f"segmented {done} of {len(scans)} scans into {out_dir}"
+                 + (f"; failed: {', '.join(p.name for p in failed)}" if failed else ""))
+    if failed:
+        if reporter.mode == "json":
+            reporter.emit("error", message=f"{len(failed)} of {len(scans)} scans failed",
+                          hint="see the file_error event of each failed scan", failed=[str(p) for p in failed])
+        return 2
+    if reporter.mode == "json":
+        reporter.emit("done", output=str(out_dir))
+    return 0
+
+
+def _is_output_name(path: Path) -> bool:
+    from bigl.inference import case_name
+
+    return case_name(path).lower().endswith(OUTPUT_SUFFIXES)
+
+
+def _summary(source: Path, output: Path, prediction) -> str:
+    """One line: where the labels went and the tumour volume per label in millilitres."""
+    import numpy as np
+
+    voxel_ml = abs(float(np.linalg.det(prediction.affine[:3, :3]))) / 1000.0
+    counts = np.bincount(prediction.labels.ravel(), minlength=5)
+    parts = [f"{name} {counts[label] * voxel_ml:.1f} ml" for label, name in _SHORT_NAMES.items()]
+    tumour = sum(counts[label] for label in _SHORT_NAMES) * voxel_ml
+    return f"{source.name} -> {output}: tumour {tumour:.1f} ml ({', '.join(parts)})"
