@@ -1,0 +1,46 @@
+"""Support for the module's tests (the pytest suite and the self-test inside Slicer)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def make_test_bundle(path: str | Path, *, image_size: int = 32, seed: int = 0, sharpen: float = 1.0) -> Path:
+    """Write a tiny untrained bundle (segmenter and both translators) that runs in seconds on a CPU.
+
+    Its segmentations are meaningless; tests use it to exercise the whole flow when no trained
+    model is shipped. ``sharpen`` scales the segmenter's last convolution so that the untrained
+    class scores differ from voxel to voxel (a fresh network predicts nearly uniform scores, so
+    every voxel would get the same label). Needs torch (imported here, not at module import).
+    """
+    import torch
+
+    from bigl.bundle import make_metadata, save_bundle
+    from bigl.data.preprocess import PreprocessConfig
+    from bigl.models import DualAttentionUNet, ResnetGenerator, SegmenterConfig, TranslatorConfig
+
+    torch.manual_seed(seed)
+    segmenter_config = SegmenterConfig(base_channels=4, depth=3)
+    translator_config = TranslatorConfig(base_channels=4, n_downsample=2, n_blocks=1)
+    segmenter = DualAttentionUNet(segmenter_config)
+    if sharpen != 1.0:
+        last = [module for module in segmenter.modules() if isinstance(module, torch.nn.Conv2d)][-1]
+        with torch.no_grad():
+            last.weight.mul_(sharpen)
+            if last.bias is not None:
+                last.bias.zero_()
+    return save_bundle(
+        Path(path),
+        segmenter=segmenter,
+        translator_s2t=ResnetGenerator(translator_config),
+        translator_t2s=ResnetGenerator(translator_config),
+        metadata=make_metadata(
+            method="bigl",
+            modality="t2",
+            source_modality="t1",
+            segmenter_config=segmenter_config,
+            translator_config=translator_config,
+            preprocessing=PreprocessConfig(image_size=image_size, margin=2),
+            description="untrained test bundle (meaningless segmentations)",
+        ),
+    )

@@ -1,0 +1,140 @@
+"""The whole flow on a headless scene: volume node -> `bigl segment` subprocess -> nodes, checked
+against the core library run directly on the same file."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import slicer_support
+
+pytestmark = [
+    pytest.mark.skipif(slicer_support.SKIP_REASON is not None, reason=slicer_support.SKIP_REASON or ""),
+    pytest.mark.slicer,
+]
+
+ALL_OUTPUTS = dict(attention=True, probabilities=True, translated=True)
+
+
+def _direct_prediction(path, bundle):
+    """What the core library predicts for the file, without Slicer or a subprocess."""
+    from bigl.data.io import load_volume
+    from bigl.inference import BiGLPredictor
+
+    scan = load_volume(path)
+    predictor = BiGLPredictor.from_path(bundle, device="cpu", num_threads=1)
+    return predictor.predict(scan.data, scan.affine, probabilities=True, attention=True, translated=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scan", ["lps_scan", "anisotropic_scan"])
+def test_subprocess_segmentation_matches_the_core_library(scan, request, headless, varied_bundle):
+    from BiGLSegmentationLib import scene
+    from BiGLSegmentationLib.logic import OutputOptions, SegmentationLogic
+
+    path = request.getfixturevalue(scan)
+    volume = headless.load_volume(path)
+    outputs = SegmentationLogic().segment(volume, varied_bundle, device="cpu", threads=1, timeout=300,
+                                          options=OutputOptions(**ALL_OUTPUTS))
+    expected = _direct_prediction(path, varied_bundle)
+    assert len(np.unique(expected.labels)) >= 3, "the test bundle predicts too few labels to compare"
+
+    # segments: fixed names, voxel-exact
+    segmentation = outputs.segmentation.GetSegmentation()
+    assert {segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())} == \
+        set(scene.SEGMENT_NAMES.values())
+    np.testing.assert_array_equal(scene.segmentation_to_labels(outputs.segmentation, volume), expected.labels)
+    for label, segment_id in scene.SEGMENT_IDS.items():
+        assert segmentation.GetSegment(segment_id).GetName() == scene.SEGMENT_NAMES[label]
+
+    # every auxiliary volume on the input's grid, holding the core library's values
+    reference = scene.ijk_to_ras_matrix(volume)
+    assert set(outputs.attention) == {"position", "channel"} and set(outputs.probabilities) == {1, 2, 4}
+    for node in outputs.overlays():
+        np.testing.assert_array_equal(scene.ijk_to_ras_matrix(node), reference)
+        assert scene.grid_shape(node) == scene.grid_shape(volume)
+    for kind, node in outputs.attention.items():
+        np.testing.assert_allclose(scene.volume_to_array(node), expected.attention[kind], atol=1e-5)
+    for index, label in enumerate((0, 1, 2, 4)):
+        if label:
+            np.testing.assert_allclose(scene.volume_to_array(outputs.probabilities[label]),
+                                       expected.probabilities[index], atol=1e-5)
+    np.testing.assert_allclose(scene.volume_to_array(outputs.translated), expected.translated, atol=1e-5)
+
+    # the volume table counts the direct output's voxels
+    rows = {row["Region"]: row for row in scene.table_rows(outputs.volumes_table)}
+    voxel_ml = abs(np.linalg.det(reference[:3, :3])) / 1000.0
+    for key, labels in (("WT", (1, 2, 4)), ("TC", (1, 4)), ("ET", (4,)), ("NCR/NET", (1,)), ("ED", (2,))):
+        voxels = int(np.isin(expected.labels, labels).sum())
+        assert rows[key]["Voxels"] == voxels
+        assert rows[key]["Volume"] == pytest.approx(voxels * voxel_ml, rel=1e-4)
+
+
+@pytest.mark.slow
+def test_running_again_updates_the_same_nodes(lps_scan, headless, varied_bundle):
+    from BiGLSegmentationLib import scene
+    from BiGLSegmentationLib.logic import OutputOptions, SegmentationLogic
+
+    volume = headless.load_volume(lps_scan)
+    logic = SegmentationLogic()
+    first = logic.segment(volume, varied_bundle, device="cpu", threads=1, timeout=300,
+                          options=OutputOptions(attention=True))
+    nodes = {headless.scene.GetNthNode(i).GetID() for i in range(headless.scene.GetNumberOfNodes())}
+    second = logic.segment(volume, varied_bundle, device="cpu", threads=1, timeout=300,
+                           options=OutputOptions(attention=True))
+    assert {headless.scene.GetNthNode(i).GetID() for i in range(headless.scene.GetNumberOfNodes())} == nodes
+    assert second.segmentation is first.segmentation and second.volumes_table is first.volumes_table
+    assert sorted(scene.find_outputs(volume)) == sorted(
+        [scene.ROLE_SEGMENTATION, scene.ROLE_VOLUMES_TABLE, "attention-position", "attention-channel"])
+
+
+@pytest.mark.slow
+def test_polling_reports_progress_and_cancel_stops_the_run(lps_scan, headless, varied_bundle):
+    from BiGLSegmentationLib.logic import SegmentationError, SegmentationLogic
+
+    volume = headless.load_volume(lps_scan)
+    run = SegmentationLogic().start_segmentation(volume, varied_bundle, device="cpu", threads=1)
+    fractions = []
+    deadline = time.monotonic() + 120
+    status = run.poll()
+    while status.running and time.monotonic() < deadline:
+        time.sleep(0.05)
+        status = run.poll()
+        if status.fraction is not None:
+            fractions.append(status.fraction)
+    assert not status.running
+    assert fractions and fractions == sorted(fractions) and fractions[-1] == 1.0
+    outputs = run.finish()
+    assert not run.files.folder.exists()  # temporary files removed
+    assert outputs.segmentation is not None
+
+    run = SegmentationLogic().start_segmentation(volume, varied_bundle, device="cpu", threads=1)
+    run.cancel()
+    assert not run.status.running and run.cancelled
+    assert not run.process.running
+    with pytest.raises(SegmentationError, match="cancelled"):
+        run.finish()
+
+
+@pytest.mark.slow
+def test_failures_come_back_as_messages_with_a_fix(lps_scan, headless, varied_bundle, tmp_path):
+    from BiGLSegmentationLib import scene
+    from BiGLSegmentationLib.logic import SegmentationError, SegmentationLogic
+
+    volume = headless.load_volume(lps_scan)
+    not_a_model = tmp_path / "weights.safetensors"
+    not_a_model.write_bytes(b"garbage")
+    with pytest.raises(SegmentationError) as error:
+        SegmentationLogic().segment(volume, not_a_model, device="cpu", threads=1, timeout=120)
+    assert "weights.safetensors" in error.value.message and error.value.hint.startswith("Fix:")
+
+    blank = headless.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "blank")
+    scene.array_to_volume(blank, np.zeros((32, 32, 20), np.int16), scene.ijk_to_ras_matrix(volume))
+    with pytest.raises(SegmentationError) as error:
+        SegmentationLogic().segment(blank, varied_bundle, device="cpu", threads=1, timeout=120)
+    assert "constant" in error.value.message
+    assert scene.find_outputs(blank) == {} and scene.find_outputs(volume) == {}
+
+    with pytest.raises(SegmentationError, match="No input"):
+        SegmentationLogic().segment(None, varied_bundle)
