@@ -1,0 +1,693 @@
+"""BiGL Training: adapt a brain tumour segmenter to a new MRI modality from 3D Slicer.
+
+The module is a thin Qt layer over :mod:`BiGLTrainingLib` (no Qt there, tested without Slicer):
+it fills a :class:`~BiGLTrainingLib.command.TrainingSettings` from the form, runs the dataset
+check, starts ``bigl train`` as a separate process through
+:class:`~BiGLTrainingLib.logic.TrainingLogic` and polls it from a timer, so Slicer stays
+responsive while the two stages (image translator, then adaptation) run.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import shutil
+import time
+from pathlib import Path
+
+import qt
+import slicer
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
+from slicer.util import VTKObservationMixin
+
+#: Where the form is remembered between sessions (QSettings).
+SETTINGS_KEY = "BiGLTraining/LastSettings"
+#: Milliseconds between two polls of the training process.
+POLL_INTERVAL_MS = 500
+LOG_VIEW_LINES = 2000
+#: Settings fields shown in the Parameters section.
+HYPER_PARAMETERS = (
+    "image_size", "translator_mode", "translator_iterations", "translator_batch_size", "translator_lr",
+    "adapt_iterations", "adapt_batch_size", "lr", "discriminator_lr", "lambda_out", "lambda_gtl", "lambda_syn",
+    "output_alignment", "feature_alignment", "attention_alignment", "finetune_translator",
+)  # fmt: skip
+
+
+class BiGLTraining(ScriptedLoadableModule):
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = "BiGL Training"
+        self.parent.categories = ["Segmentation"]
+        self.parent.dependencies = ["BiGLSegmentation"]
+        self.parent.contributors = ["The BiGL developers"]
+        self.parent.helpText = (
+            "Train a BiGL model: a bidirectional image translator between a labelled source modality "
+            "(e.g. T1) and an unlabelled target modality (e.g. T2), then a segmenter adapted to the target "
+            "with global-to-local adversarial alignment. Choose the folders and a preset, press Check data, "
+            "then Start training. The trained model appears in BiGL Segmentation's model list. "
+            "See docs/slicer-training.md in the BiGL repository."
+        )
+        self.parent.acknowledgementText = (
+            "Implements He et al., 'Cross-Modality Brain Tumor Segmentation via Bidirectional "
+            "Global-to-Local Unsupervised Domain Adaptation'."
+        )
+
+
+class _MainWindowCloseGuard(qt.QObject):
+    """Asks before Slicer's main window closes while training runs."""
+
+    def __init__(self, widget):
+        qt.QObject.__init__(self)
+        self.widget = widget
+
+    def eventFilter(self, watched, event):
+        if event.type() == qt.QEvent.Close and not self.widget.confirmStopForQuit():
+            event.ignore()
+            return True
+        return False
+
+
+class BiGLTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    def __init__(self, parent=None):
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self.timer = None
+        self.closeGuard = None
+        self._presetConfig = None
+        self._formFilled = False
+        self._shownCharts = set()
+        self._errorShown = False
+
+    # ------------------------------------------------------------------------------- setup
+    def setup(self):
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/BiGLTraining.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+
+        from BiGLSegmentationLib.logic import python_executable
+        from BiGLTrainingLib.command import DEVICE_CHOICES, MODALITY_CHOICES, PRESETS, TRANSLATOR_MODE_CHOICES
+        from BiGLTrainingLib.logic import TrainingLogic
+
+        self.logic = TrainingLogic(
+            slicer.mrmlScene,
+            python=python_executable(),
+            env=slicer.util.startupEnvironment(),
+            models_folder=self.modelsFolder(),
+        )
+        self.logic.on_log = self.appendLog
+
+        for combo in (self.ui.sourceModalityComboBox, self.ui.targetModalityComboBox):
+            for modality in MODALITY_CHOICES:
+                combo.addItem(modality.upper(), modality)
+        for presetId, (_, label) in PRESETS.items():
+            self.ui.presetComboBox.addItem(label, presetId)
+        for mode in TRANSLATOR_MODE_CHOICES:
+            self.ui.translatorModeComboBox.addItem(mode, mode)
+        for device in DEVICE_CHOICES:
+            self.ui.deviceComboBox.addItem(device, device)
+        self.ui.logTextEdit.setMaximumBlockCount(LOG_VIEW_LINES)
+        self.ui.modelsFolderPathLineEdit.currentPath = str(self.modelsFolder())
+
+        self.ui.presetComboBox.currentIndexChanged.connect(self.onPresetChanged)
+        self.ui.customConfigPathLineEdit.currentPathChanged.connect(self.onPresetChanged)
+        self.ui.outputDirPathLineEdit.currentPathChanged.connect(self.updateButtons)
+        self.ui.modelsFolderPathLineEdit.currentPathChanged.connect(self.onModelsFolderChanged)
+        self.ui.checkDataButton.clicked.connect(self.onCheckData)
+        self.ui.startButton.clicked.connect(self.onStart)
+        self.ui.stopButton.clicked.connect(self.onStop)
+        self.ui.resumeButton.clicked.connect(self.onResume)
+        self.ui.showCurvesButton.clicked.connect(self.onShowCurves)
+        self.ui.evaluateButton.clicked.connect(self.onEvaluate)
+
+        self.timer = qt.QTimer()
+        self.timer.setInterval(POLL_INTERVAL_MS)
+        self.timer.timeout.connect(self.onTimer)
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        slicer.app.aboutToQuit.connect(self.onAboutToQuit)
+        mainWindow = slicer.util.mainWindow()
+        if mainWindow is not None:
+            self.closeGuard = _MainWindowCloseGuard(self)
+            mainWindow.installEventFilter(self.closeGuard)
+
+        self.restoreForm()
+        self.updateButtons()
+
+    def cleanup(self):
+        if self.timer is not None:
+            self.timer.stop()
+        self.removeObservers()
+        slicer.app.aboutToQuit.disconnect(self.onAboutToQuit)
+        mainWindow = slicer.util.mainWindow()
+        if mainWindow is not None and self.closeGuard is not None:
+            mainWindow.removeEventFilter(self.closeGuard)
+        if self.logic is not None:
+            self.logic.shutdown()
+
+    # ----------------------------------------------------------------------- dependencies
+    def ensureDependencies(self):
+        """PyTorch, BiGL's packages and the training extras, installed after asking (BiGLSegmentation's installer)."""
+        from BiGLSegmentationLib.dependencies import REQUIREMENTS_PATH, ensure_dependencies
+
+        missing, restart = [], False
+        for requirements in (REQUIREMENTS_PATH, self.resourcePath("requirements.txt")):
+            try:
+                report = ensure_dependencies(
+                    confirm=slicer.util.confirmOkCancelDisplay,
+                    requirements_path=requirements,
+                    testing=slicer.app.testingEnabled(),
+                )
+            except RuntimeError as exc:
+                slicer.util.errorDisplay(str(exc))
+                return False
+            missing += [name for name in report.missing if name not in missing]
+            restart = restart or report.restart_recommended
+        if restart and slicer.util.confirmYesNoDisplay("Packages BiGL uses were updated. Restart Slicer now to use them?"):
+            slicer.util.restart()
+        if missing:
+            slicer.util.errorDisplay("Training needs these Python packages: " + ", ".join(missing))
+            return False
+        return True
+
+    # ------------------------------------------------------------------------------ form
+    @staticmethod
+    def modelsFolder():
+        """The models folder BiGL Segmentation lists (one setting shared by both modules)."""
+        from BiGLSegmentation import modelsFolder
+
+        return modelsFolder()
+
+    @staticmethod
+    def segmentationWidget():
+        """BiGL Segmentation's widget (created if its panel was never opened), or None."""
+        try:
+            return slicer.util.getModuleWidget("BiGLSegmentation")
+        except (RuntimeError, AttributeError):
+            return None
+
+    def onModelsFolderChanged(self, path):
+        from BiGLSegmentation import MODELS_FOLDER_SETTING
+
+        if not path:
+            return
+        qt.QSettings().setValue(MODELS_FOLDER_SETTING, path)
+        self.logic.models_folder = Path(path)
+        segmentationWidget = self.segmentationWidget()
+        if segmentationWidget is not None and segmentationWidget.ui.modelsFolderPathLineEdit.currentPath != path:
+            segmentationWidget.ui.modelsFolderPathLineEdit.currentPath = path
+
+    def presetId(self):
+        return self.ui.presetComboBox.currentData
+
+    def loadPresetConfig(self):
+        """The chosen preset's config, or None (with the reason in the note) when it cannot be read yet."""
+        self._presetConfig = None
+        if self.presetId() == "custom" and not self.ui.customConfigPathLineEdit.currentPath:
+            self.ui.presetNoteLabel.text = "Choose a JSON config file."
+            return None
+        try:
+            self._presetConfig = self.logic.preset_config(self.formSettings())
+        except ImportError:
+            self.ui.presetNoteLabel.text = "The preset's values are shown once BiGL's packages are installed (Check data)."
+            return None
+        except Exception as exc:  # a broken custom config: say why, keep the form
+            self.ui.presetNoteLabel.text = f"Cannot read the config: {exc}"
+            return None
+        self.ui.presetNoteLabel.text = self.presetNote(self._presetConfig)
+        return self._presetConfig
+
+    def onPresetChanged(self, *_):
+        """Show the chosen preset's values in the form; the data choices stay as they are."""
+        self.ui.customConfigPathLineEdit.setEnabled(self.presetId() == "custom")
+        config = self.loadPresetConfig()
+        if config is not None:
+            self.fillFromConfig(config)
+
+    def fillFromConfig(self, config):
+        from BiGLTrainingLib.command import TrainingSettings
+
+        current = self.formSettings()
+        shown = TrainingSettings.from_config(config)
+        for name in ("source_dir", "target_dir", "source_modality", "target_modality", "exclude", "target_exclude"):
+            value = getattr(current, name)
+            if value:
+                setattr(shown, name, value)
+        self.fillForm(shown)
+
+    def ensurePresetLoaded(self):
+        """Before a check or a run: the preset read, and the form filled if it never was."""
+        if self._presetConfig is None and self.loadPresetConfig() is not None and not self._formFilled:
+            self.fillFromConfig(self._presetConfig)
+        return self._presetConfig is not None
+
+    @staticmethod
+    def presetNote(config):
+        notes = []
+        for section, title in (("translator_training", "translator"), ("adapt", "adaptation")):
+            epochs = config[section].get("epochs")
+            if epochs is not None:
+                notes.append(f"this config runs the {title} for {epochs} epochs; setting its iterations replaces that")
+        device = config["run"]["device"]
+        notes.append(f"device in the config: {device}")
+        return "; ".join(notes)
+
+    def fillForm(self, settings):
+        ui = self.ui
+
+        def setCombo(combo, value):
+            index = combo.findData(value)
+            if index >= 0:
+                combo.currentIndex = index
+
+        if settings.source_dir:
+            ui.sourceDirPathLineEdit.currentPath = settings.source_dir
+        if settings.target_dir:
+            ui.targetDirPathLineEdit.currentPath = settings.target_dir
+        if settings.source_modality:
+            setCombo(ui.sourceModalityComboBox, settings.source_modality)
+        if settings.target_modality:
+            setCombo(ui.targetModalityComboBox, settings.target_modality)
+        numbers = {
+            "image_size": ui.imageSizeSpinBox, "translator_iterations": ui.translatorIterationsSpinBox,
+            "translator_batch_size": ui.translatorBatchSizeSpinBox, "translator_lr": ui.translatorLrSpinBox,
+            "adapt_iterations": ui.adaptIterationsSpinBox, "adapt_batch_size": ui.adaptBatchSizeSpinBox,
+            "lr": ui.lrSpinBox, "discriminator_lr": ui.discriminatorLrSpinBox, "lambda_out": ui.lambdaOutSpinBox,
+            "lambda_gtl": ui.lambdaGtlSpinBox, "lambda_syn": ui.lambdaSynSpinBox,
+        }  # fmt: skip
+        for name, spinBox in numbers.items():
+            value = getattr(settings, name)
+            if value is not None:
+                spinBox.value = value
+        switches = {
+            "output_alignment": ui.outputAlignmentCheckBox, "feature_alignment": ui.featureAlignmentCheckBox,
+            "attention_alignment": ui.attentionAlignmentCheckBox, "finetune_translator": ui.finetuneTranslatorCheckBox,
+        }  # fmt: skip
+        for name, checkBox in switches.items():
+            value = getattr(settings, name)
+            if value is not None:
+                checkBox.checked = bool(value)
+        if settings.translator_mode:
+            setCombo(ui.translatorModeComboBox, settings.translator_mode)
+        if settings.device:
+            setCombo(ui.deviceComboBox, settings.device.split(":")[0])
+        ui.gpusSpinBox.value = max(1, int(settings.gpus or 1))
+        if settings.adapt_iterations is not None:
+            self._formFilled = True
+
+    def formSettings(self):
+        """The form as TrainingSettings; values equal to the preset's are dropped from the command later.
+
+        Until the form was filled (from the preset or the last session) its hyper-parameter fields hold
+        placeholders, and the preset's own values are used instead.
+        """
+        from BiGLTrainingLib.command import TrainingSettings
+
+        ui = self.ui
+        evaluationDir = ui.evaluationDirPathLineEdit.currentPath
+        settings = TrainingSettings(
+            output_dir=ui.outputDirPathLineEdit.currentPath,
+            preset=self.presetId() or "cpu",
+            custom_config=ui.customConfigPathLineEdit.currentPath,
+            source_dir=ui.sourceDirPathLineEdit.currentPath or None,
+            source_modality=ui.sourceModalityComboBox.currentData,
+            target_dir=ui.targetDirPathLineEdit.currentPath or None,
+            target_modality=ui.targetModalityComboBox.currentData,
+            device=ui.deviceComboBox.currentData,
+            gpus=ui.gpusSpinBox.value,
+            extra_overrides=self.extraOverrides(),
+            evaluation_dir=(evaluationDir or None) if ui.evaluateAfterTrainingCheckBox.checked else None,
+        )
+        if not self._formFilled:
+            return settings
+        hyperParameters = TrainingSettings(
+            image_size=ui.imageSizeSpinBox.value,
+            translator_mode=ui.translatorModeComboBox.currentData,
+            translator_iterations=ui.translatorIterationsSpinBox.value,
+            translator_batch_size=ui.translatorBatchSizeSpinBox.value,
+            translator_lr=ui.translatorLrSpinBox.value,
+            adapt_iterations=ui.adaptIterationsSpinBox.value,
+            adapt_batch_size=ui.adaptBatchSizeSpinBox.value,
+            lr=ui.lrSpinBox.value,
+            discriminator_lr=ui.discriminatorLrSpinBox.value,
+            lambda_out=ui.lambdaOutSpinBox.value,
+            lambda_gtl=ui.lambdaGtlSpinBox.value,
+            lambda_syn=ui.lambdaSynSpinBox.value,
+            output_alignment=ui.outputAlignmentCheckBox.checked,
+            feature_alignment=ui.featureAlignmentCheckBox.checked,
+            attention_alignment=ui.attentionAlignmentCheckBox.checked,
+            finetune_translator=ui.finetuneTranslatorCheckBox.checked,
+        )
+        for name in HYPER_PARAMETERS:
+            setattr(settings, name, getattr(hyperParameters, name))
+        return settings
+
+    def extraOverrides(self):
+        """The extra key=value overrides; quotes group a value with spaces (data.source_dir="/a b")."""
+        text = self.ui.extraOverridesLineEdit.text
+        try:
+            return shlex.split(text)
+        except ValueError:  # an unbalanced quote: take the words as they are
+            return text.split()
+
+    def saveForm(self):
+        values = self.formSettings().to_dict()
+        values["evaluation_data"] = self.ui.evaluationDirPathLineEdit.currentPath
+        qt.QSettings().setValue(SETTINGS_KEY, json.dumps(values))
+
+    def restoreForm(self):
+        """The form as it was last used (or the CPU preset's values the first time)."""
+        from BiGLTrainingLib.command import TrainingSettings
+
+        values = {}
+        saved = qt.QSettings().value(SETTINGS_KEY)
+        if saved:
+            try:
+                values = json.loads(saved)
+            except ValueError:
+                values = {}
+        settings = TrainingSettings.from_dict(values)
+        self.ui.presetComboBox.blockSignals(True)
+        self.ui.presetComboBox.currentIndex = max(0, self.ui.presetComboBox.findData(settings.preset))
+        self.ui.presetComboBox.blockSignals(False)
+        self.ui.customConfigPathLineEdit.setEnabled(settings.preset == "custom")
+        self.ui.customConfigPathLineEdit.currentPath = settings.custom_config or ""
+        self.ui.outputDirPathLineEdit.currentPath = settings.output_dir or ""
+        self.ui.evaluationDirPathLineEdit.currentPath = values.get("evaluation_data") or ""
+        self.ui.evaluateAfterTrainingCheckBox.checked = bool(settings.evaluation_dir)
+        self.ui.extraOverridesLineEdit.text = shlex.join(settings.extra_overrides)
+        config = self.loadPresetConfig()
+        if settings.adapt_iterations is None and config is not None:
+            self.fillFromConfig(config)
+        self.fillForm(settings)  # only the fields the last session set
+
+    # --------------------------------------------------------------------------- actions
+    def onCheckData(self):
+        if not self.ensureDependencies():
+            return
+        self.ensurePresetLoaded()
+        from bigl.errors import BiGLError
+
+        with slicer.util.WaitCursor():
+            try:
+                report = self.logic.check_data(self.formSettings())
+            except BiGLError as exc:
+                self.ui.dataReportTextEdit.setPlainText(f"ERROR: {exc}")
+                return
+        self.ui.dataReportTextEdit.setPlainText(report.as_text())
+
+    def onStart(self):
+        self._startRun(resume=False)
+
+    def onResume(self):
+        self._startRun(resume=True)
+
+    def _startRun(self, resume):
+        if not self.ensureDependencies():
+            return
+        self.ensurePresetLoaded()
+        from bigl.errors import BiGLError
+
+        settings = self.formSettings()
+        self.saveForm()
+        modelsFolder = self.ui.modelsFolderPathLineEdit.currentPath
+        self.logic.models_folder = Path(modelsFolder) if modelsFolder and self.ui.registerModelCheckBox.checked else None
+        self.ui.logTextEdit.clear()
+        self._shownCharts = set()
+        self._errorShown = False
+        try:
+            with slicer.util.WaitCursor():
+                if resume:
+                    self.logic.resume(settings)
+                else:
+                    self.logic.start(settings)
+        except BiGLError as exc:
+            slicer.util.errorDisplay(str(exc), windowTitle="BiGL Training")
+            self.updateButtons()
+            return
+        self.timer.start()
+        self.updateButtons()
+        self.updateProgress()
+
+    def onStop(self):
+        from BiGLTrainingLib.logic import resume_point
+
+        if not self.logic.busy:
+            return
+        point = resume_point(self.logic.run_folder) if self.logic.run_folder else None
+        question = "Stop training?" + (f" Resume will continue from {point}." if point else "")
+        if not slicer.app.testingEnabled() and not slicer.util.confirmYesNoDisplay(question):
+            return
+        self.logic.request_stop()  # the timer's polls see the tree go (and kill it after a timeout)
+        self.updateProgress()
+        self.updateButtons()
+
+    def onEvaluate(self):
+        from bigl.errors import BiGLError
+
+        data = self.ui.evaluationDirPathLineEdit.currentPath
+        if not data:
+            slicer.util.errorDisplay("Choose the labelled evaluation data folder first.")
+            return
+        try:
+            self.logic.start_evaluation(data, self.ui.targetModalityComboBox.currentData, bundle=self.trainedBundle())
+        except BiGLError as exc:
+            slicer.util.errorDisplay(str(exc), windowTitle="BiGL Training")
+            return
+        self.timer.start()
+        self.updateButtons()
+
+    def trainedBundle(self):
+        """The model of the last finished run, else the one in the output folder, else None."""
+        from BiGLTrainingLib.command import BUNDLE_FILE
+
+        if self.logic is not None and self.logic.bundle is not None:
+            return self.logic.bundle
+        output = self.ui.outputDirPathLineEdit.currentPath
+        candidate = Path(output) / BUNDLE_FILE if output else None
+        return candidate if candidate is not None and candidate.is_file() else None
+
+    def onShowCurves(self):
+        curves = self.logic.curves
+        if curves is None:
+            return
+        stage = self.logic.state.current_stage or (curves.stages[-1] if curves.stages else None)
+        chart = curves.chart_node(stage) if stage else None
+        if chart is not None:
+            slicer.modules.plots.logic().ShowChartInLayout(chart)
+
+    # ---------------------------------------------------------------------------- polling
+    def onTimer(self):
+        if self.logic.poll():
+            self.updateProgress()
+            self.showNewCharts()
+        if not self.logic.busy:
+            self.timer.stop()
+            self.onRunEnded()
+        self.updateButtons()
+
+    def showNewCharts(self):
+        stage = self.logic.state.current_stage
+        if self.logic.curves is None or not stage or stage in self._shownCharts:
+            return
+        chart = self.logic.curves.chart_node(stage)
+        if chart is not None:
+            self._shownCharts.add(stage)
+            slicer.modules.plots.logic().ShowChartInLayout(chart)
+
+    def onRunEnded(self):
+        from BiGLTrainingLib.logic import FAILED, FINISHED
+
+        self.updateProgress()
+        if self.logic.evaluation_table is not None:
+            self.ui.evaluationTableView.setMRMLTableNode(self.logic.evaluation_table)
+        if self.logic.status == FINISHED and self.logic.registered_bundle is not None:
+            self.refreshSegmentationModels()
+        if self.logic.status == FAILED and self.logic.error is not None and not self._errorShown:
+            self._errorShown = True
+            if not slicer.app.testingEnabled():
+                slicer.util.errorDisplay(str(self.logic.error), windowTitle="BiGL Training failed")
+
+    def refreshSegmentationModels(self):
+        """Let an open BiGL Segmentation panel list (and select) the new model."""
+        segmentationWidget = self.segmentationWidget()
+        if segmentationWidget is not None:
+            segmentationWidget.refreshModels(select=str(self.logic.registered_bundle))
+
+    def appendLog(self, line):
+        self.ui.logTextEdit.appendPlainText(line)
+
+    def updateProgress(self):
+        from BiGLTrainingLib.eventlog import format_duration, format_losses
+
+        state = self.logic.state
+        for stage, bar in (("translator", self.ui.translatorProgressBar), ("adapt", self.ui.adaptProgressBar)):
+            progress = state.stages.get(stage)
+            if progress is None:
+                continue
+            bar.value = int(round(100 * progress.fraction))
+            text = f"%p%  {progress.step}/{progress.total or '?'}"
+            if progress.status == "running" and progress.eta_s is not None:
+                text += f"  ETA {format_duration(progress.eta_s)}"
+            bar.format = text
+        current = state.stages.get(state.current_stage or "")
+        self.ui.lossesLabel.text = format_losses(current.losses) if current is not None else ""
+        self.ui.statusLabel.text = self.logic.status_text()
+
+    def updateButtons(self, *_):
+        from BiGLTrainingLib.logic import resume_point
+
+        busy = self.logic is not None and self.logic.busy
+        output = self.ui.outputDirPathLineEdit.currentPath
+        point = resume_point(output) if output and not busy else None
+        self.ui.startButton.enabled = not busy
+        self.ui.stopButton.enabled = busy and not self.logic.stopping
+        self.ui.resumeButton.enabled = point is not None
+        self.ui.resumeButton.toolTip = f"Continue the run in the output folder from {point}" if point else "No stopped run in the output folder"
+        self.ui.checkDataButton.enabled = not busy
+        self.ui.evaluateButton.enabled = not busy and self.trainedBundle() is not None
+        for section in (self.ui.dataCollapsibleButton, self.ui.parametersCollapsibleButton):
+            section.enabled = not busy
+
+    # ------------------------------------------------------------------ closing while busy
+    def confirmStopForQuit(self):
+        """True when Slicer may quit: nothing runs, or the user agreed to stop it."""
+        if self.logic is None or not self.logic.busy:
+            return True
+        if not slicer.util.confirmYesNoDisplay(
+            "BiGL training is still running. Stop it and quit Slicer?\n"
+            "(The run can be resumed later from its last checkpoint.)"
+        ):
+            return False
+        self.logic.shutdown()
+        return True
+
+    def onAboutToQuit(self):
+        if self.logic is not None:
+            self.logic.shutdown()
+
+    def onSceneStartClose(self, caller, event):
+        if self.logic is None or not self.logic.busy or slicer.app.testingEnabled():
+            return
+        if slicer.util.confirmYesNoDisplay(
+            "BiGL training is running. Stop it? (No: it keeps running and its loss curves are "
+            "drawn again in the new scene.)"
+        ):
+            self.logic.request_stop()
+
+    def onSceneEndClose(self, caller, event):
+        if self.logic is not None and self.logic.busy:
+            self.logic.rebuild_curves()
+            self._shownCharts = set()
+
+
+class BiGLTrainingTest(ScriptedLoadableModuleTest):
+    """Smoke training on generated phantoms inside Slicer: start, follow, stop, resume, register.
+
+    Runs a few minutes on a CPU. In Slicer: enable Developer mode (Edit > Application Settings >
+    Developer), open the module and press "Reload and Test", or type
+    ``slicer.selfTests["BiGLTraining"]()`` in the Python console (docs/slicer-training.md).
+    """
+
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        self.setUp()
+        self.test_widget_builds()
+        self.setUp()
+        self.test_train_stop_resume_register()
+
+    def _packagesInstalled(self):
+        try:
+            import nibabel  # noqa: F401
+            import torch  # noqa: F401
+        except ImportError as exc:
+            self.delayDisplay(f"Skipped: BiGL's packages are not installed in this Slicer ({exc}); "
+                              "press Check data in the module once to install them")
+            return False
+        return True
+
+    def _workFolder(self):
+        folder = Path(slicer.app.temporaryPath) / "BiGLTrainingSelfTest"
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        return folder
+
+    def test_widget_builds(self):
+        """The panel builds, its names resolve, and the data check reports phantoms as ready."""
+        if not self._packagesInstalled():
+            return
+        from bigl.data.phantoms import write_cohort
+
+        folder = self._workFolder()
+        write_cohort(folder / "cases", cases=3, size=48, modalities=("t1", "t2"))
+        slicer.util.selectModule("BiGLTraining")
+        widget = slicer.modules.bigltraining.widgetRepresentation().self()
+        widget.ui.sourceDirPathLineEdit.currentPath = str(folder / "cases")
+        widget.ui.targetDirPathLineEdit.currentPath = str(folder / "cases")
+        widget.ui.sourceModalityComboBox.currentIndex = widget.ui.sourceModalityComboBox.findData("t1")
+        widget.ui.targetModalityComboBox.currentIndex = widget.ui.targetModalityComboBox.findData("t2")
+        widget.ui.presetComboBox.currentIndex = widget.ui.presetComboBox.findData("cpu")
+        widget.onCheckData()
+        report = widget.ui.dataReportTextEdit.toPlainText()
+        self.assertIn("ready to train", report, report)
+        self.assertIn("3 usable", report)
+        self.delayDisplay("Widget and data check OK")
+
+    def test_train_stop_resume_register(self):
+        if not self._packagesInstalled():
+            return
+        from bigl.data.phantoms import write_cohort
+        from BiGLSegmentationLib.logic import python_executable
+        from BiGLTrainingLib.command import TrainingSettings
+        from BiGLTrainingLib.logic import FINISHED, STOPPED, TrainingLogic
+
+        folder = self._workFolder()
+        write_cohort(folder / "cases", cases=3, size=48, modalities=("t1", "t2"))
+        logic = TrainingLogic(
+            slicer.mrmlScene,
+            python=python_executable(),
+            env=slicer.util.startupEnvironment(),
+            models_folder=folder / "models",
+        )
+        settings = TrainingSettings(
+            output_dir=str(folder / "run"),
+            preset="custom",
+            custom_config="smoke",
+            source_dir=str(folder / "cases"),
+            source_modality="t1",
+            target_dir=str(folder / "cases"),
+            target_modality="t2",
+            device="cpu",
+        )
+        logic.start(settings)
+        deadline = time.monotonic() + 600
+        while logic.state.stages["translator"].checkpoint is None and logic.busy:
+            self.assertLess(time.monotonic(), deadline, "no checkpoint within 10 minutes")
+            logic.poll()
+            slicer.app.processEvents()
+            time.sleep(0.2)
+        logic.stop()
+        self.assertEqual(logic.status, STOPPED, "\n".join(logic.log))
+        self.delayDisplay("Stopped after the first checkpoint")
+
+        logic.resume(settings)
+        while logic.busy:
+            self.assertLess(time.monotonic(), deadline + 600, "training did not finish")
+            logic.poll()
+            slicer.app.processEvents()
+            time.sleep(0.2)
+        self.assertEqual(logic.status, FINISHED, "\n".join(logic.log))
+        self.assertTrue(logic.registered_bundle is not None and logic.registered_bundle.is_file())
+        table = logic.curves.table_node("adapt")
+        self.assertGreater(table.GetNumberOfRows(), 0)
+        self.assertGreater(logic.curves.chart_node("adapt").GetNumberOfPlotSeriesNodes(), 0)
+        self.delayDisplay(f"Trained and registered {logic.registered_bundle.name}")

@@ -1,0 +1,407 @@
+"""The check a user sees before any training starts: what data was found, what is wrong, how long it takes.
+
+Pure Python over the BiGL core (``bigl.data.brats``); it reads NIfTI headers only, so checking a
+few hundred BraTS cases takes seconds. Problems are of two kinds: *errors* stop the run from
+starting (no labelled source case, no target case, nothing to adapt), *warnings* do not (cases
+left out: source cases without labels, cases whose files do not share a voxel grid or cannot be
+read; the run skips them through ``data.exclude`` / ``data.target_exclude``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+
+from bigl.data.brats import MODALITIES, Case, find_cases, normalise_modality
+from bigl.data.io import read_grid
+from bigl.errors import BiGLError
+
+from .command import config_value
+from .eventlog import format_duration
+
+#: Seconds per training sample of each stage at the reference size: 64 px slices and the networks
+#: of the cpu preset (translator base_channels 16, segmenter base_channels 8), measured with
+#: that preset on two shared cores of a desktop CPU. Other sizes scale with the work per
+#: sample (image area x network width squared).
+CPU_SECONDS_PER_SAMPLE = {"translator": 0.09, "adapt": 0.25}
+REFERENCE_IMAGE_SIZE = 64
+REFERENCE_WIDTH = {"translator": 16, "adapt": 8}
+#: How much faster one recent GPU is assumed to be than that CPU reference. An assumption, not a
+#: measurement: the estimate is an order of magnitude; the ETA shown while training runs is
+#: measured.
+GPU_SPEEDUP = 200.0
+#: The config key through which the run skips the cases the check leaves out, per role.
+EXCLUDE_KEYS = {"source": "data.exclude", "target": "data.target_exclude"}
+
+
+@dataclass
+class Problem:
+    """One finding of the check: ``level`` is "error" (blocks the start) or "warning"."""
+
+    level: str
+    message: str
+    hint: str | None = None
+
+    def __str__(self) -> str:
+        text = f"{self.level.upper()}: {self.message}"
+        return text + (f"\n  fix: {self.hint}" if self.hint else "")
+
+
+@dataclass
+class FolderReport:
+    """What one data folder holds for one role (source or target)."""
+
+    role: str
+    root: Path
+    modality: str
+    cases_found: int = 0
+    cases_by_modality: dict[str, int] = field(default_factory=dict)
+    labelled: int = 0
+    #: Names of the cases the run will use.
+    usable: list[str] = field(default_factory=list)
+    #: Case name -> why it is left out (grid problem, unreadable header).
+    excluded: dict[str, str] = field(default_factory=dict)
+    #: Slices along the slice axis over the usable cases (an upper bound: the run crops to the brain).
+    slices: int = 0
+    #: False when the training method does not read this role (source-only, target-only runs).
+    used: bool = True
+
+    def summary(self) -> str:
+        counts = ", ".join(f"{m} {n}" for m, n in self.cases_by_modality.items() if n) or "no images"
+        text = (
+            f"{self.role} ({self.modality}) in {self.root}: {self.cases_found} case(s) found ({counts}; "
+            f"labels {self.labelled}); {len(self.usable)} usable, up to {self.slices} slices"
+        )
+        if self.excluded:
+            text += f"; {len(self.excluded)} left out"
+        return text
+
+
+@dataclass
+class RunEstimate:
+    """Size of the run and a rough duration."""
+
+    translator_steps: int
+    adapt_steps: int
+    translator_batch: int
+    adapt_batch: int
+    image_size: int
+    source_slices: int
+    target_slices: int
+    device_kind: str
+    translator_seconds: float
+    adapt_seconds: float
+
+    @property
+    def seconds(self) -> float:
+        return self.translator_seconds + self.adapt_seconds
+
+    @property
+    def source_epochs(self) -> float:
+        """Passes over the source slices during adaptation."""
+        return self.adapt_steps * self.adapt_batch / self.source_slices if self.source_slices else math.nan
+
+    def summary(self) -> str:
+        return (
+            f"run: translator {self.translator_steps} steps x batch {self.translator_batch}, adaptation "
+            f"{self.adapt_steps} steps x batch {self.adapt_batch} at {self.image_size} px "
+            f"(about {self.source_epochs:.2g} passes over the source slices); rough time on "
+            f"{self.device_kind.upper()}: {format_duration(self.seconds)} "
+            f"(translator {format_duration(self.translator_seconds)}, adaptation {format_duration(self.adapt_seconds)})"
+        )
+
+
+@dataclass
+class DatasetReport:
+    source: FolderReport
+    target: FolderReport
+    problems: list[Problem] = field(default_factory=list)
+    estimate: RunEstimate | None = None
+    paired_cases: int = 0
+
+    @property
+    def ok(self) -> bool:
+        """True when nothing blocks the run (warnings allowed)."""
+        return not self.errors
+
+    @property
+    def errors(self) -> list[Problem]:
+        return [p for p in self.problems if p.level == "error"]
+
+    @property
+    def warnings(self) -> list[Problem]:
+        return [p for p in self.problems if p.level == "warning"]
+
+    @property
+    def excluded_cases(self) -> list[str]:
+        """Every case left out in either role (for the run's ``data.exclude``)."""
+        return sorted(set(self.source.excluded) | set(self.target.excluded))
+
+    def as_text(self) -> str:
+        lines = [report.summary() for report in (self.source, self.target) if report.used]
+        if self.paired_cases:
+            lines.append(f"cases with both modalities (translator pairs): {self.paired_cases}")
+        for report in (self.source, self.target):
+            for name, reason in report.excluded.items():
+                lines.append(f"left out ({report.role}) {name}: {reason}")
+        if self.estimate is not None:
+            lines.append(self.estimate.summary())
+        lines.extend(str(p) for p in self.problems)
+        lines.append("ready to train" if self.ok else "NOT ready: fix the errors above first")
+        return "\n".join(lines)
+
+
+def _scan_folder(
+    role: str,
+    root: Path,
+    modality: str,
+    *,
+    require_labels: bool,
+    slice_axis: int,
+    check_grids: bool,
+    excluded_by_user: Iterable[str],
+) -> tuple[FolderReport, list[Case], list[Problem]]:
+    report = FolderReport(role=role, root=root, modality=modality)
+    problems: list[Problem] = []
+    try:
+        cases = find_cases(root)
+    except BiGLError as exc:
+        return report, [], [Problem("error", f"{role} data: {exc.message}", exc.hint)]
+    skip = set(excluded_by_user)
+    report.cases_found = len(cases)
+    report.cases_by_modality = {m: sum(case.has(m) for case in cases) for m in MODALITIES}
+    report.labelled = sum(case.has(modality) and case.labels is not None for case in cases)
+    usable = []
+    for case in cases:
+        if case.name in skip or not case.has(modality):
+            continue
+        if require_labels and case.labels is None:
+            report.excluded[case.name] = f"no label map (the {role} must be labelled)"
+            continue
+        if check_grids:
+            try:
+                case.check_grid()
+            except BiGLError as exc:
+                report.excluded[case.name] = exc.message
+                continue
+        try:
+            shape, _ = read_grid(case.images[modality])
+        except BiGLError as exc:
+            report.excluded[case.name] = exc.message
+            continue
+        report.slices += int(shape[slice_axis])
+        usable.append(case)
+    report.usable = [case.name for case in usable]
+    if not usable:
+        needs = f"a {modality} image" + (" and a label map" if require_labels else "")
+        problems.append(
+            Problem(
+                "error",
+                f"{role} data: none of the {len(cases)} case(s) in {root} has {needs} that can be used",
+                f"choose the {role} modality the cases have "
+                f"({', '.join(m for m, n in report.cases_by_modality.items() if n) or 'none found'})"
+                + (", and give labelled cases (<case>_seg.nii.gz) as source" if require_labels else ""),
+            )
+        )
+    if report.excluded:
+        problems.append(
+            Problem(
+                "warning",
+                f"{role} data: {len(report.excluded)} case(s) left out: {', '.join(sorted(report.excluded))}",
+                f"the run skips them ({EXCLUDE_KEYS[role]}"
+                + ("; a case of that name in the target folder is skipped too" if role == "source" else "")
+                + "); fix their files (see the list above) to include them",
+            )
+        )
+    return report, usable, problems
+
+
+def _device_kind(device: str | None) -> str:
+    device = (device or "auto").lower()
+    if device.startswith(("cuda", "gpu", "mps")):
+        return "gpu"
+    if device == "auto":
+        try:
+            import torch
+
+            return "gpu" if torch.cuda.is_available() else "cpu"
+        except ImportError:
+            return "cpu"
+    return "cpu"
+
+
+def seconds_per_sample(config: Mapping[str, Any] | None, stage: str) -> float:
+    """CPU seconds one training sample of ``stage`` takes with ``config`` (scaled from the reference)."""
+    image_size = float(config_value(config, "preprocessing.image_size", REFERENCE_IMAGE_SIZE))
+    width_key = "translator.base_channels" if stage == "translator" else "segmenter.base_channels"
+    width = float(config_value(config, width_key, REFERENCE_WIDTH[stage]))
+    work = (image_size / REFERENCE_IMAGE_SIZE) ** 2 * (width / REFERENCE_WIDTH[stage]) ** 2
+    return CPU_SECONDS_PER_SAMPLE[stage] * work
+
+
+def _iterations(config: Mapping[str, Any] | None, section: str, slices: int) -> int:
+    """Steps of a stage: its iterations, or what its epochs come to over ``slices`` slices."""
+    values = config_value(config, section, None)
+    if not isinstance(values, Mapping):
+        return 0
+    if values.get("epochs") is None:
+        return int(values.get("iterations", 0))
+    from bigl.training.data import iterations_for
+
+    return iterations_for(dict(values), max(1, slices))
+
+
+def estimate_run(
+    config: Mapping[str, Any] | None,
+    source_slices: int,
+    target_slices: int,
+    *,
+    device: str | None = None,
+    gpus: int = 1,
+) -> RunEstimate:
+    """Steps, batch sizes and a rough duration of a run with ``config`` (a resolved training config)."""
+    translator_runs = config_value(config, "adapt.method", "bigl") == "bigl"
+    image_size = int(config_value(config, "preprocessing.image_size", 128))
+    translator_batch = int(config_value(config, "translator_training.batch_size", 1))
+    adapt_batch = int(config_value(config, "adapt.batch_size", 1))
+    labelled_slices = source_slices or target_slices  # target-only runs train on the target
+    translator_steps = _iterations(config, "translator_training", labelled_slices) if translator_runs else 0
+    adapt_steps = _iterations(config, "adapt", labelled_slices)
+    kind = _device_kind(device or config_value(config, "run.device", "auto"))
+    speedup = GPU_SPEEDUP * max(1, int(gpus)) if kind == "gpu" else 1.0
+
+    def seconds(stage: str, steps: int, batch: int) -> float:
+        return steps * batch * seconds_per_sample(config, stage) / speedup
+
+    return RunEstimate(
+        translator_steps=translator_steps,
+        adapt_steps=adapt_steps,
+        translator_batch=translator_batch,
+        adapt_batch=adapt_batch,
+        image_size=image_size,
+        source_slices=source_slices,
+        target_slices=target_slices,
+        device_kind=kind,
+        translator_seconds=seconds("translator", translator_steps, translator_batch),
+        adapt_seconds=seconds("adapt", adapt_steps, adapt_batch),
+    )
+
+
+def _same_grid(source: Case, target: Case, source_modality: str, target_modality: str) -> bool:
+    try:
+        shape_s, affine_s = read_grid(source.images[source_modality])
+        shape_t, affine_t = read_grid(target.images[target_modality])
+    except BiGLError:
+        return False
+    return tuple(shape_s) == tuple(shape_t) and bool(np.allclose(affine_s, affine_t, atol=1e-3))
+
+
+#: Which roles a training method reads, and whether their labels are needed.
+METHOD_ROLES = {
+    "bigl": {"source": True, "target": False},
+    "source-only": {"source": True},
+    "target-only": {"target": True},
+}
+
+
+def check_datasets(
+    source_dir: str | Path | None,
+    source_modality: str,
+    target_dir: str | Path | None,
+    target_modality: str,
+    *,
+    config: Mapping[str, Any] | None = None,
+    exclude: Iterable[str] = (),
+    target_exclude: Iterable[str] = (),
+    check_grids: bool = True,
+    device: str | None = None,
+    gpus: int = 1,
+) -> DatasetReport:
+    """Scan the source (labelled) and target (unlabelled) folders; never raises for user mistakes.
+
+    ``config`` (a resolved training config) supplies the method, the slice axis, the translator
+    mode and the sizes for the estimate; without it a BiGL run is assumed and nothing is estimated.
+    ``exclude`` skips cases in both roles, ``target_exclude`` in the target only (as the run does).
+    """
+    problems: list[Problem] = []
+    method = config_value(config, "adapt.method", "bigl")
+    roles = METHOD_ROLES.get(method, METHOD_ROLES["bigl"])
+    modalities = {}
+    unknown_modality = set()
+    for role, name in (("source", source_modality), ("target", target_modality)):
+        try:
+            modalities[role] = normalise_modality(name)
+        except BiGLError as exc:
+            if role in roles:
+                problems.append(Problem("error", f"{role} modality: {exc.message}", exc.hint))
+            modalities[role] = str(name)
+            unknown_modality.add(role)
+    slice_axis = int(config_value(config, "preprocessing.slice_axis", 2))
+    folders = {"source": source_dir, "target": target_dir}
+    skipped = {"source": list(exclude), "target": list(exclude) + list(target_exclude)}
+    reports: dict[str, FolderReport] = {}
+    cases: dict[str, list[Case]] = {}
+    for role in ("source", "target"):
+        folder = Path(folders[role]).expanduser() if folders[role] else None
+        if role not in roles:
+            reports[role] = FolderReport(role=role, root=folder or Path(), modality=modalities[role], used=False)
+            cases[role] = []
+            continue
+        if folder is None or role in unknown_modality:
+            reports[role], cases[role] = FolderReport(role=role, root=folder or Path(), modality=modalities[role]), []
+            if folder is None:
+                problems.append(Problem("error", f"no {role} data folder chosen", f"choose the folder of the {role} cases"))
+            continue
+        reports[role], cases[role], found = _scan_folder(
+            role, folder, modalities[role], require_labels=roles[role], slice_axis=slice_axis,
+            check_grids=check_grids, excluded_by_user=skipped[role],
+        )  # fmt: skip
+        problems += found
+    report = DatasetReport(source=reports["source"], target=reports["target"], problems=problems)
+
+    if method == "bigl" and modalities["source"] == modalities["target"]:
+        problems.append(
+            Problem(
+                "error",
+                f"source and target are both {modalities['source']}: there is no modality gap to adapt across",
+                "choose the labelled modality as source and the modality to segment as target (e.g. t1 -> t2)",
+            )
+        )
+    if method == "bigl":
+        target_by_name = {case.name: case for case in cases["target"]}
+        report.paired_cases = sum(
+            1
+            for case in cases["source"]
+            if case.name in target_by_name
+            and _same_grid(case, target_by_name[case.name], modalities["source"], modalities["target"])
+        )
+        mode = config_value(config, "translator_training.mode", "auto")
+        if mode == "paired" and cases["source"] and cases["target"] and not report.paired_cases:
+            problems.append(
+                Problem(
+                    "error",
+                    "the paired translator needs cases that have both the source and the target image "
+                    "on one voxel grid (same case name, co-registered), and none was found",
+                    "choose the unpaired (or auto) translator, or give folders where cases hold both modalities",
+                )
+            )
+    processes = max(1, int(gpus))
+    for section in ("translator_training", "adapt"):
+        batch = config_value(config, f"{section}.batch_size")
+        if processes > 1 and isinstance(batch, int) and batch % processes:
+            problems.append(
+                Problem(
+                    "error",
+                    f"{section}.batch_size {batch} cannot be split over {processes} GPUs (each takes an equal share)",
+                    f"use a batch size that is a multiple of {processes}, or fewer GPUs",
+                )
+            )
+    if config is not None and not report.errors:
+        report.estimate = estimate_run(
+            config, report.source.slices, report.target.slices, device=device, gpus=gpus
+        )
+    return report

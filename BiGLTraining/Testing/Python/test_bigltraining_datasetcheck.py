@@ -1,0 +1,152 @@
+"""The dataset check shown before a run: cases per modality, labels, grid problems, run estimate."""
+
+from __future__ import annotations
+
+import math
+import shutil
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from BiGLTrainingLib.datasetcheck import check_datasets, estimate_run, seconds_per_sample
+from bigl.training.config import load_config
+
+
+@pytest.fixture
+def cases(phantom_cases, tmp_path):
+    """A private copy of the phantom cohort that a test may damage."""
+    return shutil.copytree(phantom_cases, tmp_path / "cases")
+
+
+def test_clean_cohort_is_ready(cases):
+    config = load_config("cpu")
+    report = check_datasets(cases, "T1", cases, "t2w", config=config, device="cpu")
+    assert report.ok and not report.problems
+    assert report.source.cases_found == 3 and report.source.labelled == 3
+    assert report.source.cases_by_modality == {"t1": 3, "t1ce": 0, "t2": 3, "flair": 0}
+    assert report.source.usable == report.target.usable == ["Phantom_001", "Phantom_002", "Phantom_003"]
+    assert report.source.slices == 3 * 48  # header shape along the slice axis
+    assert report.paired_cases == 3
+    estimate = report.estimate
+    assert estimate.translator_steps == config["translator_training"]["iterations"]
+    assert estimate.adapt_steps == config["adapt"]["iterations"]
+    assert estimate.device_kind == "cpu" and estimate.seconds > 0
+    text = report.as_text()
+    assert "3 usable" in text and "ready to train" in text and "rough time on CPU" in text
+
+
+def test_unlabelled_source_case_is_left_out_of_the_source_only(cases):
+    (cases / "Phantom_002" / "Phantom_002_seg.nii.gz").unlink()
+    report = check_datasets(cases, "t1", cases, "t2")
+    assert report.ok
+    assert report.source.usable == ["Phantom_001", "Phantom_003"]
+    assert "no label map" in report.source.excluded["Phantom_002"]
+    assert report.target.usable == ["Phantom_001", "Phantom_002", "Phantom_003"]  # the target needs no labels
+    assert [p.level for p in report.problems] == ["warning"]
+    assert "data.exclude" in report.problems[0].hint
+    assert report.excluded_cases == ["Phantom_002"]
+
+
+def test_case_whose_files_are_not_on_one_grid_is_left_out(cases):
+    path = cases / "Phantom_003" / "Phantom_003_t2.nii.gz"
+    image = nib.load(str(path))
+    shifted = image.affine.copy()
+    shifted[0, 3] += 5.0
+    nib.save(nib.Nifti1Image(np.asanyarray(image.dataobj), shifted), str(path))
+    report = check_datasets(cases, "t1", cases, "t2")
+    assert report.ok  # two good cases remain
+    assert "Phantom_003" in report.source.excluded and "Phantom_003" in report.target.excluded
+    assert "affine" in report.source.excluded["Phantom_003"] or "position" in report.source.excluded["Phantom_003"]
+    assert report.paired_cases == 2
+    assert "left out (source) Phantom_003" in report.as_text()
+
+
+def test_unreadable_file_is_a_problem_not_a_crash(cases):
+    (cases / "Phantom_001" / "Phantom_001_t2.nii.gz").write_bytes(b"not a nifti file")
+    report = check_datasets(cases, "t1", cases, "t2")
+    assert "Phantom_001" in report.target.excluded
+    assert report.ok
+
+
+@pytest.mark.parametrize(
+    "source, modality, expected",
+    [
+        ("missing", "t1", "data folder not found"),
+        ("cases", "flair", "none of the 3 case(s)"),
+        ("cases", "t9", "unknown modality"),
+    ],
+)
+def test_errors_block_the_start(cases, tmp_path, source, modality, expected):
+    folder = tmp_path / source if source == "missing" else cases
+    report = check_datasets(folder, modality, cases, "t2", config=load_config("cpu"))
+    assert not report.ok and report.estimate is None
+    assert any(expected in p.message for p in report.errors), report.as_text()
+    assert "NOT ready" in report.as_text()
+
+
+def test_same_modality_is_nothing_to_adapt(cases):
+    report = check_datasets(cases, "t2", cases, "t2")
+    assert not report.ok and "no modality gap" in report.errors[0].message
+
+
+def test_no_folder_chosen(cases):
+    report = check_datasets(None, "t1", cases, "t2")
+    assert not report.ok and "no source data folder" in report.errors[0].message
+
+
+def test_paired_translator_needs_cases_with_both_modalities(cases, tmp_path):
+    from bigl.data.phantoms import write_cohort
+
+    other = tmp_path / "other"
+    write_cohort(other, cases=2, size=32, seed=5, modalities=("t2",), prefix="Other")
+    paired = load_config("cpu", ["translator_training.mode=paired"])
+    report = check_datasets(cases, "t1", other, "t2", config=paired)
+    assert report.paired_cases == 0 and not report.ok
+    assert "paired translator" in report.errors[0].message
+    assert check_datasets(cases, "t1", other, "t2", config=load_config("cpu", ["translator_training.mode=unpaired"])).ok
+    assert check_datasets(cases, "t1", other, "t2", config=load_config("cpu")).ok  # auto falls back to unpaired
+
+
+def test_user_exclusions_apply_per_role(cases):
+    report = check_datasets(cases, "t1", cases, "t2", exclude=["Phantom_001"], target_exclude=["Phantom_002"])
+    assert report.source.usable == ["Phantom_002", "Phantom_003"]
+    assert report.target.usable == ["Phantom_003"]
+    assert report.ok and not report.source.excluded  # the user's own exclusions are not problems
+
+
+def test_target_only_needs_target_labels_and_no_source(cases):
+    config = load_config("cpu", ["adapt.method=target-only", "data.target_labels=true"])
+    (cases / "Phantom_001" / "Phantom_001_seg.nii.gz").unlink()
+    report = check_datasets(None, "t1", cases, "t2", config=config)
+    assert report.ok, report.as_text()
+    assert not report.source.used and "source" not in report.as_text().split("\n")[0]
+    assert report.target.usable == ["Phantom_002", "Phantom_003"]
+    assert report.estimate.translator_steps == 0  # no translator for a baseline
+
+
+def test_estimate_scales_with_steps_devices_and_epochs():
+    cpu = load_config("cpu")
+    base = estimate_run(cpu, 1000, 1000, device="cpu")
+    longer = estimate_run(load_config("cpu", ["adapt.iterations=600"]), 1000, 1000, device="cpu")
+    assert math.isclose(longer.adapt_seconds, 2 * base.adapt_seconds)
+    assert math.isclose(longer.translator_seconds, base.translator_seconds)
+    gpu = estimate_run(cpu, 1000, 1000, device="cuda")
+    two_gpus = estimate_run(cpu, 1000, 1000, device="cuda", gpus=2)
+    assert gpu.device_kind == "gpu" and gpu.seconds < base.seconds
+    assert math.isclose(two_gpus.seconds, gpu.seconds / 2)
+
+    paper = load_config("paper")
+    estimate = estimate_run(paper, 20000, 20000, device="cuda")
+    epochs, batch = paper["adapt"]["epochs"], paper["adapt"]["batch_size"]
+    assert estimate.adapt_steps == math.ceil(epochs * 20000 / batch)
+    assert math.isclose(estimate.source_epochs, epochs, rel_tol=1e-3)
+    # bigger slices and wider networks cost more per sample
+    assert seconds_per_sample(paper, "adapt") > seconds_per_sample(cpu, "adapt") * 16
+
+
+def test_batch_must_split_over_the_gpus(cases):
+    config = load_config("cpu", ["adapt.batch_size=6", "translator_training.batch_size=4"])
+    assert check_datasets(cases, "t1", cases, "t2", config=config, gpus=2).ok
+    report = check_datasets(cases, "t1", cases, "t2", config=config, gpus=4)
+    assert [p.message.split()[0] for p in report.errors] == ["adapt.batch_size"]
