@@ -10,6 +10,11 @@ Loading reads the header and raw tensors with :mod:`safetensors` only; nothing i
 a bundle from an untrusted source cannot run code. Every way a file can be wrong (missing, not a
 safetensors file, truncated, made by another tool, made by a newer BiGL, weights that do not fit the
 architecture it declares) raises :class:`~bigl.errors.BundleError` with a fix.
+
+The header-only functions (:func:`read_metadata`, :func:`parameter_counts`, :func:`list_bundles`)
+need neither PyTorch nor :mod:`safetensors`: they read the header (an 8-byte little-endian length,
+then JSON) with the standard library, so a GUI can list models before PyTorch is installed.
+PyTorch is imported only where networks are built, loaded or saved.
 """
 
 from __future__ import annotations
@@ -18,15 +23,12 @@ import dataclasses
 import json
 import math
 import os
+import struct
 import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
-
-import torch
-from safetensors import safe_open
-from safetensors.torch import save as safetensors_bytes
+from typing import TYPE_CHECKING, Any
 
 from bigl import __version__
 from bigl.errors import BundleError, ConfigError
@@ -45,6 +47,16 @@ DEFAULT_BUNDLE_PATH = Path(__file__).resolve().parent / "resources" / "default_m
 _BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
 _REQUIRED_KEYS = ("format", "format_version", "method", "modality", "segmenter", "preprocessing")
 _REBUILD_HINT = "the file does not fit its own description; re-create it with `bigl train` or use another bundle"
+#: Bytes per element of the safetensors dtypes BiGL reads (all but the sub-byte ones).
+_DTYPE_SIZES = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+    "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
+}  # fmt: skip
+#: The largest header safetensors itself accepts.
+_MAX_HEADER_BYTES = 100_000_000
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass
@@ -109,6 +121,8 @@ class Bundle:
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """``"auto"`` -> CUDA when available, else CPU; a CUDA request without CUDA is a ConfigError."""
+    import torch
+
     if isinstance(device, torch.device):
         name = str(device)
     else:
@@ -259,6 +273,53 @@ def _check_metadata(metadata: Any, path: Path | None) -> dict:
     return metadata
 
 
+def _safetensors_header(path: Path) -> tuple[dict[str, str], dict[str, tuple[int, ...]]]:
+    """(metadata strings, tensor shapes) of a safetensors file, checked as safetensors checks them.
+
+    ValueError (with the reason) for a malformed or truncated file, OSError when it cannot be read.
+    """
+    with open(path, "rb") as stream:
+        prefix = stream.read(8)
+        if len(prefix) < 8:
+            raise ValueError("shorter than a safetensors header")
+        (length,) = struct.unpack("<Q", prefix)
+        data_bytes = path.stat().st_size - 8 - length
+        if length > _MAX_HEADER_BYTES or data_bytes < 0:
+            raise ValueError(f"the header length {length} does not fit the file")
+        raw = stream.read(length)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise ValueError(f"the header is not JSON ({exc})") from None
+    if not isinstance(header, dict):
+        raise ValueError("the header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise ValueError("the header metadata is not a map of strings")
+    shapes: dict[str, tuple[int, ...]] = {}
+    spans = []
+    for name, info in header.items():
+        try:
+            dtype, shape, (start, stop) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
+            valid = (dtype in _DTYPE_SIZES and all(isinstance(n, int) and n >= 0 for n in shape)
+                     and isinstance(start, int) and isinstance(stop, int)
+                     and stop - start == math.prod(shape) * _DTYPE_SIZES[dtype])
+        except (KeyError, TypeError, ValueError):
+            valid = False
+        if not valid:
+            raise ValueError(f"the entry of tensor {name!r} is invalid")
+        shapes[name] = shape
+        spans.append((start, stop))
+    end = 0
+    for start, stop in sorted(spans):
+        if start != end:
+            raise ValueError("the tensor data offsets overlap or leave gaps")
+        end = stop
+    if end != data_bytes:
+        raise ValueError(f"the tensors need {end} bytes of data but the file holds {data_bytes}")
+    return metadata, shapes
+
+
 def _read_header(path: str | os.PathLike) -> tuple[Path, dict, dict[str, tuple[int, ...]]]:
     """Read and validate the header: (path, metadata, tensor shapes). Loads no tensor data."""
     path = Path(path).expanduser()
@@ -270,10 +331,8 @@ def _read_header(path: str | os.PathLike) -> tuple[Path, dict, dict[str, tuple[i
     if path.is_dir():
         raise BundleError(f"{path} is a folder, not a model file", "give the .safetensors bundle file inside it")
     try:
-        with safe_open(str(path), framework="pt", device="cpu") as handle:
-            raw = handle.metadata() or {}
-            shapes = {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
-    except Exception as exc:  # safetensors raises its own error type for every malformed header
+        raw, shapes = _safetensors_header(path)
+    except (OSError, ValueError) as exc:
         reason, hint = _describe_bad_file(path, exc)
         raise BundleError(f"{path} is not a readable model bundle: {reason}", hint) from None
     if METADATA_KEY not in raw:
@@ -289,7 +348,7 @@ def _read_header(path: str | os.PathLike) -> tuple[Path, dict, dict[str, tuple[i
 
 
 def _describe_bad_file(path: Path, exc: Exception) -> tuple[str, str]:
-    """(what is wrong, how to fix it) for a file safetensors cannot open."""
+    """(what is wrong, how to fix it) for a file that is not a readable safetensors file."""
     recopy = ("give the .safetensors file written by `bigl train`; if it was copied or downloaded, "
               "copy it again (it may be incomplete)")
     try:
@@ -444,6 +503,8 @@ def save_bundle(
         header = {METADATA_KEY: json.dumps(metadata, allow_nan=False)}
     except (TypeError, ValueError) as exc:
         raise BundleError(f"the bundle metadata cannot be written as JSON: {exc}", "keep metadata to plain numbers, strings, lists and dicts") from None
+    from safetensors.torch import save as safetensors_bytes
+
     payload = safetensors_bytes(tensors, metadata=header)
     atomic_write_bytes(path, payload)
     return path
@@ -481,6 +542,8 @@ _atomic_write_bytes = atomic_write_bytes  # earlier private name, still used by 
 
 def load_bundle(path: str | os.PathLike, device: str | torch.device = "cpu") -> Bundle:
     """Load a bundle (never unpickles) onto ``device``; networks in eval mode without gradients."""
+    from safetensors import safe_open
+
     path, metadata, shapes = _read_header(path)
     target = resolve_device(device)
     grouped = _split_parts(shapes, path)

@@ -37,13 +37,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
-import nibabel as nib
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from bigl.bundle import Bundle, BundleError, default_bundle_path, load_bundle, resolve_device
-from bigl.errors import BiGLError, ConfigError, InputError
+from bigl.data.naming import ATTENTION_KINDS, attention_paths, case_name, is_nifti_path, modality_from_name
+from bigl.errors import ConfigError, InputError
 from bigl.labels import classes_to_labels
 
 ProgressCallback = Callable[[int, int], None]
@@ -52,6 +52,8 @@ ProgressCallback = Callable[[int, int], None]
 _BACKGROUND = -1.0
 #: Above this many batches a terminal progress bar is shown when no callback is given.
 _BAR_MIN_BATCHES = 4
+#: Messages of allocation failures: PyTorch's CUDA and CPU allocators, cuBLAS.
+_OUT_OF_MEMORY = re.compile(r"out of memory|can't allocate memory|CUBLAS_STATUS_ALLOC_FAILED", re.IGNORECASE)
 
 
 @dataclass
@@ -120,7 +122,6 @@ class BiGLPredictor:
         (twice the slice count when the translation is requested).
         """
         from bigl.data.io import check_scan
-        from bigl.data.preprocess import prepare_volume
 
         name = name or "the image"
         self.check_modality(modality)
@@ -138,19 +139,26 @@ class BiGLPredictor:
             raise InputError(f"the affine of {name} must be a 4x4 matrix, got shape {affine.shape}",
                              "pass the affine of the NIfTI file (nibabel image.affine)")
 
+        try:
+            return self._predict(data, affine, probabilities=probabilities, attention=attention,
+                                 translated=translated, progress=progress)
+        except (MemoryError, RuntimeError) as exc:
+            error = out_of_memory_error(exc, name=name, batch_size=self.batch_size)
+            if error is None:
+                raise
+            raise error from None
+
+    def _predict(self, data: np.ndarray, affine: np.ndarray, *, probabilities: bool, attention: bool,
+                 translated: bool, progress: ProgressCallback | None) -> Prediction:
+        from bigl.data.preprocess import prepare_volume
+
         prepared = prepare_volume(data, self.bundle.preprocessing)
         slices, geometry = prepared.slices, prepared.geometry
         passes = 2 if translated else 1
         batches = passes * _ceil_div(len(slices), self.batch_size)
-        try:
-            with _Progress(progress, total=passes * len(slices), batches=batches) as report:
-                maps = self._segment_slices(slices, attention, report)
-                source_image = self._translate_slices(slices, report) if translated else None
-        except torch.cuda.OutOfMemoryError:
-            raise ConfigError(
-                f"the GPU ran out of memory while segmenting {name} (batches of {self.batch_size} slices)",
-                "use a smaller --batch-size (e.g. 4), or --device cpu",
-            ) from None
+        with _Progress(progress, total=passes * len(slices), batches=batches) as report:
+            maps = self._segment_slices(slices, attention, report)
+            source_image = self._translate_slices(slices, report) if translated else None
 
         class_maps = maps.pop("probabilities")
         restored = np.empty((class_maps.shape[1], *data.shape), dtype=np.float32)
@@ -165,7 +173,7 @@ class BiGLPredictor:
         if attention:
             attention_maps = {
                 kind: np.clip(restore_on_grid(_min_max(maps[kind]), geometry, fill=0.0), 0.0, 1.0)
-                for kind in ("position", "channel")
+                for kind in ATTENTION_KINDS
             }
         translated_image = None
         if source_image is not None:
@@ -280,6 +288,32 @@ def _min_max(maps: np.ndarray) -> np.ndarray:
 # helpers
 
 
+def out_of_memory_error(exc: BaseException, *, name: str | None = None,
+                        batch_size: int | None = None) -> ConfigError | None:
+    """A ConfigError with a fix when ``exc`` is an allocation failure (GPU or main memory), else None.
+
+    Recognises :class:`MemoryError`, ``torch.OutOfMemoryError`` (CUDA) and the RuntimeErrors of
+    PyTorch's CPU allocator and cuBLAS. The message says "out of memory" and which memory.
+    """
+    text = str(exc)
+    torch_out_of_memory = type(exc).__name__ == "OutOfMemoryError"  # torch.cuda.OutOfMemoryError
+    allocation_failed = (isinstance(exc, MemoryError) or torch_out_of_memory
+                         or (isinstance(exc, RuntimeError) and _OUT_OF_MEMORY.search(text) is not None))
+    if not allocation_failed:
+        return None
+    on_gpu = re.search(r"cuda|cublas|gpu", text, re.IGNORECASE) is not None or (
+        torch_out_of_memory and "cpu" not in text.lower())
+    context = (f" while segmenting {name}" if name else "") + (f" (batch size {batch_size})" if batch_size else "")
+    smaller_batch = (f"a smaller --batch-size (e.g. {max(1, batch_size // 4)})"
+                     if batch_size and batch_size > 1 else None)
+    if on_gpu:
+        hint = "use --device cpu (slower, but uses the main memory)" + (f", or {smaller_batch}" if smaller_batch else "")
+        return ConfigError(f"the GPU ran out of memory{context}", hint)
+    fixes = [f"use {smaller_batch}"] if smaller_batch else []
+    fixes += ["close other programs or crop the scan to the head", "on a machine with an NVIDIA GPU, use --device cuda"]
+    return ConfigError(f"the computer ran out of memory (RAM){context}", "; ".join(fixes))
+
+
 def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -334,35 +368,6 @@ class _Progress:
 # files
 
 
-def case_name(path: str | os.PathLike) -> str:
-    """File name without ``.nii`` / ``.nii.gz``."""
-    name = Path(path).name
-    for suffix in (".nii.gz", ".nii"):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return name
-
-
-def modality_from_name(path: str | os.PathLike) -> str | None:
-    """The modality a BraTS-style file name states (``..._t2.nii.gz``, ``...-t2w.nii.gz`` -> "t2"), else None."""
-    from bigl.data.brats import normalise_modality
-
-    parts = re.split(r"[_\-.]", case_name(path))
-    if len(parts) < 2:
-        return None
-    token = parts[-1]
-    try:
-        return normalise_modality(token)
-    except (BiGLError, ValueError, KeyError):
-        return None
-
-
-def attention_paths(folder: str | os.PathLike, case: str) -> dict[str, Path]:
-    """Where ``segment_file`` writes the attention volumes of a case."""
-    folder = Path(folder).expanduser()
-    return {kind: folder / f"{case}_attention_{kind}.nii.gz" for kind in ("position", "channel")}
-
-
 def segment_file(
     input: str | os.PathLike,
     output: str | os.PathLike,
@@ -385,7 +390,7 @@ def segment_file(
     a temporary file, so a failure leaves no half-written output; the input is never overwritten.
     ``modality`` defaults to the one a BraTS-style file name states (``..._t1.nii.gz``).
     """
-    from bigl.data.io import is_nifti_path, load_volume
+    from bigl.data.io import load_volume
 
     source = Path(input).expanduser()
     case = case_name(source)
@@ -396,7 +401,7 @@ def segment_file(
         targets["translated"] = Path(translated_out).expanduser()
     if probabilities_out is not None:
         targets["probabilities"] = Path(probabilities_out).expanduser()
-    _check_targets(source, targets, is_nifti_path)
+    _check_targets(source, targets)
 
     scan = load_volume(source, kind="image")
     predictor = _predictor_for(model, device, batch_size, num_threads)
@@ -421,7 +426,7 @@ def segment_file(
         volumes["translated"] = prediction.translated
     if prediction.probabilities is not None:
         volumes["probabilities"] = np.moveaxis(prediction.probabilities, 0, -1)  # classes on NIfTI's 4th axis
-    _write_like(source, {targets[key]: volumes[key] for key in targets})
+    _write_on_grid_of(source, scan.affine, {targets[key]: volumes[key] for key in targets})
     return prediction
 
 
@@ -433,7 +438,7 @@ def _predictor_for(model, device, batch_size, num_threads) -> BiGLPredictor:
     return BiGLPredictor.from_path(model, device=device, batch_size=batch_size, num_threads=num_threads)
 
 
-def _check_targets(source: Path, targets: dict[str, Path], is_nifti_path) -> None:
+def _check_targets(source: Path, targets: dict[str, Path]) -> None:
     seen: dict[Path, str] = {}
     for key, path in targets.items():
         if not is_nifti_path(path):
@@ -451,14 +456,14 @@ def _check_targets(source: Path, targets: dict[str, Path], is_nifti_path) -> Non
             raise InputError(f"cannot write to {path}: it is a folder", "give a file name ending in .nii.gz")
 
 
-def _write_like(reference: Path, volumes: dict[Path, np.ndarray]) -> None:
+def _write_on_grid_of(reference: Path, affine: np.ndarray, volumes: dict[Path, np.ndarray]) -> None:
     """Write arrays with the reference file's header (same grid, qform and sform), all or nothing.
 
     Every volume is first written to a temporary file beside its target; only when all succeeded
     are they renamed into place.
     """
-    header = nib.load(str(reference)).header
-    image_class = nib.Nifti2Image if isinstance(header, nib.Nifti2Header) else nib.Nifti1Image
+    from bigl.data.io import save_volume
+
     written: list[tuple[Path, Path]] = []
     try:
         for target, data in volumes.items():
@@ -467,14 +472,7 @@ def _write_like(reference: Path, volumes: dict[Path, np.ndarray]) -> None:
             fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".tmp{suffix}", dir=target.parent)
             os.close(fd)
             written.append((Path(tmp_name), target))
-            out_header = header.copy()
-            out_header.set_data_dtype(data.dtype)
-            out_header.set_slope_inter(None, None)
-            out_header["cal_min"] = out_header["cal_max"] = 0
-            out_header["descrip"] = b"BiGL output"
-            out_header["intent_code"] = 0
-            image = image_class(data, None, header=out_header)
-            nib.save(image, tmp_name)
+            save_volume(tmp_name, data, affine, like=reference)
         for tmp, target in written:
             os.replace(tmp, target)
     except OSError as exc:

@@ -163,13 +163,14 @@ def modality_warning(volume_name: str, model_metadata: dict) -> str | None:
     """A warning when a volume's name states a modality other than the one the model segments.
 
     Names like ``BraTS19_2013_10_1_t1`` or ``case-t2w`` state one (BraTS naming); others do not.
+    The rule is the one ``bigl segment`` applies to file names.
     """
+    from bigl.data.naming import modality_from_name
+
     try:
-        from bigl.data.brats import parse_case_file
+        stated = modality_from_name(f"{volume_name}.nii.gz")
     except ImportError:  # nibabel not installed yet: no warning rather than a broken panel
         return None
-    parsed = parse_case_file(f"{volume_name}.nii.gz")
-    stated = parsed[1] if parsed is not None and parsed[1] != "seg" else None
     expected = model_metadata.get("modality")
     if stated is None or expected is None or stated == expected:
         return None
@@ -178,13 +179,13 @@ def modality_warning(volume_name: str, model_metadata: dict) -> str | None:
 
 
 def attention_files(folder: Path) -> dict[str, Path]:
-    """The attention maps ``bigl segment --attention-out`` wrote (``<case>_attention_<kind>.nii.gz``)."""
-    found = {}
-    for kind in ("position", "channel"):
-        matches = sorted(Path(folder).glob(f"*_attention_{kind}.nii.gz"))
-        if len(matches) != 1:
-            raise SegmentationError(f"expected one {kind} attention map in {folder}, found {len(matches)}")
-        found[kind] = matches[0]
+    """The attention maps ``bigl segment --attention-out`` wrote for the exported scan."""
+    from bigl.data.naming import attention_paths, case_name
+
+    found = attention_paths(folder, case_name(INPUT_FILE))
+    for kind, path in found.items():
+        if not path.is_file():
+            raise SegmentationError(f"the {kind} attention map {path.name} is missing in {folder}")
     return found
 
 

@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -193,6 +196,59 @@ def test_truncated_file(saved):
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
     _expect_bundle_error(path, "truncated")
+
+
+def test_extra_bytes_after_the_tensors(saved):
+    path, _ = saved
+    path.write_bytes(path.read_bytes() + b"\0" * 16)
+    _expect_bundle_error(path, "not a readable model bundle", "bytes of data")
+
+
+def _with_header(path: Path, edit) -> None:
+    """Rewrite a safetensors file's JSON header in place (tensor data unchanged)."""
+    data = path.read_bytes()
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + length])
+    edit(header)
+    raw = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + length:])
+
+
+@pytest.mark.parametrize("edit, fragment", [
+    (lambda h: h[next(k for k in h if k != "__metadata__")].update(shape=[1, 2, 3, 4, 5]), "invalid"),
+    (lambda h: h[next(k for k in h if k != "__metadata__")].update(dtype="X9"), "invalid"),
+    (lambda h: h["__metadata__"].update(bigl=7), "map of strings"),
+    (lambda h: [v["data_offsets"].reverse() for k, v in h.items() if k != "__metadata__"], "invalid"),
+], ids=["shape-vs-size", "dtype", "metadata-not-text", "offsets"])
+def test_malformed_header(saved, edit, fragment):
+    path, _ = saved
+    _with_header(path, edit)
+    _expect_bundle_error(path, "not a readable model bundle", fragment)
+
+
+def test_header_functions_need_neither_torch_nor_safetensors(tiny_bundle, tmp_path):
+    """A GUI lists models before PyTorch is installed: the header functions import neither."""
+    folder = tmp_path / "models"
+    folder.mkdir()
+    (folder / "tiny.safetensors").write_bytes(tiny_bundle.read_bytes())
+    (folder / "broken.safetensors").write_bytes(b"\x00" * 64)
+    code = (
+        "import json, sys\n"
+        "sys.modules['torch'] = None\n"
+        "sys.modules['safetensors'] = None\n"
+        "from bigl.bundle import list_bundles, parameter_counts, read_metadata\n"
+        f"found = list_bundles({str(folder)!r})\n"
+        f"print(json.dumps({{'listed': [p.name for p, _ in found], 'metadata': read_metadata({str(tiny_bundle)!r}),\n"
+        f"                  'counts': parameter_counts({str(tiny_bundle)!r})}}))\n"
+    )
+    repo = Path(bundle_module.__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert out["listed"] == ["tiny.safetensors"]
+    assert out["metadata"] == read_metadata(tiny_bundle) and out["metadata"]["modality"] == "t2"
+    bundle = load_bundle(tiny_bundle)
+    assert out["counts"] == {name: sum(p.numel() for p in net.parameters()) for name, net in bundle.networks().items()}
 
 
 def test_pickle_checkpoint_is_refused_without_unpickling(tmp_path):

@@ -12,9 +12,10 @@ import torch
 
 from bigl import bundle as bundle_module
 from bigl import inference as inference_module
+from bigl.data import io as io_module
 from bigl.bundle import parameter_counts, read_metadata
 from bigl.cli import main
-from test_inference import synthetic_scan
+from synthetic import synthetic_scan
 
 SHAPE = (40, 44, 30)
 
@@ -234,7 +235,7 @@ def test_modality_checked_from_file_name_and_flag(capsys, tmp_path, tiny_bundle)
 
 
 def test_failed_write_leaves_no_partial_output(capsys, tmp_path, scan, tiny_bundle, monkeypatch):
-    real_save = inference_module.nib.save
+    real_save = io_module.nib.save
     calls = []
 
     def flaky_save(image, filename):
@@ -243,12 +244,71 @@ def test_failed_write_leaves_no_partial_output(capsys, tmp_path, scan, tiny_bund
             raise OSError(28, "No space left on device")
         real_save(image, filename)
 
-    monkeypatch.setattr(inference_module.nib, "save", flaky_save)
+    monkeypatch.setattr(io_module.nib, "save", flaky_save)
     out = tmp_path / "out"
     code, _, err = segment(capsys, "-i", scan, "-o", out / "seg.nii.gz", "-m", tiny_bundle, "--progress", "none",
                            "--attention-out", out)
     assert code == 2 and "No space left" in err
     assert len(calls) == 2 and list(out.iterdir()) == []
+
+
+# ------------------------------------------------------------------------------------ out of memory
+
+OUT_OF_MEMORY = {
+    "cuda": (torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.00 GiB"), "GPU", "--device cpu"),
+    "cpu": (RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 9663676416 bytes"),
+            "RAM", "--batch-size (e.g. 4)"),
+    "numpy": (MemoryError("Unable to allocate 3.2 GiB for an array"), "RAM", "--batch-size (e.g. 4)"),
+}
+
+
+def _exhaust_memory(monkeypatch, failure):
+    def exhausted(self, *args, **kwargs):
+        raise failure
+
+    monkeypatch.setattr(inference_module.BiGLPredictor, "predict", exhausted)
+
+
+@pytest.mark.parametrize("mode, kind", [("json", "cuda"), ("json", "cpu"), ("none", "cuda"), ("bar", "numpy")])
+def test_out_of_memory_is_an_error_with_a_fix(capsys, tmp_path, scan, tiny_bundle, monkeypatch, mode, kind):
+    failure, memory, fix = OUT_OF_MEMORY[kind]
+    _exhaust_memory(monkeypatch, failure)
+    out = tmp_path / "seg.nii.gz"
+    code, stdout, err = segment(capsys, "-i", scan, "-o", out, "-m", tiny_bundle, "--progress", mode)
+    assert code == 2 and not out.exists()
+    assert "out of memory" in err and memory in err and fix in err and "Traceback" not in err
+    if kind == "cuda":
+        assert "--batch-size (e.g. 4)" in err  # the default batch of 16, a quarter of it
+    if mode == "json":
+        events = [json.loads(line) for line in stdout.splitlines()]
+        assert [e["event"] for e in events] == ["error"]
+        assert "out of memory" in events[0]["message"] and memory in events[0]["message"]
+        assert fix in events[0]["hint"]
+        assert "unexpected" not in events[0]["message"]
+
+
+def test_out_of_memory_in_folder_mode_fails_that_file_only(capsys, tmp_path, tiny_bundle, monkeypatch):
+    folder = tmp_path / "scans"
+    write_scan(folder / "a_t2.nii.gz")
+    write_scan(folder / "b_t2.nii.gz")
+    real_predict = inference_module.BiGLPredictor.predict
+
+    def exhausted_on_b(self, volume, *args, name=None, **kwargs):
+        if name == "b_t2.nii.gz":
+            raise OUT_OF_MEMORY["cuda"][0]
+        return real_predict(self, volume, *args, name=name, **kwargs)
+
+    monkeypatch.setattr(inference_module.BiGLPredictor, "predict", exhausted_on_b)
+    out = tmp_path / "segs"
+    code, stdout, _ = segment(capsys, "-i", folder, "-o", out, "-m", tiny_bundle, "--progress", "json",
+                              "--batch-size", "8")
+    assert code == 2
+    assert [p.name for p in out.iterdir()] == ["a_t2_seg.nii.gz"]
+    events = [json.loads(line) for line in stdout.splitlines()]
+    file_errors = [e for e in events if e["event"] == "file_error"]
+    assert len(file_errors) == 1 and file_errors[0]["input"].endswith("b_t2.nii.gz")
+    assert "out of memory" in file_errors[0]["message"] and "--batch-size (e.g. 2)" in file_errors[0]["hint"]
+    assert events[-1]["event"] == "error"
 
 
 # ------------------------------------------------------------------------------------ bigl info

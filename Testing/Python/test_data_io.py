@@ -50,6 +50,70 @@ def test_save_volume_default_dtypes(tmp_path):
     assert load_volume(as_int16).data.dtype == np.int16
 
 
+def _oblique_reference(path, image_class=nib.Nifti1Image, codes=(1, 2)):
+    """An int16 scan with an oblique affine, given qform/sform codes, intensity scaling and a description."""
+    angle = np.deg2rad(13)
+    affine = np.eye(4)
+    affine[:3, :3] = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
+    affine[:3, :3] = np.diag([-1, -1, 1]) @ affine[:3, :3] @ np.diag([0.9, 1.3, 2.5])
+    affine[:3, 3] = [91.5, 120.25, -62.0]
+    image = image_class(np.arange(6 * 7 * 5, dtype=np.int16).reshape(6, 7, 5), affine)
+    image.set_qform(affine, code=codes[0])
+    image.set_sform(affine, code=codes[1])
+    image.header.set_slope_inter(2.0, 10.0)
+    image.header["descrip"] = b"scanner T2"
+    image.header.set_xyzt_units("mm", "msec")
+    nib.save(image, str(path))
+    return path
+
+
+def test_save_volume_like_a_reference_keeps_its_grid_exactly(tmp_path):
+    reference = _oblique_reference(tmp_path / "ref.nii.gz")
+    source = nib.load(str(reference))
+    labels = np.zeros((6, 7, 5), np.uint8)
+    labels[2:4, 3:5, 1:3] = 4
+    out = save_volume(tmp_path / "labels.nii.gz", labels, source.affine, like=reference)
+    written = nib.load(str(out))
+    for field in ("qform_code", "sform_code", "quatern_b", "quatern_c", "quatern_d", "qoffset_x",
+                  "srow_x", "srow_y", "srow_z", "pixdim", "xyzt_units"):
+        np.testing.assert_array_equal(written.header[field], source.header[field], err_msg=field)
+    assert written.get_data_dtype() == np.uint8
+    np.testing.assert_array_equal(np.asanyarray(written.dataobj), labels)  # the scan's scaling is not applied
+    assert bytes(written.header["descrip"]).strip(b"\0") == b""
+    # the probabilities of a scan: 4D on a 3D reference
+    probabilities = np.random.default_rng(0).random((6, 7, 5, 4)).astype(np.float32)
+    written = nib.load(str(save_volume(tmp_path / "p.nii", probabilities, source.affine, like=reference)))
+    assert written.shape == (6, 7, 5, 4) and np.allclose(written.affine, source.affine)
+    np.testing.assert_array_equal(written.get_fdata(dtype=np.float32), probabilities)
+
+
+def test_save_volume_like_a_reference_with_another_affine(tmp_path):
+    reference = _oblique_reference(tmp_path / "ref.nii.gz", codes=(1, 2))
+    moved = nib.load(str(reference)).affine @ np.diag([2.0, 2.0, 2.0, 1.0])
+    written = nib.load(str(save_volume(tmp_path / "half.nii.gz", np.ones((3, 3, 3)), moved, like=reference)))
+    np.testing.assert_allclose(written.header.get_sform(), moved, atol=1e-6)
+    np.testing.assert_allclose(written.header.get_qform(), moved, atol=1e-5)
+    assert (int(written.header["qform_code"]), int(written.header["sform_code"])) == (1, 2)
+    uncoded = _oblique_reference(tmp_path / "uncoded.nii", codes=(0, 0))
+    written = nib.load(str(save_volume(tmp_path / "u.nii.gz", np.ones((3, 3, 3)), moved, like=uncoded)))
+    assert (int(written.header["qform_code"]), int(written.header["sform_code"])) == (1, 1)
+    np.testing.assert_allclose(written.affine, moved, atol=1e-6)
+
+
+def test_save_volume_like_a_nifti2_reference(tmp_path):
+    reference = _oblique_reference(tmp_path / "ref2.nii.gz", image_class=nib.Nifti2Image)
+    source = nib.load(str(reference))
+    written = nib.load(str(save_volume(tmp_path / "o.nii.gz", np.ones((6, 7, 5)), source.affine, like=reference)))
+    assert isinstance(written, nib.Nifti2Image)
+    np.testing.assert_allclose(written.affine, source.affine, atol=1e-9)
+
+
+def test_save_volume_like_a_missing_reference(tmp_path):
+    with pytest.raises(InputError, match="not found"):
+        save_volume(tmp_path / "o.nii.gz", np.ones((3, 3, 3)), LPS, like=tmp_path / "absent.nii.gz")
+    assert not (tmp_path / "o.nii.gz").exists()
+
+
 def test_save_volume_refuses_non_nifti_name(tmp_path):
     with pytest.raises(InputError, match=r"\.nii"):
         save_volume(tmp_path / "out.png", np.zeros((4, 4, 4)), LPS)

@@ -9,23 +9,14 @@ import numpy as np
 import pytest
 import torch
 
+from synthetic import synthetic_scan
+
 from bigl.bundle import load_bundle, make_metadata, save_bundle
-from bigl.data.preprocess import PreprocessConfig
+from bigl.data.preprocess import PreprocessConfig, SliceGeometry, restore_maps
 from bigl.errors import BundleError, ConfigError, InputError
-from bigl.data.preprocess import SliceGeometry, restore_maps
-from bigl.inference import BiGLPredictor, _channel_summary, _position_summary, modality_from_name, restore_on_grid
+from bigl.inference import BiGLPredictor, _channel_summary, _position_summary, out_of_memory_error, restore_on_grid
 from bigl.labels import classes_to_labels
 from bigl.models import DualAttentionUNet, SegmenterConfig
-
-
-def synthetic_scan(shape=(40, 44, 30), seed=0) -> np.ndarray:
-    """An ellipsoid 'brain' with texture and a bright blob, zero background around it."""
-    rng = np.random.default_rng(seed)
-    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing="ij"))
-    brain = (grid**2 / np.array([0.7, 0.75, 0.8])[:, None, None, None] ** 2).sum(0) < 1
-    blob = ((grid - np.array([0.2, -0.1, 0.1])[:, None, None, None]) ** 2).sum(0) < 0.06
-    scan = np.where(brain, 300 + 40 * rng.standard_normal(shape) + 500 * blob, 0.0)
-    return scan.astype(np.float32)
 
 
 @pytest.fixture(scope="module")
@@ -228,9 +219,48 @@ def test_gpu_matches_cpu(tiny_bundle, full_prediction):
     assert np.allclose(result.translated, full_prediction.translated, atol=1e-3)
 
 
-def test_modality_from_file_name(tmp_path):
-    assert modality_from_name("Brats18_X_1_t2.nii.gz") == "t2"
-    assert modality_from_name("BraTS-GLI-00001-000-t1c.nii.gz") == "t1ce"
-    assert modality_from_name("case_FLAIR.nii") == "flair"
-    assert modality_from_name("patient7.nii.gz") is None
-    assert modality_from_name("scan_2.nii.gz") is None
+# ------------------------------------------------------------------------------------ out of memory
+
+GPU_OUT_OF_MEMORY = torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 7.79 GiB total)")
+CPU_OUT_OF_MEMORY = RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate "
+                                 "memory: you tried to allocate 68719476736 bytes. Error code 12")
+
+
+@pytest.mark.parametrize("failure, memory, fixes", [
+    (GPU_OUT_OF_MEMORY, "GPU", ["--device cpu", "--batch-size (e.g. 2)"]),
+    (CPU_OUT_OF_MEMORY, "RAM", ["--batch-size (e.g. 2)", "close other programs"]),
+    (MemoryError(), "RAM", ["--batch-size (e.g. 2)"]),
+], ids=["cuda", "cpu-allocator", "numpy"])
+def test_running_out_of_memory_is_a_config_error_with_a_fix(tiny_bundle, monkeypatch, failure, memory, fixes):
+    predictor = BiGLPredictor(load_bundle(tiny_bundle), device="cpu", batch_size=8)
+
+    def exhausted(*args, **kwargs):
+        raise failure
+
+    monkeypatch.setattr(BiGLPredictor, "_segment_slices", exhausted)
+    with pytest.raises(ConfigError) as info:
+        predictor.predict(synthetic_scan(), name="case_t2.nii.gz")
+    error = info.value
+    assert "out of memory" in error.message and memory in error.message and "case_t2.nii.gz" in error.message
+    assert "batch size 8" in error.message
+    for fix in fixes:
+        assert fix in error.hint, (fix, error.hint)
+    if memory == "RAM":
+        assert "--device cpu" not in error.hint  # it already runs on the CPU
+
+
+def test_other_runtime_errors_are_not_mistaken_for_memory(tiny_bundle, monkeypatch):
+    predictor = BiGLPredictor(load_bundle(tiny_bundle), device="cpu")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("Expected all tensors to be on the same device")
+
+    monkeypatch.setattr(BiGLPredictor, "_segment_slices", broken)
+    with pytest.raises(RuntimeError, match="same device"):
+        predictor.predict(synthetic_scan())
+
+
+def test_out_of_memory_error_without_a_batch_to_shrink():
+    error = out_of_memory_error(GPU_OUT_OF_MEMORY, batch_size=1)
+    assert "--device cpu" in error.hint and "--batch-size" not in error.hint
+    assert out_of_memory_error(ValueError("out of memory")) is None  # only allocation failures count

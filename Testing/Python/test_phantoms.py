@@ -20,6 +20,7 @@ from bigl.data.phantoms import (
     generate_phantom,
     make_phantom,
     phantom_affine,
+    phantom_shape,
     write_cohort,
 )
 from bigl.errors import ConfigError
@@ -123,6 +124,28 @@ def test_anisotropic_spacing(tmp_path):
     (folder,) = write_cohort(tmp_path, cases=1, size=32, modalities=("t1",), spacing=(1.0, 1.0, 2.0))
     (case,) = find_cases(folder)
     assert case.load_image("t1").spacing == pytest.approx((1.0, 1.0, 2.0))
+
+
+@pytest.mark.parametrize("spacing", [(0.9, 1.2, 2.5), (1.0, 1.0, 3.0), (0.5, 0.5, 3.0), (3.0, 1.0, 1.0),
+                                     (1.0, 3.0, 3.0), (3.0, 3.0, 3.0)])
+def test_coarse_anisotropic_grids_get_a_whole_tumour(spacing):
+    """Grids with few thick slices (down to 8) still get a tumour with all three parts, inside the brain."""
+    for size in (32, 40, 48):
+        for seed in range(3):
+            phantom = generate_phantom(size, np.random.default_rng([seed, size]), ("t1",), spacing=spacing)
+            assert phantom.labels.shape == phantom_shape(size, spacing)
+            counts = np.bincount(phantom.labels.ravel(), minlength=5)
+            assert min(counts[1], counts[2], counts[4]) >= 4, (size, seed, counts)
+            assert np.all(phantom.tissue[phantom.labels > 0] > 0)
+
+
+def test_a_grid_with_no_room_for_a_tumour_is_a_config_error(monkeypatch):
+    from bigl.data import phantoms as phantoms_module
+
+    monkeypatch.setattr(phantoms_module, "_add_tumour", lambda *args, **kwargs: None)
+    with pytest.raises(ConfigError, match="cannot place a tumour") as info:
+        make_phantom(32, np.random.default_rng(0), ("t1",), spacing=(1.0, 1.0, 3.0))
+    assert "32x32x11" in info.value.message and "--size" in info.value.hint
 
 
 def test_write_cohort_round_trip(tmp_path):

@@ -7,8 +7,8 @@ import json
 import sys
 from pathlib import Path
 
-#: Names (before .nii/.nii.gz) that mark label maps and BiGL outputs; skipped in folder mode.
-OUTPUT_SUFFIXES = ("_seg", "_translated", "_probabilities", "_attention_position", "_attention_channel")
+from bigl.data.naming import case_name, is_nifti_path, is_output_name, output_path
+
 #: Short names of the tumour labels in the one-line summaries.
 _SHORT_NAMES = {1: "NCR/NET", 2: "oedema", 4: "enhancing"}
 
@@ -79,21 +79,34 @@ class Reporter:
 
 
 def run(args: argparse.Namespace) -> int:
-    from bigl.errors import BiGLError
-
     reporter = Reporter(args.progress)
     try:
         return _run(args, reporter)
-    except BiGLError as exc:
-        reporter.error(exc)
-        raise
-    except Exception as exc:  # a bug or a system problem: GUIs still get an error event
-        reporter.emit_unexpected(exc)
-        raise
+    except Exception as exc:
+        error = _user_error(exc, args)
+        if error is None:  # a bug or a system problem: GUIs still get an error event
+            reporter.emit_unexpected(exc)
+            raise
+        reporter.error(error)
+        if error is exc:
+            raise
+        raise error from None
+
+
+def _user_error(exc: Exception, args: argparse.Namespace):
+    """``exc`` as a BiGLError the user can act on (itself, or running out of memory), else None."""
+    from bigl.errors import BiGLError
+
+    if isinstance(exc, BiGLError):
+        return exc
+    if isinstance(exc, (MemoryError, RuntimeError)):
+        from bigl.inference import out_of_memory_error
+
+        return out_of_memory_error(exc, batch_size=args.batch_size)
+    return None
 
 
 def _run(args: argparse.Namespace, reporter: Reporter) -> int:
-    from bigl.data.io import is_nifti_path
     from bigl.errors import InputError
     from bigl.inference import BiGLPredictor
 
@@ -101,7 +114,7 @@ def _run(args: argparse.Namespace, reporter: Reporter) -> int:
     if not source.exists():
         raise InputError(f"input not found: {source}", "give a .nii/.nii.gz scan or a folder of scans")
     if source.is_dir():
-        scans = sorted(p for p in source.iterdir() if p.is_file() and is_nifti_path(p) and not _is_output_name(p))
+        scans = sorted(p for p in source.iterdir() if p.is_file() and is_nifti_path(p) and not is_output_name(p))
         if not scans:
             raise InputError(f"no scans (.nii/.nii.gz files, other than *_seg label maps) in {source}",
                              "give a folder holding the NIfTI scans to segment, or one scan file")
@@ -130,31 +143,28 @@ def _segment_one(args, source: Path, output: Path, predictor, reporter: Reporter
 
 
 def _segment_folder(args, scans: list[Path], predictor, reporter: Reporter) -> int:
-    from bigl.errors import BiGLError
-    from bigl.inference import case_name
-
     out_dir = args.output.expanduser()
     failed = []
     for index, scan in enumerate(scans, start=1):
         case = case_name(scan)
-        output = out_dir / f"{case}_seg.nii.gz"
+        output = output_path(out_dir, case, "labels")
         extra = {}
         if args.translated_out is not None:
-            extra["translated_out"] = args.translated_out / f"{case}_translated.nii.gz"
+            extra["translated_out"] = output_path(args.translated_out, case, "translated")
         if args.probabilities_out is not None:
-            extra["probabilities_out"] = args.probabilities_out / f"{case}_probabilities.nii.gz"
+            extra["probabilities_out"] = output_path(args.probabilities_out, case, "probabilities")
         try:
             context = {"file": scan.name, "index": index, "files": len(scans)}
             prediction = _segment_one(args, scan, output, predictor, reporter, context, **extra)
-        except BiGLError as exc:
-            failed.append(scan)
-            reporter.say(f"[{index}/{len(scans)}] {scan.name}: FAILED: {exc}")
-            reporter.error(exc, "file_error", input=str(scan))
-            continue
         except Exception as exc:  # one broken file must not stop the others
             failed.append(scan)
-            reporter.say(f"[{index}/{len(scans)}] {scan.name}: FAILED (unexpected {type(exc).__name__}): {exc}")
-            reporter.emit_unexpected(exc, "file_error", input=str(scan))
+            error = _user_error(exc, args)
+            if error is None:
+                reporter.say(f"[{index}/{len(scans)}] {scan.name}: FAILED (unexpected {type(exc).__name__}): {exc}")
+                reporter.emit_unexpected(exc, "file_error", input=str(scan))
+            else:
+                reporter.say(f"[{index}/{len(scans)}] {scan.name}: FAILED: {error}")
+                reporter.error(error, "file_error", input=str(scan))
             continue
         reporter.say(f"[{index}/{len(scans)}] {_summary(scan, output, prediction)}")
         if reporter.mode == "json":
@@ -170,12 +180,6 @@ def _segment_folder(args, scans: list[Path], predictor, reporter: Reporter) -> i
     if reporter.mode == "json":
         reporter.emit("done", output=str(out_dir))
     return 0
-
-
-def _is_output_name(path: Path) -> bool:
-    from bigl.inference import case_name
-
-    return case_name(path).lower().endswith(OUTPUT_SUFFIXES)
 
 
 def _summary(source: Path, output: Path, prediction) -> str:

@@ -18,11 +18,10 @@ import nibabel as nib
 import numpy as np
 from nibabel.filebasedimages import ImageFileError
 
+from bigl.data.naming import NIFTI_SUFFIXES, is_nifti_path  # noqa: F401 (both part of this module's API)
 from bigl.errors import InputError
 
 PathLike = Union[str, Path]
-
-NIFTI_SUFFIXES = (".nii", ".nii.gz")
 #: Values a label map may hold (BraTS 0/1/2/4, and 3 for enhancing tumour in BraTS 2023+ files).
 LABEL_LIKE_VALUES = frozenset({0, 1, 2, 3, 4})
 
@@ -49,11 +48,6 @@ class Volume:
     @property
     def name(self) -> str:
         return self.path.name if self.path is not None else "volume"
-
-
-def is_nifti_path(path: PathLike) -> bool:
-    """True for file names ending in ``.nii`` or ``.nii.gz`` (any case)."""
-    return str(path).lower().endswith(NIFTI_SUFFIXES)
 
 
 def _open_nifti(path: PathLike) -> tuple[Path, nib.Nifti1Image]:
@@ -175,12 +169,20 @@ def _as_label_map(path: Path, data: np.ndarray) -> np.ndarray:
     return data.astype(np.uint8)
 
 
-def save_volume(path: PathLike, data: np.ndarray, affine: np.ndarray, *, dtype=None) -> Path:
+def save_volume(
+    path: PathLike, data: np.ndarray, affine: np.ndarray, *, dtype=None, like: PathLike | None = None
+) -> Path:
     """Write a 3D (or 4D) array as NIfTI (``.nii`` or ``.nii.gz``), creating the parent folder.
 
     ``dtype`` defaults to the array's type, with bool stored as uint8, float64 as float32 and
     int64 as int32 (all NIfTI readers understand those). qform and sform are both set to the
-    affine (scanner coordinates), as 3D Slicer and ITK expect.
+    affine (scanner coordinates, code 1), as 3D Slicer and ITK expect.
+
+    ``like``: a NIfTI file whose header is copied instead (NIfTI-1 or -2, units, qform and sform
+    codes), so that an output of that scan lies on its grid exactly as every reader sees it. When
+    ``affine`` is the reference's own, its qform and sform are kept as stored; otherwise both are
+    set to ``affine`` with the reference's codes (code 1 where it has none). The reference's
+    intensity scaling, display range, intent and description are cleared: they describe its data.
     """
     path = Path(path).expanduser()
     if not is_nifti_path(path):
@@ -194,13 +196,34 @@ def save_volume(path: PathLike, data: np.ndarray, affine: np.ndarray, *, dtype=N
         )
     data = data.astype(dtype, copy=False)
     affine = np.asarray(affine, dtype=np.float64)
-    image = nib.Nifti1Image(data, affine)
-    image.set_qform(affine, code=1)
-    image.set_sform(affine, code=1)
-    image.header.set_xyzt_units("mm", "sec")
+    if like is None:
+        image = nib.Nifti1Image(data, affine)
+        image.set_qform(affine, code=1)
+        image.set_sform(affine, code=1)
+        image.header.set_xyzt_units("mm", "sec")
+    else:
+        image = _image_like(like, data, affine)
     path.parent.mkdir(parents=True, exist_ok=True)
     nib.save(image, str(path))
     return path
+
+
+def _image_like(reference: PathLike, data: np.ndarray, affine: np.ndarray) -> nib.Nifti1Image:
+    """``data`` as a NIfTI image with the header of the ``reference`` file (see :func:`save_volume`)."""
+    _, source = _open_nifti(reference)
+    header = source.header.copy()
+    header.set_data_dtype(data.dtype)
+    header.set_slope_inter(None, None)
+    header["cal_min"] = header["cal_max"] = 0
+    header.set_intent("none", (), name="")
+    header["descrip"] = b""
+    if not np.allclose(affine, source.affine, rtol=0.0, atol=1e-6):
+        qform_code, sform_code = int(header["qform_code"]), int(header["sform_code"])
+        if not (qform_code or sform_code):
+            qform_code = sform_code = 1
+        header.set_qform(affine, code=qform_code)
+        header.set_sform(affine, code=sform_code)
+    return type(source)(data, None, header=header)
 
 
 def check_same_grid(volumes: Mapping[str, Volume], atol: float = 1e-3) -> None:

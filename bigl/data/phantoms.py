@@ -51,6 +51,9 @@ CONTRASTS: dict[str, tuple[float, ...]] = {
     "flair": (0.0, 0.14, 0.72, 0.55, 1.40, 0.85, 1.00),
 }  # fmt: skip
 MIN_SIZE = 16
+#: Tumours drawn (random site, size and shape) before a grid counts as too coarse for one.
+_TUMOUR_DRAWS = 50
+_DRAWS_BEFORE_GROWTH = 10
 
 
 def phantom_shape(size: int, spacing: Sequence[float] = (1.0, 1.0, 1.0)) -> tuple[int, int, int]:
@@ -96,6 +99,16 @@ def _ellipsoid_distance(coords, centre, radii) -> np.ndarray:
     return np.sqrt(sum(((c - c0) / r) ** 2 for c, c0, r in zip(coords, centre, radii)))
 
 
+def _finest_step(shape: tuple[int, int, int], spacing: Sequence[float]) -> float:
+    """The finest voxel size in the [-1, 1] coordinates of the phantom, over the three axes.
+
+    Every axis spans the same field of view in mm, so one finest voxel (``min(spacing)`` mm) is
+    about the same length along every axis; the largest of the three is returned.
+    """
+    finest = min(spacing)
+    return max(2.0 * finest / ((n - 1) * s) for n, s in zip(shape, spacing))
+
+
 def _anatomy(shape: tuple[int, int, int], rng: np.random.Generator) -> np.ndarray:
     """Tissue map (codes above) of a healthy brain, before the tumour."""
     coords = np.meshgrid(*(np.linspace(-1.0, 1.0, s, dtype=np.float32) for s in shape), indexing="ij")
@@ -139,11 +152,13 @@ def _anatomy(shape: tuple[int, int, int], rng: np.random.Generator) -> np.ndarra
     return tissue
 
 
-def _tumour_sites(tissue: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray]:
+def _tumour_sites(
+    tissue: np.ndarray, spacing: Sequence[float]
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Candidate tumour centres (next to a ventricle, deep white matter, under the cortex) and the
-    relative depth of every voxel (distance to the brain surface / largest distance)."""
+    relative depth of every voxel (distance in mm to the brain surface / largest distance)."""
     brain = tissue != BACKGROUND
-    depth = ndi.distance_transform_edt(brain)
+    depth = ndi.distance_transform_edt(brain, sampling=spacing)
     depth /= max(depth.max(), 1.0)
     white = tissue == WM
     sites = {
@@ -155,15 +170,24 @@ def _tumour_sites(tissue: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray
 
 
 def _add_tumour(
-    tissue: np.ndarray, sites: dict[str, np.ndarray], depth: np.ndarray, rng: np.random.Generator, min_voxels: int
+    tissue: np.ndarray,
+    sites: dict[str, np.ndarray],
+    depth: np.ndarray,
+    rng: np.random.Generator,
+    min_voxels: int,
+    spacing: Sequence[float],
+    growth: float = 1.0,
 ) -> np.ndarray | None:
-    """Tissue map with a tumour, or None when this draw left out a tumour part (caller redraws)."""
+    """Tissue map with a tumour, or None when this draw left out a tumour part (caller redraws).
+
+    ``growth`` scales the core radius up, for grids too coarse for the smaller tumours.
+    """
     shape = tissue.shape
     coords = np.meshgrid(*(np.linspace(-1.0, 1.0, s, dtype=np.float32) for s in shape), indexing="ij")
     where = sites[rng.choice(sorted(sites))]
     centre_index = tuple(where[rng.integers(len(where))])
     centre = tuple(float(c[centre_index]) for c in coords)
-    core_radius = rng.uniform(0.13, 0.27)
+    core_radius = rng.uniform(0.13, 0.27) * growth
     radii = tuple(core_radius * rng.uniform(0.8, 1.25) for _ in range(3))
     core_distance = _ellipsoid_distance(coords, centre, radii) + 0.12 * _smooth_field(rng, shape, 5)
     oedema_extent = rng.uniform(1.5, 2.4)
@@ -171,8 +195,10 @@ def _add_tumour(
         _ellipsoid_distance(coords, centre, tuple(r * oedema_extent for r in radii))
         + 0.3 * _smooth_field(rng, shape, 8)
     )
-    # The enhancing rim is at least about 2 voxels thick, so that blur does not wash it out.
-    thinnest_rim = 2.0 * 2.0 / (min(shape) - 1) / min(radii)
+    # The enhancing rim is at least about 2 of the finest voxels thick, so that the blur (the same
+    # width in mm along every axis, see _render) does not wash it out. Measured in mm, not in voxels
+    # of the coarsest axis: on a grid with few thick slices that would leave no room for necrosis.
+    thinnest_rim = 2.0 * _finest_step(shape, spacing) / min(radii)
     necrotic_fraction = min(rng.uniform(0.5, 0.75), 1.0 - thinnest_rim)
 
     result = tissue.copy()
@@ -247,14 +273,21 @@ def generate_phantom(
     spacing = _check_spacing(spacing)
     shape = phantom_shape(_check_size(size), spacing)
     healthy = _anatomy(shape, rng)
-    sites, depth = _tumour_sites(healthy)
+    sites, depth = _tumour_sites(healthy, spacing)
     min_voxels = max(4, int(np.prod(shape) // 20000))
-    for _ in range(50):
-        tissue = _add_tumour(healthy, sites, depth, rng, min_voxels)
+    for draw in range(_TUMOUR_DRAWS):
+        # After a few misses (a grid with few thick slices may hold no voxel of a small necrotic
+        # core), draw larger tumours; the draws before are those of a fine grid.
+        growth = min(2.0, 1.0 + 0.05 * max(0, draw - _DRAWS_BEFORE_GROWTH))
+        tissue = _add_tumour(healthy, sites, depth, rng, min_voxels, spacing, growth) if sites else None
         if tissue is not None:
             break
-    else:  # pragma: no cover - every draw missing a tumour part would be a generator bug
-        raise RuntimeError("could not place a tumour with all three parts")
+    else:
+        raise ConfigError(
+            f"cannot place a tumour with all three parts in a {shape[0]}x{shape[1]}x{shape[2]} phantom "
+            f"(size {size}, spacing {'x'.join(f'{s:g}' for s in spacing)} mm): the grid is too coarse",
+            "use a larger --size (e.g. 64) or a finer --spacing",
+        )
     intensities = _tissue_intensities(rng)
     # One seed per modality, drawn for all of them: an image does not depend on which others are made.
     seeds = rng.integers(0, 2**63 - 1, size=len(MODALITIES))
