@@ -101,6 +101,31 @@ def registerSampleData():
     )
 
 
+def ensurePythonPackages(requester: str, computationBackend: str | None = None) -> dependencies.DependencyReport:
+    """Install PyTorch and BiGL's packages after asking (used by both BiGL modules).
+
+    Offers a restart when Slicer had already loaded an updated package and says what is still
+    missing; ``report.ready`` tells whether the caller can go ahead.
+    """
+    try:
+        report = dependencies.ensure_dependencies(
+            confirm=lambda question: slicer.util.confirmOkCancelDisplay(question, requester),
+            computation_backend=computationBackend,
+            requester=requester,
+            testing=slicer.app.testingEnabled(),
+        )
+    except RuntimeError as exc:  # PyTorch cannot be installed without the PyTorch extension
+        slicer.util.errorDisplay(str(exc), requester)
+        return dependencies.DependencyReport(missing=["torch"])
+    if report.restart_recommended and slicer.util.confirmYesNoDisplay(
+        "Python packages that Slicer had already loaded were updated. Restart Slicer now?", requester
+    ):
+        slicer.util.restart()
+    if not report.ready:
+        slicer.util.warningDisplay("BiGL cannot run without these Python packages: " + ", ".join(report.missing), requester)
+    return report
+
+
 def modelsFolder() -> Path:
     """The user's model folder: the BiGL/ModelsFolder setting, else <Slicer settings folder>/BiGL/models."""
     configured = qt.QSettings().value(MODELS_FOLDER_SETTING)
@@ -222,13 +247,12 @@ class BiGLSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # models ----------------------------------------------------------------------------------
 
     def refreshModels(self, select: str | None = None) -> None:
-        """Fill the model list: available models, then "Import model from file..."."""
-        try:
-            self._models = self.logic.models()
-            problem = ""
-        except ImportError as exc:  # torch / safetensors not installed yet
-            self._models = []
-            problem = f"Models are listed once BiGL's Python packages are installed (missing: {exc.name})."
+        """Fill the model list: available models, then "Import model from file...".
+
+        Listing reads the bundles' headers only (no PyTorch or safetensors needed), so the list is
+        complete before BiGL's Python packages are installed.
+        """
+        self._models = self.logic.models()
         self._updatingModels = True
         try:
             self.ui.modelComboBox.clear()
@@ -240,9 +264,7 @@ class BiGLSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.modelComboBox.addItem("Import model from file...", IMPORT_MODEL_ITEM)
         finally:
             self._updatingModels = False
-        if problem:
-            self.ui.modelInfoLabel.text = problem
-        elif not self._models:
+        if not self._models:
             self.ui.modelInfoLabel.text = ("No model yet: import a .safetensors bundle made by 'bigl train' "
                                            f"(it is copied to {self.logic.models_folder}).")
         self.selectModel(select if select is not None else (self._parameterNode.modelPath if self._parameterNode else ""))
@@ -380,23 +402,11 @@ class BiGLSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def ensureDependencies(self) -> bool:
         """Install missing packages after asking; False when the run cannot go ahead."""
-        report = dependencies.ensure_dependencies(
-            confirm=lambda question: slicer.util.confirmOkCancelDisplay(question, "BiGL Segmentation"),
-            computation_backend="cpu" if self._parameterNode.device == "cpu" else None,
-            testing=slicer.app.testingEnabled(),
-        )
+        report = ensurePythonPackages("BiGL Segmentation", "cpu" if self._parameterNode.device == "cpu" else None)
         if report.installed:
             self._gpuStatus = None
             self.refreshModels()
             self.updateDeviceChoices()
-        if report.restart_recommended and slicer.util.confirmYesNoDisplay(
-            "Python packages that Slicer had already loaded were updated. Restart Slicer now?", "BiGL Segmentation"
-        ):
-            slicer.util.restart()
-        if not report.ready:
-            slicer.util.warningDisplay(
-                "BiGL cannot run without these Python packages: " + ", ".join(report.missing), "BiGL Segmentation"
-            )
         return report.ready
 
     def onPollRun(self) -> None:

@@ -154,28 +154,11 @@ class BiGLTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # ----------------------------------------------------------------------- dependencies
     def ensureDependencies(self):
-        """PyTorch, BiGL's packages and the training extras, installed after asking (BiGLSegmentation's installer)."""
-        from BiGLSegmentationLib.dependencies import REQUIREMENTS_PATH, ensure_dependencies
+        """PyTorch and BiGL's packages (one list, BiGL Segmentation's installer), installed after asking."""
+        from BiGLSegmentation import ensurePythonPackages
 
-        missing, restart = [], False
-        for requirements in (REQUIREMENTS_PATH, self.resourcePath("requirements.txt")):
-            try:
-                report = ensure_dependencies(
-                    confirm=slicer.util.confirmOkCancelDisplay,
-                    requirements_path=requirements,
-                    testing=slicer.app.testingEnabled(),
-                )
-            except RuntimeError as exc:
-                slicer.util.errorDisplay(str(exc))
-                return False
-            missing += [name for name in report.missing if name not in missing]
-            restart = restart or report.restart_recommended
-        if restart and slicer.util.confirmYesNoDisplay("Packages BiGL uses were updated. Restart Slicer now to use them?"):
-            slicer.util.restart()
-        if missing:
-            slicer.util.errorDisplay("Training needs these Python packages: " + ", ".join(missing))
-            return False
-        return True
+        computationBackend = "cpu" if self.ui.deviceComboBox.currentData == "cpu" else None
+        return ensurePythonPackages("BiGL Training", computationBackend).ready
 
     # ------------------------------------------------------------------------------ form
     @staticmethod
@@ -606,14 +589,13 @@ class BiGLTrainingTest(ScriptedLoadableModuleTest):
         self.test_train_stop_resume_register()
 
     def _packagesInstalled(self):
-        try:
-            import nibabel  # noqa: F401
-            import torch  # noqa: F401
-        except ImportError as exc:
-            self.delayDisplay(f"Skipped: BiGL's packages are not installed in this Slicer ({exc}); "
-                              "press Check data in the module once to install them")
-            return False
-        return True
+        from BiGLSegmentationLib.dependencies import ensure_dependencies
+
+        report = ensure_dependencies(confirm=lambda question: False, testing=True)  # only looks
+        if not report.ready:
+            self.delayDisplay(f"Skipped: BiGL's packages are not installed in this Slicer (missing: "
+                              f"{', '.join(report.missing)}); press Check data in the module once to install them")
+        return report.ready
 
     def _workFolder(self):
         folder = Path(slicer.app.temporaryPath) / "BiGLTrainingSelfTest"

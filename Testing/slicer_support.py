@@ -16,6 +16,12 @@ Usage in a test module::
         app = slicer_support.create_headless_slicer()
         volume = app.load_volume("scan.nii.gz")
         ...
+
+or as a fixture (what the modules' conftest.py files do)::
+
+    @pytest.fixture
+    def headless_slicer():
+        yield from slicer_support.headless_slicer_or_skip()
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -130,6 +136,20 @@ def create_headless_slicer(*, make_global: bool = False) -> HeadlessSlicer:
     if make_global:
         headless.make_global()
     return headless
+
+
+def headless_slicer_or_skip() -> Iterator[HeadlessSlicer]:
+    """For a pytest fixture: a fresh headless scene, cleared after the test; skips the test with
+    :data:`SKIP_REASON` where slicer-core cannot be used."""
+    import pytest
+
+    if SKIP_REASON is not None:
+        pytest.skip(SKIP_REASON)
+    app = create_headless_slicer()
+    try:
+        yield app
+    finally:
+        app.close()
 
 
 def matrix_to_numpy(matrix: Any) -> np.ndarray:

@@ -33,7 +33,6 @@ from __future__ import annotations
 import csv
 import math
 import os
-import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +40,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from bigl.data import naming
 from bigl.data.brats import parse_case_file
 from bigl.data.io import check_same_grid, is_nifti_path, load_volume
 from bigl.errors import InputError
@@ -64,8 +64,6 @@ LABEL_SUFFIXES: tuple[str, ...] = (
 
 #: How deep case folders are looked for under a folder of label maps (e.g. ``HGG/<case>/``).
 _MAX_DEPTH = 4
-
-_NIFTI_SUFFIX = re.compile(r"\.nii(\.gz)?$", re.IGNORECASE)
 
 #: Scores of one case: region -> {"dice": ..., "hd95": ...}. Per-case results are
 #: ``dict[str, RegionScores]`` (case -> scores); summaries map "mean" and "std" to the same shape.
@@ -208,8 +206,9 @@ def score_files(pred_path: str | Path, ref_path: str | Path) -> RegionScores:
 
 
 def case_name(path: str | Path) -> str:
-    """Case name of a label file or case folder: extensions and suffixes like ``_seg`` stripped."""
-    name = _NIFTI_SUFFIX.sub("", Path(path).name)
+    """Case name of a label file or case folder: ``.nii(.gz)`` (:func:`bigl.data.naming.case_name`) and
+    suffixes like ``_seg`` stripped."""
+    name = naming.case_name(path)
     stripped = True
     while stripped:
         stripped = False
@@ -257,7 +256,7 @@ def _is_label_file(name: str, case_folder: str | None) -> bool:
     parsed = parse_case_file(name)
     if parsed is not None and parsed[1] != "seg":
         return False
-    has_suffix = case_name(name) != _NIFTI_SUFFIX.sub("", name)
+    has_suffix = case_name(name) != naming.case_name(name)
     return case_folder is None or has_suffix or case_name(name) == case_folder
 
 

@@ -1,11 +1,12 @@
-"""Python packages BiGL needs inside Slicer, installed only after asking.
+"""Python packages BiGL needs inside Slicer, installed only after asking (for both BiGL modules).
 
 * PyTorch comes from the PyTorch extension (``PyTorchUtils``), which picks a CUDA build when an
   NVIDIA driver is present and a CPU build otherwise; it asks the user first.
 * The other packages are listed in ``Resources/requirements.txt`` (nibabel, scikit-image,
-  safetensors, tqdm). They are installed with ``slicer.packaging.pip_ensure`` on Slicer 5.12+ (it
-  asks, installs and offers a restart when an already imported package changed), else with
-  ``slicer.util.pip_install`` after our own question.
+  safetensors, tqdm, matplotlib), one list for BiGL Segmentation and BiGL Training. They are
+  installed with ``slicer.packaging.pip_ensure`` on Slicer 5.12+ (it asks, installs and offers a
+  restart when an already imported package changed), else with ``slicer.util.pip_install`` after
+  our own question.
 * Packages Slicer itself provides (SimpleITK, numpy, VTK...) are never installed or replaced, even
   if a requirements line names them.
 * Nothing is installed in testing mode.
@@ -150,12 +151,14 @@ def ensure_dependencies(
     confirm: Callable[[str], bool],
     computation_backend: str | None = None,
     requirements_path: str | Path = REQUIREMENTS_PATH,
+    requester: str = "BiGL",
     testing: bool = False,
 ) -> DependencyReport:
     """Install PyTorch and the requirements when missing, after asking ``confirm(question)``.
 
     ``computation_backend``: passed to PyTorchUtils (``"cpu"`` for a CPU build, None to let it
-    detect the GPU). In ``testing`` mode nothing is installed; what is missing is reported.
+    detect the GPU). ``requester``: the module named in the questions. In ``testing`` mode nothing
+    is installed; what is missing is reported.
     """
     report = DependencyReport()
     if not torch_installed():
@@ -183,7 +186,7 @@ def ensure_dependencies(
     if packaging_api is not None and hasattr(packaging_api, "pip_ensure"):
         try:
             packaging_api.pip_ensure(
-                missing, requester="BiGL Segmentation", prompt_install=True, prompt_restart=True
+                missing, requester=requester, prompt_install=True, prompt_restart=True
             )
         except RuntimeError:  # the user declined
             report.missing.extend(names)
@@ -191,7 +194,7 @@ def ensure_dependencies(
         report.installed.extend(names)
         return report
     question = (
-        "BiGL Segmentation needs these Python packages, which are not installed in Slicer yet:\n\n  "
+        f"{requester} needs these Python packages, which are not installed in Slicer yet:\n\n  "
         + "\n  ".join(names)
         + "\n\nDownload and install them now? (Slicer's own packages are not changed.)"
     )

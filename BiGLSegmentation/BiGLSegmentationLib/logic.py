@@ -163,14 +163,12 @@ def modality_warning(volume_name: str, model_metadata: dict) -> str | None:
     """A warning when a volume's name states a modality other than the one the model segments.
 
     Names like ``BraTS19_2013_10_1_t1`` or ``case-t2w`` state one (BraTS naming); others do not.
-    The rule is the one ``bigl segment`` applies to file names.
+    The rule is the one ``bigl segment`` applies to file names (standard library only: it works
+    before BiGL's packages are installed).
     """
     from bigl.data.naming import modality_from_name
 
-    try:
-        stated = modality_from_name(f"{volume_name}.nii.gz")
-    except ImportError:  # nibabel not installed yet: no warning rather than a broken panel
-        return None
+    stated = modality_from_name(f"{volume_name}.nii.gz")
     expected = model_metadata.get("modality")
     if stated is None or expected is None or stated == expected:
         return None

@@ -109,12 +109,15 @@ def find_model(choices: list[ModelChoice], path: str | os.PathLike | None) -> Mo
     return None
 
 
-def import_model(source: str | os.PathLike, models_folder: str | os.PathLike) -> ModelChoice:
+def import_model(
+    source: str | os.PathLike, models_folder: str | os.PathLike, name: str | None = None
+) -> ModelChoice:
     """Validate a bundle and copy it into the models folder; returns the copy.
 
-    The copy keeps the file's name (made safe), with a number added when a different model
-    already has that name; importing the same file twice returns the existing copy. Raises
-    :class:`bigl.errors.BundleError` for anything that is not a readable BiGL bundle.
+    The copy is named ``<name>.safetensors`` (default: the file's own name), made safe for file
+    systems, with a number added when a different model already has that name; importing the same
+    file twice returns the existing copy. Raises :class:`bigl.errors.BundleError` for anything
+    that is not a readable BiGL bundle.
     """
     from bigl.bundle import read_metadata
     from bigl.errors import BundleError
@@ -129,10 +132,10 @@ def import_model(source: str | os.PathLike, models_folder: str | os.PathLike) ->
             f"cannot create the model folder {folder}: {exc.strerror or exc}",
             "choose a writable model folder in the module's Advanced section",
         ) from None
-    if source.parent.resolve() == folder.resolve():
-        return ModelChoice(path=source, metadata=metadata)
+    stem = _safe_stem(f"{name}{BUNDLE_SUFFIX}" if name else source.name)
+    if source.parent.resolve() == folder.resolve() and (name is None or source.name == f"{stem}{BUNDLE_SUFFIX}"):
+        return ModelChoice(path=source, metadata=metadata)  # listed already
     digest = _file_digest(source)
-    stem = _safe_stem(source.name)
     for number in range(1, 1000):
         target = folder / (f"{stem}{BUNDLE_SUFFIX}" if number == 1 else f"{stem}-{number}{BUNDLE_SUFFIX}")
         if not target.exists():

@@ -6,7 +6,7 @@ command with :class:`subprocess.Popen` (an argument list, never a shell string),
 events on a reader thread, and keeps everything else it prints (stderr, non-JSON stdout) in a
 size-capped log. The owner polls it (the Slicer widget from a QTimer, tests in a loop), so nothing
 here needs Qt. :meth:`JsonLineProcess.cancel` ends the whole process tree (the command and any
-worker processes it started).
+worker processes it started, see :mod:`.processtree`).
 """
 
 from __future__ import annotations
@@ -15,13 +15,12 @@ import collections
 import json
 import os
 import queue
-import signal
 import subprocess
-import sys
 import threading
-import time
 from pathlib import Path
 from typing import IO, Mapping, Sequence
+
+from .processtree import ProcessTree, new_group_options
 
 #: Lines of log kept (older ones are dropped) and the longest line kept.
 LOG_LINES = 2000
@@ -48,6 +47,7 @@ class JsonLineProcess:
         self._log: collections.deque[str] = collections.deque(maxlen=log_lines)
         self._log_lock = threading.Lock()
         self._process: subprocess.Popen | None = None
+        self._tree: ProcessTree | None = None
         self._readers: list[threading.Thread] = []
         self.cancelled = False
 
@@ -56,11 +56,6 @@ class JsonLineProcess:
     def start(self) -> None:
         if self._process is not None:
             raise RuntimeError("this process was already started")
-        options: dict = {}
-        if sys.platform == "win32":
-            options["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP | subprocess.CREATE_NO_WINDOW
-        else:
-            options["start_new_session"] = True  # own process group: cancel() ends the whole tree
         self._process = subprocess.Popen(
             self.command,
             stdin=subprocess.DEVNULL,
@@ -72,8 +67,9 @@ class JsonLineProcess:
             encoding="utf-8",
             errors="replace",
             bufsize=1,
-            **options,
+            **new_group_options(),  # own process group: cancel() ends the whole tree
         )
+        self._tree = ProcessTree(self._process)
         self._readers = [
             threading.Thread(target=self._read_stdout, args=(self._process.stdout,), daemon=True),
             threading.Thread(target=self._read_log, args=(self._process.stderr,), daemon=True),
@@ -125,7 +121,7 @@ class JsonLineProcess:
         if self._process is None or self._process.poll() is not None:
             return
         self.cancelled = True
-        _terminate_tree(self._process, grace_seconds)
+        self._tree.stop(grace_seconds)
         for reader in self._readers:
             reader.join(timeout=2.0)
 
@@ -172,39 +168,3 @@ def parse_event(line: str) -> dict | None:
     if isinstance(value, dict) and isinstance(value.get("event"), str):
         return value
     return None
-
-
-def _terminate_tree(process: subprocess.Popen, grace_seconds: float) -> None:
-    if sys.platform == "win32":
-        # taskkill /T ends the children too; /F because console-less children ignore Ctrl+Break
-        subprocess.run(
-            ["taskkill", "/F", "/T", "/PID", str(process.pid)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            creationflags=subprocess.CREATE_NO_WINDOW,
-            check=False,
-        )
-        try:
-            process.wait(timeout=grace_seconds)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        return
-    try:
-        group = os.getpgid(process.pid)
-    except ProcessLookupError:
-        return
-    _signal_group(group, signal.SIGTERM)
-    deadline = time.monotonic() + grace_seconds
-    while process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    # children may outlive the leader (e.g. data-loader workers): always finish the group
-    _signal_group(group, signal.SIGKILL)
-    process.wait()
-
-
-def _signal_group(group: int, signal_number: int) -> None:
-    try:
-        os.killpg(group, signal_number)
-    except (ProcessLookupError, PermissionError):
-        pass

@@ -17,9 +17,11 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
 
-#: Modalities offered in the form (the canonical names of bigl.data.brats.MODALITIES, which
-#: needs nibabel: the form is built before BiGL's packages are installed).
-MODALITY_CHOICES = ("t1", "t1ce", "t2", "flair")
+from bigl.data.naming import MODALITIES
+
+#: Modalities offered in the form: BiGL's canonical names (bigl.data.naming needs the standard
+#: library only, so the form is built before BiGL's packages are installed).
+MODALITY_CHOICES = MODALITIES
 TRANSLATOR_MODE_CHOICES = ("auto", "paired", "unpaired")
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 #: Preset id -> (ready config name, label shown in the module). "custom" takes a JSON file.

@@ -19,9 +19,7 @@ from __future__ import annotations
 import collections
 import os
 import re
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping
@@ -75,29 +73,17 @@ def resume_point(run_folder: str | os.PathLike) -> str | None:
     return "the start (no checkpoint yet)"
 
 
-def safe_model_name(run_folder: Path) -> str:
-    """A models-folder file stem from the run folder's name."""
-    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", run_folder.name).strip("._")
-    return stem[:80] or "bigl-model"
-
-
 def register_bundle(bundle: str | os.PathLike, models_folder: str | os.PathLike, name: str) -> Path:
     """Copy a trained bundle into the models folder BiGLSegmentation lists, as ``<name>.safetensors``.
 
-    BiGLSegmentation's :func:`import_model` does the work (validation without unpickling, atomic
-    copy, a number added when another model has the name, no duplicate of the same file); the
-    bundle is offered to it under the run's name through a hard link (a copy where links fail).
-    Raises :class:`bigl.errors.BundleError` for a file that is not a valid bundle.
+    BiGLSegmentation's :func:`import_model` does the work (validation without unpickling, a name
+    safe for file systems, atomic copy, a number added when another model has the name, no
+    duplicate of the same file). Raises :class:`bigl.errors.BundleError` for a file that is not a
+    valid bundle.
     """
     from BiGLSegmentationLib.models import import_model
 
-    with tempfile.TemporaryDirectory(prefix="bigl-register-") as scratch:
-        named = Path(scratch) / f"{name}.safetensors"
-        try:
-            os.link(bundle, named)
-        except OSError:
-            shutil.copyfile(bundle, named)
-        return Path(import_model(named, models_folder).path)
+    return Path(import_model(bundle, models_folder, name=name).path)
 
 
 class TrainingLogic:
@@ -371,7 +357,7 @@ class TrainingLogic:
         if self.models_folder is None or self.bundle is None:
             return
         try:
-            self.registered_bundle = register_bundle(self.bundle, self.models_folder, safe_model_name(self.run_folder))
+            self.registered_bundle = register_bundle(self.bundle, self.models_folder, self.run_folder.name)
             self._log(f"model added to the BiGLSegmentation model list: {self.registered_bundle}")
         except (BiGLError, OSError) as exc:
             self._log(f"could not add the model to {self.models_folder}: {exc}")

@@ -276,7 +276,8 @@ def write_labels(path, labels, affine=None):
     ("name", "case"),
     [("X_seg.nii.gz", "X"), ("X-seg.nii.gz", "X"), ("X_pred.nii", "X"), ("X.nii.gz", "X"),
      ("BraTS-GLI-00001-000-seg.nii.gz", "BraTS-GLI-00001-000"),
-     ("Brats18_2013_2_1_pred_seg.nii.gz", "Brats18_2013_2_1")],
+     ("Brats18_2013_2_1_pred_seg.nii.gz", "Brats18_2013_2_1"), ("X_SEG.NII.GZ", "X"), ("/data/HGG/Y/Y_seg.nii", "Y"),
+     ("Z_seg.nii.zip", "Z_seg.nii.zip")],
 )  # fmt: skip
 def test_case_name_strips_extensions_and_label_suffixes(name, case):
     assert case_name(name) == case

@@ -8,14 +8,19 @@ from pathlib import Path
 
 import pytest
 
+from bigl.data import naming
 from bigl.data.naming import (
+    MODALITIES,
+    MODALITY_ALIASES,
     attention_paths,
     case_name,
     is_nifti_path,
     is_output_name,
     modality_from_name,
+    normalise_modality,
     output_path,
 )
+from bigl.errors import InputError
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -45,6 +50,30 @@ def test_modality_from_file_name():
     assert modality_from_name("case_seg.nii.gz") is None
 
 
+def test_every_alias_is_understood_in_names_and_file_names():
+    assert set(MODALITY_ALIASES.values()) == set(MODALITIES)
+    for alias, canonical in MODALITY_ALIASES.items():
+        assert normalise_modality(alias.upper()) == canonical
+        assert modality_from_name(f"Case_007_{alias.upper()}.nii.gz") == canonical
+        assert modality_from_name(f"BraTS-GLI-00007-000-{alias}.nii") == canonical
+    assert normalise_modality(" T1-ce ") == "t1ce"
+    with pytest.raises(InputError, match="unknown modality 'pd'") as error:
+        normalise_modality("pd")
+    assert "t1, t1ce, t2, flair" in error.value.hint
+
+
+def test_brats_and_the_package_reexport_the_naming_helpers():
+    """Callers of bigl.data.brats keep working; bigl.data exports the helpers lazily."""
+    import bigl.data
+    from bigl.data import brats
+
+    assert brats.normalise_modality is normalise_modality and brats.MODALITIES is MODALITIES
+    for name in ("MODALITIES", "normalise_modality", "modality_from_name", "case_name", "is_nifti_path",
+                 "output_path", "attention_paths", "is_output_name"):
+        assert getattr(bigl.data, name) is getattr(naming, name)
+        assert name in bigl.data.__all__
+
+
 def test_output_names_round_trip(tmp_path):
     paths = {
         "labels": output_path(tmp_path, "c1", "labels"),
@@ -63,8 +92,10 @@ def test_imports_only_the_standard_library():
     code = ("import sys\n"
             "for name in ('numpy', 'nibabel', 'torch'):\n"
             "    sys.modules[name] = None\n"
-            "from bigl.data.naming import case_name, attention_paths, is_output_name\n"
-            "print(case_name('x_t1.nii.gz'), sorted(attention_paths('.', 'x')))\n")
+            "from bigl.data.naming import case_name, attention_paths, is_output_name, normalise_modality\n"
+            "from bigl.data import modality_from_name\n"
+            "print(case_name('x_t1.nii.gz'), sorted(attention_paths('.', 'x')), modality_from_name('x-t2w.nii.gz'),\n"
+            "      normalise_modality('T1c'))\n")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == ["x_t1", "['channel',", "'position']"]
+    assert result.stdout.split() == ["x_t1", "['channel',", "'position']", "t2", "t1ce"]

@@ -1,7 +1,8 @@
 """Data layer: NIfTI volumes, BraTS-style folders, preprocessing into 2D slices, synthetic phantoms.
 
-Importing :mod:`bigl.data` is light (numpy and nibabel; no torch): the names below are loaded from
-their modules on first use.
+Importing :mod:`bigl.data` is light: the names below are loaded from their modules on first use
+(the naming helpers need the standard library only; io, brats and preprocess numpy and nibabel;
+nothing needs torch).
 """
 
 from __future__ import annotations
@@ -13,13 +14,19 @@ _EXPORTS = {
     "load_volume": "io",
     "save_volume": "io",
     "read_grid": "io",
-    "is_nifti_path": "io",
+    "is_nifti_path": "naming",
     "check_same_grid": "io",
     "check_scan": "io",
-    "MODALITIES": "brats",
+    "MODALITIES": "naming",
+    "MODALITY_ALIASES": "naming",
+    "normalise_modality": "naming",
+    "modality_from_name": "naming",
+    "case_name": "naming",
+    "output_path": "naming",
+    "attention_paths": "naming",
+    "is_output_name": "naming",
     "Case": "brats",
     "find_cases": "brats",
-    "normalise_modality": "brats",
     "normalise_modalities": "brats",
     "summarise_cases": "brats",
     "parse_case_file": "brats",

@@ -22,19 +22,11 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from bigl.data.io import PathLike, Volume, compare_grids, load_volume, read_grid
+from bigl.data.naming import MODALITIES, normalise_modality  # noqa: F401 (both part of this module's API)
 from bigl.errors import InputError
 from bigl.labels import LABELS
 
-#: Canonical modality names used everywhere in BiGL.
-MODALITIES: tuple[str, ...] = ("t1", "t1ce", "t2", "flair")
 NAMINGS: tuple[str, ...] = ("brats2018", "brats2023")
-
-_ALIASES = {
-    "t1": "t1", "t1n": "t1", "t1w": "t1", "t1native": "t1",
-    "t1ce": "t1ce", "t1c": "t1ce", "t1gd": "t1ce", "t1post": "t1ce", "t1wce": "t1ce",
-    "t2": "t2", "t2w": "t2",
-    "flair": "flair", "t2f": "flair", "t2flair": "flair",
-}  # fmt: skip
 
 #: File suffix of each canonical modality (and of the labels) in each naming scheme.
 FILE_SUFFIXES: dict[str, dict[str, str]] = {
@@ -48,19 +40,6 @@ _SUFFIX_TO_ITEM = {
 }
 _FILE_PATTERN = re.compile(r"^(?P<case>.+)(?P<sep>[_-])(?P<suffix>[A-Za-z0-9]+)\.nii(\.gz)?$", re.IGNORECASE)
 _MAX_DEPTH = 4
-
-
-def normalise_modality(name: str) -> str:
-    """Canonical modality name: ``"T1"``/``"t1n"`` -> ``"t1"``, ``"t1c"``/``"t1gd"`` -> ``"t1ce"``,
-    ``"t2w"`` -> ``"t2"``, ``"t2f"``/``"FLAIR"`` -> ``"flair"``."""
-    key = re.sub(r"[\s_\-]", "", str(name)).lower()
-    try:
-        return _ALIASES[key]
-    except KeyError:
-        raise InputError(
-            f"unknown modality {name!r}",
-            f"use one of {', '.join(MODALITIES)} (BraTS 2023 names t1n, t1c, t2w, t2f also work)",
-        ) from None
 
 
 def normalise_modalities(names: Iterable[str] | str) -> tuple[str, ...]:

@@ -1,8 +1,8 @@
-"""File names: NIfTI suffixes, case names, the modality a name states, and the files ``bigl segment`` writes.
+"""Names: NIfTI suffixes, case names, modality names and the modality a file name states, and the
+files ``bigl segment`` writes.
 
 Standard library only (no numpy, nibabel or torch), so the command line and the Slicer modules can
-use these before BiGL's heavier dependencies are installed or imported. Only
-:func:`modality_from_name` imports :mod:`bigl.data.brats` (nibabel), when called.
+use these before BiGL's heavier dependencies are installed or imported.
 """
 
 from __future__ import annotations
@@ -12,7 +12,20 @@ import re
 from pathlib import Path
 from typing import Union
 
+from bigl.errors import InputError
+
 PathLike = Union[str, os.PathLike]
+
+#: Canonical modality names used everywhere in BiGL.
+MODALITIES: tuple[str, ...] = ("t1", "t1ce", "t2", "flair")
+#: Modality names as written in file names and by users (lower case, without spaces, "_" or "-")
+#: -> canonical name; BraTS 2023 uses t1n, t1c, t2w, t2f.
+MODALITY_ALIASES: dict[str, str] = {
+    "t1": "t1", "t1n": "t1", "t1w": "t1", "t1native": "t1",
+    "t1ce": "t1ce", "t1c": "t1ce", "t1gd": "t1ce", "t1post": "t1ce", "t1wce": "t1ce",
+    "t2": "t2", "t2w": "t2",
+    "flair": "flair", "t2f": "flair", "t2flair": "flair",
+}  # fmt: skip
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 #: What ``bigl segment`` writes for a case, by output: the suffix after the case name (before .nii.gz).
@@ -41,18 +54,28 @@ def case_name(path: PathLike) -> str:
     return name
 
 
+def normalise_modality(name: str) -> str:
+    """Canonical modality name: ``"T1"``/``"t1n"`` -> ``"t1"``, ``"t1c"``/``"t1gd"`` -> ``"t1ce"``,
+    ``"t2w"`` -> ``"t2"``, ``"t2f"``/``"FLAIR"`` -> ``"flair"``; InputError for anything else."""
+    try:
+        return MODALITY_ALIASES[_alias_key(name)]
+    except KeyError:
+        raise InputError(
+            f"unknown modality {name!r}",
+            f"use one of {', '.join(MODALITIES)} (BraTS 2023 names t1n, t1c, t2w, t2f also work)",
+        ) from None
+
+
 def modality_from_name(path: PathLike) -> str | None:
     """The modality a BraTS-style file name states (``..._t2.nii.gz``, ``...-t2w.nii.gz`` -> "t2"), else None."""
-    from bigl.data.brats import normalise_modality
-    from bigl.errors import BiGLError
-
     parts = re.split(r"[_\-.]", case_name(path))
     if len(parts) < 2:
         return None
-    try:
-        return normalise_modality(parts[-1])
-    except BiGLError:
-        return None
+    return MODALITY_ALIASES.get(_alias_key(parts[-1]))
+
+
+def _alias_key(name: str) -> str:
+    return re.sub(r"[\s_\-]", "", str(name)).lower()
 
 
 def output_path(folder: PathLike, case: str, output: str) -> Path:

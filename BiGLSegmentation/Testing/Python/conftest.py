@@ -57,11 +57,7 @@ def anisotropic_scan(tmp_path) -> Path:
 @pytest.fixture
 def headless():
     """A fresh headless Slicer scene with the module logics (skips without slicer-core)."""
-    if slicer_support.SKIP_REASON is not None:
-        pytest.skip(slicer_support.SKIP_REASON)
-    app = slicer_support.create_headless_slicer()
-    yield app
-    app.close()
+    yield from slicer_support.headless_slicer_or_skip()
 
 
 @pytest.fixture(scope="session")

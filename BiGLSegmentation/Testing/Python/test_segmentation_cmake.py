@@ -73,5 +73,9 @@ def test_extension_configures_and_ships_the_whole_core_library(tmp_path):
     assert core == expected
     assert ["install", "BiGLCoreLibrary", "lib/Slicer-5.12/qt-scripted-modules"] in recorded
     module_files = {item for kind, target, item in files if kind == "module" and target == "BiGLSegmentation"}
-    assert {"BiGLSegmentation.py", "Resources/UI/BiGLSegmentation.ui", "Resources/requirements.txt"} <= module_files
+    assert {"BiGLSegmentation.py", "BiGLSegmentationLib/processtree.py", "Resources/UI/BiGLSegmentation.ui",
+            "Resources/requirements.txt"} <= module_files
     assert ["unittest", "SCRIPT;BiGLSegmentation.py"] in recorded
+    training_files = {item for kind, target, item in files if kind == "module" and target == "BiGLTraining"}
+    assert {"BiGLTraining.py", "BiGLTrainingLib/logic.py", "Resources/UI/BiGLTraining.ui"} <= training_files
+    assert ["unittest", "SCRIPT;BiGLTraining.py"] in recorded

@@ -20,7 +20,8 @@ from BiGLSegmentationLib.dependencies import (
 
 def test_shipped_requirements_list_the_core_packages_and_nothing_slicer_provides():
     names = {requirement.name.lower() for requirement in read_requirements(REQUIREMENTS_PATH)}
-    assert names == {"nibabel", "scikit-image", "safetensors", "tqdm"}
+    # one list for both modules: matplotlib draws the training and evaluation figures
+    assert names == {"nibabel", "scikit-image", "safetensors", "tqdm", "matplotlib"}
     text = REQUIREMENTS_PATH.read_text()
     assert "simpleitk" not in "\n".join(line for line in text.lower().splitlines() if not line.startswith("#"))
 
@@ -69,9 +70,15 @@ def test_restart_is_needed_only_for_packages_already_imported():
     assert restart_needed(installed, loaded_modules={"json"}) == []
 
 
-def test_testing_mode_installs_nothing_and_reports_what_is_missing(tmp_path, monkeypatch):
-    requirements = tmp_path / "requirements.txt"
-    requirements.write_text("nibabel\nsurely-not-installed-bigl-package>=1\n")
+@pytest.fixture
+def requirements(tmp_path):
+    """A requirements file with one installed package and one that is not."""
+    path = tmp_path / "requirements.txt"
+    path.write_text("nibabel\nsurely-not-installed-bigl-package>=1\n")
+    return path
+
+
+def test_testing_mode_installs_nothing_and_reports_what_is_missing(requirements, monkeypatch):
     monkeypatch.setattr(dependencies, "torch_installed", lambda: False)
     monkeypatch.setattr(dependencies, "_install_torch", lambda backend: pytest.fail("tried to install torch"))
     asked = []
@@ -83,10 +90,8 @@ def test_testing_mode_installs_nothing_and_reports_what_is_missing(tmp_path, mon
     assert report.installed == [] and asked == []
 
 
-def test_older_slicer_asks_then_installs_with_pip_install(tmp_path, monkeypatch):
+def test_older_slicer_asks_then_installs_with_pip_install(requirements, monkeypatch):
     """Without slicer.packaging: our question, then slicer.util.pip_install with the missing ones only."""
-    requirements = tmp_path / "requirements.txt"
-    requirements.write_text("nibabel\nsurely-not-installed-bigl-package>=1\n")
     installed = []
     fake_slicer = types.ModuleType("slicer")
     fake_slicer.util = types.SimpleNamespace(pip_install=lambda names: installed.extend(names))
@@ -99,16 +104,15 @@ def test_older_slicer_asks_then_installs_with_pip_install(tmp_path, monkeypatch)
 
     questions = []
     report = dependencies.ensure_dependencies(
-        confirm=lambda question: questions.append(question) or True, requirements_path=requirements
+        confirm=lambda question: questions.append(question) or True, requirements_path=requirements,
+        requester="BiGL Training",
     )
     assert installed == ["surely-not-installed-bigl-package>=1"]
     assert report.ready and report.installed == installed
-    assert "surely-not-installed-bigl-package" in questions[0]
+    assert questions[0].startswith("BiGL Training needs") and "surely-not-installed-bigl-package" in questions[0]
 
 
-def test_slicer_512_uses_pip_ensure(tmp_path, monkeypatch):
-    requirements = tmp_path / "requirements.txt"
-    requirements.write_text("surely-not-installed-bigl-package>=1\n")
+def test_slicer_512_uses_pip_ensure(requirements, monkeypatch):
     calls = []
     fake_slicer = types.ModuleType("slicer")
     fake_slicer.packaging = types.SimpleNamespace(pip_ensure=lambda reqs, **options: calls.append((reqs, options)))
@@ -116,10 +120,11 @@ def test_slicer_512_uses_pip_ensure(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "slicer", fake_slicer)
     monkeypatch.setattr(dependencies, "torch_installed", lambda: True)
     report = dependencies.ensure_dependencies(confirm=lambda question: pytest.fail("asked twice"),
-                                              requirements_path=requirements)
+                                              requirements_path=requirements, requester="BiGL Segmentation")
     (reqs, options), = calls
     assert [str(r) for r in reqs] == ["surely-not-installed-bigl-package>=1"]
     assert options["prompt_install"] and options["prompt_restart"]
+    assert options["requester"] == "BiGL Segmentation"
     assert report.ready
 
 

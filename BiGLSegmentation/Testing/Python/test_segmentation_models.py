@@ -68,6 +68,24 @@ def test_import_copies_a_valid_bundle_once(tmp_path, tiny_bundle, no_default_mod
     assert [choice.path for choice in available_models(folder)] == [imported.path]
 
 
+def test_import_under_a_given_name(tmp_path, tiny_bundle, no_default_model):
+    """What BiGL Training does with a finished run: <run>/model.safetensors listed under the run's name."""
+    folder = tmp_path / "models"
+    run = tmp_path / "runs" / "t1 to t2 & more"
+    run.mkdir(parents=True)
+    bundle = run / "model.safetensors"
+    shutil.copy(tiny_bundle, bundle)
+    imported = import_model(bundle, folder, name=run.name)
+    assert imported.path == folder / "t1_to_t2_more.safetensors"
+    assert imported.path.read_bytes() == bundle.read_bytes()
+    assert import_model(bundle, folder, name=run.name).path == imported.path  # no second copy
+    assert import_model(bundle, folder).path == folder / "model.safetensors"  # without a name: the file's own
+    renamed = import_model(imported.path, folder, name="renamed")  # from the models folder itself
+    assert renamed.path == folder / "renamed.safetensors" and imported.path.is_file()
+    assert import_model(renamed.path, folder).path == renamed.path  # already listed: left as it is
+    assert len(available_models(folder)) == 3
+
+
 def test_import_keeps_a_different_model_of_the_same_name(tmp_path, tiny_bundle, no_default_model):
     folder = tmp_path / "models"
     first = import_model(tiny_bundle, folder)

@@ -9,105 +9,81 @@ from __future__ import annotations
 import ast
 import json
 import re
-import struct
-import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 
 import pytest
+
+import module_checks  # Testing/, on sys.path through conftest.py
 
 MODULE_DIR = Path(__file__).resolve().parents[2]
 REPO = MODULE_DIR.parent
 MODULE_NAME = MODULE_DIR.name
 MODULE_FILE = MODULE_DIR / f"{MODULE_NAME}.py"
 UI_FILE = MODULE_DIR / "Resources" / "UI" / f"{MODULE_NAME}.ui"
-CHECKED_SUFFIXES = (".py", ".ui", ".png", ".txt", ".json", ".nii.gz", ".md")
-
-
-def cmake_listed_files(cmake_file: Path) -> set[str]:
-    """Paths named in the set(...) lists of a module CMakeLists.txt, variables expanded."""
-    text = re.sub(r"#[^\n]*", "", cmake_file.read_text())
-    variables = {name: value for name, value in re.findall(r"set\(\s*(\w+)\s+([^\s)]+)\s*\)", text)}
-    listed = set()
-    for name, body in re.findall(r"set\(\s*(\w+)\s+((?:[^()]|\n)*?)\)", text):
-        for item in body.split():
-            item = re.sub(r"\$\{(\w+)\}", lambda match: variables.get(match.group(1), match.group(0)), item)
-            if not item.startswith("$"):
-                listed.add(item)
-    return listed
-
-
-def module_files() -> set[str]:
-    found = set()
-    for path in MODULE_DIR.rglob("*"):
-        if path.is_file() and "__pycache__" not in path.parts and path.name != "CMakeLists.txt":
-            if str(path).endswith(CHECKED_SUFFIXES):
-                found.add(path.relative_to(MODULE_DIR).as_posix())
-    return found
 
 
 def test_every_module_file_is_listed_in_cmake():
-    listed = cmake_listed_files(MODULE_DIR / "CMakeLists.txt")
-    missing = sorted(module_files() - listed)
-    assert not missing, f"add these files to {MODULE_NAME}/CMakeLists.txt: {missing}"
-    stale = sorted(item for item in listed if item.endswith(CHECKED_SUFFIXES) and not (MODULE_DIR / item).is_file())
-    assert not stale, f"CMakeLists.txt lists files that do not exist: {stale}"
-
-
-def test_the_file_list_check_notices_a_forgotten_file(tmp_path):
-    cmake = tmp_path / "CMakeLists.txt"
-    cmake.write_text("set(MODULE_NAME Foo)\nset(MODULE_PYTHON_SCRIPTS\n  ${MODULE_NAME}.py\n  # Lib/old.py\n  )\n")
-    assert cmake_listed_files(cmake) == {"Foo", "Foo.py"}
-
-
-def test_scripts_and_resources_lists_hold_what_slicer_must_install():
-    text = (MODULE_DIR / "CMakeLists.txt").read_text()
-    scripts = re.search(r"set\(MODULE_PYTHON_SCRIPTS(.*?)\)", text, re.S).group(1).split()
-    resources = re.search(r"set\(MODULE_PYTHON_RESOURCES(.*?)\)", text, re.S).group(1).split()
-    lib = {f"${{MODULE_NAME}}Lib/{path.name}" for path in (MODULE_DIR / f"{MODULE_NAME}Lib").glob("*.py")}
-    assert "${MODULE_NAME}.py" in scripts and lib <= set(scripts)
-    assert {"Resources/UI/${MODULE_NAME}.ui", "Resources/requirements.txt",
-            "Resources/Icons/${MODULE_NAME}.png", "Resources/SampleData/BiGLPhantom_t2.nii.gz"} <= set(resources)
-    assert "slicerMacroBuildScriptedModule" in text and "slicer_add_python_unittest(SCRIPT ${MODULE_NAME}.py)" in text
+    lists = module_checks.check_cmake_lists(MODULE_DIR)
+    assert {"Resources/UI/BiGLSegmentation.ui", "Resources/requirements.txt", "Resources/Icons/BiGLSegmentation.png",
+            "Resources/SampleData/BiGLPhantom_t2.nii.gz"} <= set(lists["MODULE_PYTHON_RESOURCES"])
     # the core library is copied into the extension's Python folder
+    text = (MODULE_DIR / "CMakeLists.txt").read_text()
     assert "../bigl/*.py" in text and "Slicer_INSTALL_QTSCRIPTEDMODULES_LIB_DIR" in text
 
 
-def python_files() -> list[Path]:
-    return sorted(path for path in MODULE_DIR.rglob("*.py") if "__pycache__" not in path.parts)
+def test_the_file_list_check_notices_a_forgotten_file(tmp_path):
+    lists = module_checks.cmake_lists("set(MODULE_NAME Foo)\nset(MODULE_PYTHON_SCRIPTS\n  ${MODULE_NAME}.py\n"
+                                      "  # ${MODULE_NAME}Lib/old.py\n  )\n")
+    assert lists == {"MODULE_NAME": ["Foo"], "MODULE_PYTHON_SCRIPTS": ["Foo.py"]}
+    module = tmp_path / "Foo"
+    (module / "FooLib").mkdir(parents=True)
+    for name in ("Foo.py", "FooLib/__init__.py", "FooLib/old.py"):
+        (module / name).write_text("")
+    (module / "CMakeLists.txt").write_text("set(MODULE_NAME Foo)\nset(MODULE_PYTHON_SCRIPTS\n  ${MODULE_NAME}.py\n"
+                                           "  ${MODULE_NAME}Lib/__init__.py\n  # ${MODULE_NAME}Lib/old.py\n  )\n")
+    with pytest.raises(AssertionError, match="FooLib/old.py"):
+        module_checks.check_cmake_lists(module)
 
 
-@pytest.mark.parametrize("path", python_files(), ids=lambda path: path.relative_to(MODULE_DIR).as_posix())
+@pytest.mark.parametrize("path", module_checks.python_files(MODULE_DIR), ids=lambda path: path.relative_to(MODULE_DIR).as_posix())
 def test_module_python_parses_as_python_3_10(path):
-    source = path.read_text(encoding="utf-8")
-    tree = ast.parse(source, filename=str(path), feature_version=(3, 10))
-    compile(tree, str(path), "exec")
-    annotated = any(isinstance(node, (ast.AnnAssign, ast.arg)) and node.annotation is not None
-                    or isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.returns is not None
-                    for node in ast.walk(tree))
-    if not annotated:
-        return
-    future = [node for node in tree.body if isinstance(node, ast.ImportFrom) and node.module == "__future__"]
-    assert any(alias.name == "annotations" for node in future for alias in node.names), \
-        f"{path.name}: add 'from __future__ import annotations' (type hints must work on Python 3.10)"
+    module_checks.check_python_3_10(path)
 
 
-def ui_widgets() -> dict[str, ElementTree.Element]:
-    root = ElementTree.parse(UI_FILE).getroot()
-    return {widget.get("name"): widget for widget in root.iter("widget")}
+def test_the_python_check_notices_3_11_syntax_and_missing_future_import(tmp_path):
+    newer = tmp_path / "newer.py"
+    newer.write_text("from __future__ import annotations\ntry:\n    pass\nexcept* ValueError:\n    pass\n")
+    with pytest.raises(SyntaxError):
+        module_checks.check_python_3_10(newer)
+    hinted = tmp_path / "hinted.py"
+    hinted.write_text("def f(x: int | None) -> None:\n    pass\n")
+    with pytest.raises(AssertionError, match="__future__"):
+        module_checks.check_python_3_10(hinted)
 
 
-def used_ui_names() -> set[str]:
-    return set(re.findall(r"self\.ui\.(\w+)", MODULE_FILE.read_text())) | set(
-        re.findall(r"widget\.ui\.(\w+)", MODULE_FILE.read_text())
-    )
+@pytest.mark.parametrize("path", sorted((MODULE_DIR / f"{MODULE_NAME}Lib").glob("*.py")), ids=lambda path: path.name)
+def test_library_needs_neither_qt_nor_the_slicer_application(path):
+    module_checks.check_library_needs_no_application(path)
 
 
-def test_every_widget_the_code_uses_exists_in_the_ui_file():
-    widgets = ui_widgets()
-    used = used_ui_names()
-    assert used, "the module file uses no self.ui widgets?"
-    missing = sorted(used - set(widgets))
-    assert not missing, f"{UI_FILE.name} lacks widgets the code uses: {missing}"
+def test_the_ui_form_has_every_widget_the_code_uses_and_no_unused_control():
+    module_checks.check_ui_form(MODULE_DIR)
+
+
+def test_the_ui_check_notices_a_missing_and_an_unused_widget(tmp_path):
+    module = tmp_path / "Foo"
+    (module / "Resources" / "UI").mkdir(parents=True)
+    form = ('<ui version="4.0"><class>Foo</class><widget class="qMRMLWidget" name="Foo">'
+            '<widget class="QPushButton" name="applyButton"/>{}</widget><customwidgets><customwidget>'
+            '<class>qMRMLWidget</class></customwidget></customwidgets></ui>')
+    (module / "Resources" / "UI" / "Foo.ui").write_text(form.format(""))
+    (module / "Foo.py").write_text("self.ui.applyButton.enabled = True\nself.ui.cancelButton.enabled = False\n")
+    with pytest.raises(AssertionError, match="cancelButton"):
+        module_checks.check_ui_form(module)
+    (module / "Resources" / "UI" / "Foo.ui").write_text(
+        form.format('<widget class="QPushButton" name="cancelButton"/><widget class="QCheckBox" name="forgotten"/>'))
+    with pytest.raises(AssertionError, match="forgotten"):
+        module_checks.check_ui_form(module)
 
 
 def test_ui_parameter_names_match_the_parameter_node():
@@ -117,36 +93,15 @@ def test_ui_parameter_names_match_the_parameter_node():
         if isinstance(node, ast.ClassDef) and node.name.endswith("ParameterNode"):
             fields |= {item.target.id for item in node.body if isinstance(item, ast.AnnAssign)}
     assert {"inputVolume", "device", "modelPath"} <= fields
-    bound = {}
-    for name, widget in ui_widgets().items():
-        for prop in widget.findall("property"):
-            if prop.get("name") == "SlicerParameterName":
-                bound[name] = prop.find("string").text
+    bound = module_checks.parameter_bindings(module_checks.ui_widgets(UI_FILE))
     assert bound, "no widget is bound to the parameter node"
     assert set(bound.values()) <= fields, f"unknown parameter names in the .ui file: {set(bound.values()) - fields}"
     assert len(set(bound.values())) == len(bound), "two widgets bound to one parameter"
 
 
-def test_ui_file_is_a_qt_designer_form_with_declared_custom_widgets():
-    root = ElementTree.parse(UI_FILE).getroot()
-    assert root.tag == "ui" and root.find("class").text == MODULE_NAME
-    top = root.find("widget")
-    assert top.get("class") == "qMRMLWidget" and top.get("name") == MODULE_NAME
-    declared = {custom.find("class").text for custom in root.iter("customwidget")}
-    used_classes = {widget.get("class") for widget in root.iter("widget")}
-    custom = {name for name in used_classes if name.startswith(("ctk", "qMRML", "qSlicer"))}
-    assert custom <= declared, f"declare these custom widgets: {custom - declared}"
-
-
-def _png_size(path: Path) -> tuple[int, int]:
-    header = path.read_bytes()[:24]
-    assert header[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
-    return struct.unpack(">II", header[16:24])
-
-
 def test_icons_exist_with_the_sizes_slicer_expects():
-    assert _png_size(REPO / "Resources" / "BiGL.png") == (128, 128)
-    assert _png_size(MODULE_DIR / "Resources" / "Icons" / f"{MODULE_NAME}.png") == (128, 128)
+    assert module_checks.png_size(REPO / "Resources" / "BiGL.png") == (128, 128)
+    assert module_checks.png_size(MODULE_DIR / "Resources" / "Icons" / f"{MODULE_NAME}.png") == (128, 128)
 
 
 def test_extension_metadata_is_consistent():
@@ -155,8 +110,7 @@ def test_extension_metadata_is_consistent():
                 "EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS", "EXTENSION_DEPENDS"):
         assert re.search(rf"set\({key}\s", cmake), f"top-level CMakeLists.txt lacks {key}"
     assert re.search(r'set\(EXTENSION_DEPENDS\s+"PyTorch"\)', cmake)
-    assert "add_subdirectory(BiGLSegmentation)" in cmake
-    assert "if(EXISTS ${CMAKE_CURRENT_SOURCE_DIR}/BiGLTraining/CMakeLists.txt)" in cmake
+    assert "add_subdirectory(BiGLSegmentation)\nadd_subdirectory(BiGLTraining)" in cmake  # Training depends on it
     for include in ("${Slicer_USE_FILE}", "${Slicer_EXTENSION_GENERATE_CONFIG}", "${Slicer_EXTENSION_CPACK}"):
         assert f"include({include})" in cmake
     entry = json.loads((REPO / "Resources" / "ExtensionIndex" / "BiGL.json").read_text())

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+import module_checks  # Testing/, on sys.path through conftest.py
 from BiGLSegmentationLib.process import JsonLineProcess, parse_event
 
 
@@ -103,42 +104,19 @@ def test_arguments_reach_the_child_unchanged(tmp_path):
     assert process.poll() == [{"event": "args", "argv": [tricky, str(tmp_path)]}]
 
 
-def _alive(pid: int) -> bool:
-    """True while the process exists and is not a zombie (Linux)."""
-    stat = Path(f"/proc/{pid}/stat")
-    try:
-        state = stat.read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        return False
-    return state not in ("Z", "X")
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="checks processes through /proc (Linux)")
-def test_cancel_ends_the_child_and_the_processes_it_started(tmp_path):
-    process = JsonLineProcess(_python(f"""
-        import json, subprocess, sys, time
-        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-        print(json.dumps({{"event": "child", "pid": child.pid}}), flush=True)
-        time.sleep(60)
-    """))
+@pytest.mark.skipif(sys.platform == "win32", reason="checks process groups and sessions (POSIX)")
+def test_cancel_ends_the_whole_tree_through_process_tree(tmp_path):
+    """A worker in a session of its own that ignores SIGTERM is killed too (test_segmentation_processtree.py
+    checks the termination itself)."""
+    process = JsonLineProcess(module_checks.tree_command(tmp_path / "pids.json", "workers"))
     process.start()
-    deadline = time.monotonic() + 20
-    events = []
-    while not events and time.monotonic() < deadline:
-        events = process.poll()
-        time.sleep(0.05)
-    assert events, "the child never reported"
-    grandchild = events[0]["pid"]
-    assert _alive(process.pid) and _alive(grandchild)
-    started = time.monotonic()
-    process.cancel(grace_seconds=1.0)
-    assert time.monotonic() - started < 10
-    deadline = time.monotonic() + 5
-    while _alive(grandchild) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not _alive(process.pid)
-    assert not _alive(grandchild), "cancel left a grandchild process running"
-    assert process.cancelled and process.returncode is not None and process.returncode != 0
+    pids = module_checks.tree_pids(tmp_path / "pids.json")
+    assert process.running
+    process.cancel(grace_seconds=0.5)
+    assert module_checks.wait_dead(pids, seconds=1.0) == []
+    assert process.cancelled and process.finished
+    assert process.returncode is not None and process.returncode != 0
+    assert "tree started" in process.log_tail()
 
 
 def test_environment_and_working_folder_are_passed(tmp_path):

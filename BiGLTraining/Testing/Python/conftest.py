@@ -35,8 +35,4 @@ def headless_slicer():
     """A fresh headless Slicer scene (slicer-core); skipped where the wheel is missing."""
     import slicer_support
 
-    if slicer_support.SKIP_REASON is not None:
-        pytest.skip(slicer_support.SKIP_REASON)
-    app = slicer_support.create_headless_slicer()
-    yield app
-    app.close()
+    yield from slicer_support.headless_slicer_or_skip()

@@ -32,7 +32,7 @@ def overrides_of(command: list[str]) -> list[str]:
 def test_form_choices_match_the_core():
     from bigl.data.brats import MODALITIES
 
-    assert MODALITY_CHOICES == MODALITIES
+    assert MODALITY_CHOICES == MODALITIES == ("t1", "t1ce", "t2", "flair")
     assert TRANSLATOR_MODE_CHOICES == TRANSLATOR_MODES
     assert DEVICE_CHOICES == ("auto", "cpu", "cuda")
 

@@ -128,7 +128,8 @@ def test_target_only_needs_target_labels_and_no_source(cases):
 def test_estimate_scales_with_steps_devices_and_epochs():
     cpu = load_config("cpu")
     base = estimate_run(cpu, 1000, 1000, device="cpu")
-    longer = estimate_run(load_config("cpu", ["adapt.iterations=600"]), 1000, 1000, device="cpu")
+    twice = 2 * cpu["adapt"]["iterations"]
+    longer = estimate_run(load_config("cpu", [f"adapt.iterations={twice}"]), 1000, 1000, device="cpu")
     assert math.isclose(longer.adapt_seconds, 2 * base.adapt_seconds)
     assert math.isclose(longer.translator_seconds, base.translator_seconds)
     gpu = estimate_run(cpu, 1000, 1000, device="cuda")

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 
+from BiGLSegmentationLib.processtree import pid_alive
 from BiGLTrainingLib import logic as logic_module
 from BiGLTrainingLib.command import TrainingSettings
 from BiGLTrainingLib.logic import FAILED, FINISHED, RUNNING, STOPPED, TrainingLogic, resume_point
-from BiGLTrainingLib.process import pid_alive
 from bigl.errors import BiGLError, InputError
 
 ODD_FOLDER = "out dir/\u00fc & $x"
@@ -269,7 +269,7 @@ def test_real_training_stopped_and_resumed(headless_slicer, phantom_cases, tmp_p
 @pytest.mark.slow
 @pytest.mark.skipif(sys.platform == "win32", reason="process-tree check uses POSIX process groups")
 def test_two_processes_under_torchrun_start_and_stop_cleanly(phantom_cases, tmp_path):
-    from BiGLTrainingLib.process import descendant_pids
+    from BiGLSegmentationLib.processtree import descendant_pids
 
     out = tmp_path / "run"
     logic = TrainingLogic(stop_timeout=5.0)
