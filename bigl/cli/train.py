@@ -1,0 +1,108 @@
+"""``bigl train``: two-stage BiGL training (translator, then segmentation with adaptation)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "train",
+        help="train a BiGL model (or a source-only / target-only baseline)",
+        description=(
+            "Train BiGL on BraTS-style folders: stage 1 trains the bidirectional image translator, "
+            "stage 2 the dual-attention U-Net with global-to-local adaptation. Settings come from a "
+            "JSON config (or a ready one: smoke, cpu, paper) and key=value overrides such as "
+            "adapt.iterations=500 or data.source_dir=/data/brats. The run folder gets config.json, "
+            "events.jsonl (one JSON event per line), checkpoints/, samples/, losses.png, "
+            "translator.safetensors and the final bundle model.safetensors. Multi-GPU: "
+            "torchrun --nproc_per_node N -m bigl train ... (--out required)."
+        ),
+        epilog="Example: bigl train --config cpu --data /data/brats18 --out runs/t1-t2 adapt.iterations=500",
+    )
+    parser.add_argument("--config", "-c", required=True, metavar="FILE|smoke|cpu|paper",
+                        help="training config: a JSON file or a ready config name")
+    parser.add_argument("--stage", choices=("translator", "adapt", "all"), default="all",
+                        help="which stage(s) to run (default all; adapt alone needs a trained translator)")
+    parser.add_argument("--out", "-o", type=Path, metavar="DIR",
+                        help="run folder (default runs/<config>-<date>-<time>)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --out from its last checkpoint (finished stages are skipped)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="sets run.device (default: the config's, auto)")
+    parser.add_argument("--data", type=Path, metavar="DIR", help="BraTS-style folder for both domains (sets data.source_dir and data.target_dir)")
+    parser.add_argument("--source-dir", type=Path, metavar="DIR", help="labelled source-domain cases (data.source_dir)")
+    parser.add_argument("--target-dir", type=Path, metavar="DIR", help="target-domain cases (data.target_dir)")
+    parser.add_argument("--source-modality", metavar="NAME", help="source modality, e.g. t1 (data.source_modality)")
+    parser.add_argument("--target-modality", metavar="NAME", help="target modality, e.g. t2 (data.target_modality)")
+    parser.add_argument("--method", choices=("bigl", "source-only", "target-only"), help="sets adapt.method")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (it is off anyway when not on a terminal)")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. adapt.lambda_gtl=0.5")
+    parser.set_defaults(func=run)
+
+
+def _overrides(args: argparse.Namespace) -> list[str]:
+    """Flags turned into config overrides; explicit KEY=VALUE overrides come last and win."""
+    overrides = []
+    if args.data is not None:
+        overrides += [f"data.source_dir={args.data}", f"data.target_dir={args.data}"]
+    for flag, key in (("source_dir", "data.source_dir"), ("target_dir", "data.target_dir"),
+                      ("source_modality", "data.source_modality"), ("target_modality", "data.target_modality"),
+                      ("method", "adapt.method"), ("device", "run.device")):
+        value = getattr(args, flag)
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    if args.method == "target-only":
+        overrides.append("data.target_labels=true")
+    return overrides + list(args.overrides)
+
+
+def _out_dir(args: argparse.Namespace) -> Path:
+    from bigl.errors import ConfigError
+
+    if args.out is not None:
+        return args.out
+    if args.resume:
+        raise ConfigError("--resume needs --out", "give the run folder to continue: --out DIR")
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        raise ConfigError("multi-process training needs --out", "give every process the same run folder: --out DIR")
+    name = Path(str(args.config)).stem
+    return Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _stop_on_sigterm() -> None:
+    """Turn SIGTERM (a GUI's Stop) into KeyboardInterrupt, so the event log records the stop."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def run(args: argparse.Namespace) -> int:
+    from bigl.errors import BiGLError
+    from bigl.training import load_config, run_training
+    from bigl.training.events import EventLog
+
+    out_dir = args.out
+    try:
+        out_dir = _out_dir(args)
+        config = load_config(args.config, _overrides(args))
+    except BiGLError as exc:
+        if out_dir is not None and int(os.environ.get("RANK", "0") or 0) == 0:
+            EventLog(Path(out_dir) / "events.jsonl").write("error", message=exc.message, hint=exc.hint)
+        raise
+    _stop_on_sigterm()
+    if int(os.environ.get("RANK", "0") or 0) == 0:
+        print(f"bigl train: run folder {out_dir} (events in {out_dir / 'events.jsonl'})", file=sys.stderr, flush=True)
+    result = run_training(config, out_dir, stage=args.stage, resume=args.resume, progress=not args.no_progress)
+    if int(os.environ.get("RANK", "0") or 0) == 0:
+        print(f"bigl train: wrote {result}")
+    return 0

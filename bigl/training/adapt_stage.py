@@ -1,0 +1,393 @@
+"""Stage 2: the dual-attention U-Net with global-to-local adaptation (paper sections 3.4-3.6).
+
+Per iteration, for method ``bigl``: a source batch x_s with labels y_s and an unpaired target
+batch x_t; x_s->t and x_t->s from the translator (frozen, eval mode, no gradients unless
+``finetune_translator``); the shared segmenter runs once on the four batches concatenated.
+
+Segmenter step (discriminators frozen)::
+
+    L = L_seg(x_s, y_s) + synthetic_weight * L_seg(x_s->t, y_s)
+      + lambda_out * L_out(Phi(x_t), Phi(x_t->s))                                   (Eq. 5)
+      + lambda_gtl * sum_level level_weight * [ adv(D_s^level(m_t->s), real)
+                                              + adv(D_t^level(m_t), real) ]        (Eq. 6, 8)
+      [+ lambda_syn * L^G of the translator, when fine-tuning it]
+
+with level in {feature, position, channel}: the bottleneck features after attention and the two
+attention matrices. Discriminator step (on detached maps), one discriminator per domain and
+level (Eq. 7, 9): D_s^level tells m_s (real) from m_t->s (fake), D_t^level tells m_s->t (real)
+from m_t (fake). docs/training.md explains how the paper's weights map onto these.
+
+Methods ``source-only`` and ``target-only`` train the same network on labelled slices alone
+(source images, or target images with target labels): the lower and upper bounds.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from bigl.bundle import make_metadata, save_bundle
+from bigl.losses import adversarial_loss, output_consistency_loss, segmentation_loss
+from bigl.models import AttentionDiscriminator, DualAttentionUNet, FeatureDiscriminator, SegmenterConfig, TranslatorConfig
+from bigl.training.config import active_levels
+from bigl.training.data import to_tensors
+from bigl.training.loop import (
+    DiscriminatorBank,
+    RunContext,
+    StageTrainer,
+    discriminator_losses,
+    load_scaler_states,
+    set_requires_grad,
+)
+from bigl.training.translator_stage import (
+    TranslatorPair,
+    generator_losses,
+    judge_pairs,
+    sample_rows,
+    translator_batch,
+    translator_discriminators,
+)
+
+MODEL_FILE = "model.safetensors"
+#: Segmenter outputs aligned at each level.
+LEVEL_OUTPUTS = {"feature": "features", "position": "position_attention", "channel": "channel_attention"}
+
+
+class AdaptNetwork(nn.Module):
+    """Segmenter (and translators) of one segmenter step in one ``forward``, for one DDP wrapper."""
+
+    def __init__(
+        self, segmenter: DualAttentionUNet, translators: TranslatorPair | None, *, finetune: bool, translator_mode: str, identity: bool
+    ):
+        super().__init__()
+        self.segmenter = segmenter
+        self.translators = translators
+        self.finetune = finetune
+        self.translator_mode = translator_mode
+        self.identity = identity
+        if translators is not None and not finetune:
+            set_requires_grad(translators, False)
+            translators.eval()
+
+    def train(self, mode: bool = True) -> AdaptNetwork:
+        super().train(mode)
+        if self.translators is not None and not self.finetune:
+            self.translators.eval()  # a frozen translator always runs as in inference
+        return self
+
+    def forward(
+        self, x_labelled: torch.Tensor, x_target: torch.Tensor | None = None, translator_batch: dict[str, torch.Tensor] | None = None
+    ) -> dict[str, torch.Tensor]:
+        if self.translators is None:
+            return {"logits": self.segmenter(x_labelled)}
+        out: dict[str, torch.Tensor] = {}
+        if self.finetune:
+            fake_t, fake_s = self.translators.s2t(x_labelled), self.translators.t2s(x_target)
+            stage1 = self.translators(translator_batch["x_s"], translator_batch["x_t"], self.translator_mode, self.identity)
+            out.update({f"translator.{key}": value for key, value in stage1.items()})
+        else:
+            with torch.no_grad():
+                fake_t, fake_s = self.translators.s2t(x_labelled), self.translators.t2s(x_target)
+        aux = self.segmenter(torch.cat([x_labelled, fake_t, x_target, fake_s]), return_aux=True)
+        out.update(
+            logits=aux.logits,
+            features=aux.features,
+            position_attention=aux.position_attention,
+            channel_attention=aux.channel_attention,
+            fake_t=fake_t,
+            fake_s=fake_s,
+        )
+        return out
+
+
+def level_discriminators(config: dict, levels: tuple[str, ...]) -> dict[str, nn.Module]:
+    """``<level>_s`` and ``<level>_t`` for each active level, sized for the segmenter's bottleneck."""
+    segmenter = SegmenterConfig(**config["segmenter"])
+    channels = segmenter.bottleneck_channels
+    positions = (config["preprocessing"]["image_size"] // segmenter.size_multiple) ** 2
+    base = config["adapt"]["discriminator_channels"]
+    builders = {
+        "feature": lambda: FeatureDiscriminator(channels, base_channels=base),
+        "position": lambda: AttentionDiscriminator(positions, base_channels=base),
+        "channel": lambda: AttentionDiscriminator(channels, base_channels=base),
+    }
+    return {f"{level}_{domain}": builders[level]() for level in levels for domain in ("s", "t")}
+
+
+class AdaptTrainer(StageTrainer):
+    stage = "adapt"
+
+    def __init__(
+        self,
+        ctx: RunContext,
+        total: int,
+        *,
+        translators: TranslatorPair | None = None,
+        image_discriminators: dict[str, nn.Module] | None = None,
+        translator_mode: str = "paired",
+        translator_iterations: int | None = None,
+    ):
+        super().__init__(ctx, total)
+        config = ctx.config
+        self.adapt = adapt = config["adapt"]
+        self.method = adapt["method"]
+        self.levels = active_levels(adapt)
+        self.finetune = bool(adapt["finetune_translator"])
+        self.translator_mode = translator_mode
+        self.translator_iterations = translator_iterations
+        device = ctx.device
+        self.segmenter = DualAttentionUNet(SegmenterConfig(**config["segmenter"])).to(device)
+        if self.method == "bigl" and translators is None:
+            raise ValueError("method bigl needs the trained translators")
+        self.translators = translators.to(device) if self.method == "bigl" else None
+        self.network = AdaptNetwork(
+            self.segmenter,
+            self.translators,
+            finetune=self.finetune,
+            translator_mode=translator_mode,
+            identity=config["translator_training"]["lambda_identity"] > 0,
+        )
+        self.network_ddp = ctx.dist.wrap(self.network)
+
+        discriminators = level_discriminators(config, self.levels)
+        if self.finetune:
+            discriminators.update(image_discriminators or translator_discriminators(config, translator_mode))
+        self.bank = DiscriminatorBank(discriminators).to(device) if discriminators else None
+        self.bank_ddp = ctx.dist.wrap(self.bank) if self.bank is not None else None
+
+        if adapt["optimizer"] == "sgd":
+            self.opt_seg = torch.optim.SGD(
+                self.segmenter.parameters(), lr=adapt["lr"], momentum=adapt["momentum"], weight_decay=adapt["weight_decay"]
+            )
+        else:
+            self.opt_seg = torch.optim.Adam(self.segmenter.parameters(), lr=adapt["lr"], betas=(0.9, 0.99), weight_decay=adapt["weight_decay"])
+        self.opt_d = (
+            torch.optim.Adam(self.bank.parameters(), lr=adapt["discriminator_lr"], betas=tuple(adapt["discriminator_betas"]))
+            if self.bank is not None
+            else None
+        )
+        self.opt_translators = (
+            torch.optim.Adam(self.translators.parameters(), lr=adapt["translator_lr"], betas=(0.5, 0.999)) if self.finetune else None
+        )
+        self.scaler_seg, self.scaler_d = ctx.grad_scaler(), ctx.grad_scaler()
+
+    # -- checkpoint contents ------------------------------------------------------------------
+    def checkpoint_modules(self) -> dict[str, nn.Module]:
+        modules: dict[str, nn.Module] = {"segmenter": self.segmenter}
+        if self.bank is not None:
+            modules["discriminators"] = self.bank
+        if self.finetune:
+            modules["translators"] = self.translators
+        return modules
+
+    def checkpoint_optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        optimizers = {"segmenter": self.opt_seg}
+        if self.opt_d is not None:
+            optimizers["discriminators"] = self.opt_d
+        if self.opt_translators is not None:
+            optimizers["translators"] = self.opt_translators
+        return optimizers
+
+    def extra_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        return {}, {"method": self.method, "levels": list(self.levels),
+                    "scalers": {"seg": self.scaler_seg.state_dict(), "d": self.scaler_d.state_dict()}}
+
+    def load_extra_state(self, tensors: dict[str, torch.Tensor], values: dict[str, Any]) -> None:
+        load_scaler_states({"seg": self.scaler_seg, "d": self.scaler_d}, values["scalers"])
+
+    # -- schedule -----------------------------------------------------------------------------
+    def segmenter_lr(self, step: int) -> float:
+        """Poly decay: lr * (1 - step / total) ** poly_power."""
+        return self.adapt["lr"] * (1.0 - step / self.total) ** self.adapt["poly_power"]
+
+    def learning_rates(self, step: int) -> dict[str, float]:
+        rates = {"segmenter": self.segmenter_lr(step)}
+        if self.opt_d is not None:
+            rates["discriminators"] = self.adapt["discriminator_lr"]
+        if self.opt_translators is not None:
+            rates["translators"] = self.adapt["translator_lr"]
+        return rates
+
+    def slices_per_step(self) -> int:
+        return self.adapt["batch_size"] * (2 if self.method == "bigl" else 1)
+
+    # -- one iteration ------------------------------------------------------------------------
+    def batch(self, step: int) -> dict[str, torch.Tensor]:
+        ctx = self.ctx
+        size = self.adapt["batch_size"]
+        drawn = ctx.sampler.unpaired(self.stage, step, size)
+        shard = ctx.dist.shard(size)
+        x, y = to_tensors(ctx.data.labelled, drawn.labelled[shard], drawn.flip_labelled[shard], ctx.device, with_labels=True)
+        batch = {"x": x, "y": y}
+        if self.method == "bigl":
+            batch["x_t"], _ = to_tensors(ctx.data.unlabelled, drawn.unlabelled[shard], drawn.flip_unlabelled[shard], ctx.device)
+        if self.finetune:
+            batch["translator"] = translator_batch(ctx, self.translator_mode, self.stage, step, size, stream=1)
+        return batch
+
+    def segmenter_losses(self, batch: dict[str, Any], out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Every term of the segmenter step (weighted sum in ``total``)."""
+        adapt = self.adapt
+        if self.method != "bigl":
+            seg = segmentation_loss(out["logits"], batch["y"])
+            return {"seg": seg, "total": seg}
+        logits_s, logits_s2t, logits_t, logits_t2s = out["logits"].chunk(4)
+        losses = {
+            "seg": segmentation_loss(logits_s, batch["y"]),
+            "seg_syn": segmentation_loss(logits_s2t, batch["y"]),
+        }
+        total = losses["seg"] + adapt["synthetic_weight"] * losses["seg_syn"]
+        if adapt["output"]:
+            losses["out"] = output_consistency_loss(logits_t, logits_t2s)
+            total = total + adapt["lambda_out"] * losses["out"]
+        for level in self.levels:
+            _, _, m_t, m_t2s = out[LEVEL_OUTPUTS[level]].chunk(4)
+            gan = adapt["gan_mode"]
+            losses[f"adv_{level}"] = adversarial_loss(self.bank.judge(f"{level}_s", m_t2s), True, gan) + adversarial_loss(
+                self.bank.judge(f"{level}_t", m_t), True, gan
+            )
+            total = total + adapt["lambda_gtl"] * adapt["level_weights"][level] * losses[f"adv_{level}"]
+        if self.finetune:
+            stage1 = {key.split(".", 1)[1]: value for key, value in out.items() if key.startswith("translator.")}
+            translator = generator_losses(batch["translator"], stage1, self.bank, self.ctx.config, self.translator_mode)
+            losses["translator_g"] = translator["total"]
+            total = total + adapt["lambda_syn"] * translator["total"]
+        losses["total"] = total
+        return losses
+
+    def discriminator_pairs(self, batch: dict[str, Any], out: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """{discriminator: (real, fake)} on detached maps: D_s: m_s vs m_t->s; D_t: m_s->t vs m_t."""
+        pairs = {}
+        for level in self.levels:
+            m_s, m_s2t, m_t, m_t2s = out[LEVEL_OUTPUTS[level]].detach().chunk(4)
+            pairs[f"{level}_s"] = (m_s, m_t2s)
+            pairs[f"{level}_t"] = (m_s2t, m_t)
+        if self.finetune:
+            stage1 = {key.split(".", 1)[1]: value.detach() for key, value in out.items() if key.startswith("translator.")}
+            pairs.update(judge_pairs(batch["translator"], stage1, self.translator_mode))
+        return pairs
+
+    def segmenter_step(self, batch: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Update the segmenter (and the translators when fine-tuning them) with the
+        discriminators frozen; returns (losses, network outputs)."""
+        ctx = self.ctx
+        optimizers = [self.opt_seg] + ([self.opt_translators] if self.opt_translators is not None else [])
+        if self.bank is not None:
+            set_requires_grad(self.bank, False)
+        with ctx.autocast():
+            out = self.network_ddp(batch["x"], batch.get("x_t"), batch.get("translator"))
+            losses = self.segmenter_losses(batch, out)
+        for optimizer in optimizers:
+            optimizer.zero_grad(set_to_none=True)
+        self.scaler_seg.scale(losses["total"]).backward()
+        for optimizer in optimizers:
+            self.scaler_seg.step(optimizer)
+        self.scaler_seg.update()
+        if self.bank is not None:
+            set_requires_grad(self.bank, True)
+        return losses, out
+
+    def discriminator_step(self, batch: dict[str, Any], out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Update every discriminator on detached maps; returns the losses per level."""
+        ctx = self.ctx
+        with ctx.autocast():
+            d_losses = discriminator_losses(self.bank_ddp(self.discriminator_pairs(batch, out)), self.adapt["gan_mode"])
+            d_total = sum(d_losses.values())
+        self.opt_d.zero_grad(set_to_none=True)
+        self.scaler_d.scale(d_total).backward()
+        self.scaler_d.step(self.opt_d)
+        self.scaler_d.update()
+        result = {f"d_{level}": (d_losses[f"{level}_s"] + d_losses[f"{level}_t"]).detach() for level in self.levels}
+        if self.finetune:
+            result["translator_d"] = (d_losses["image_s"] + d_losses["image_t"]).detach()
+        return result
+
+    def train_step(self, step: int) -> dict[str, torch.Tensor]:
+        for group in self.opt_seg.param_groups:
+            group["lr"] = self.segmenter_lr(step)
+        batch = self.batch(step)
+        losses, out = self.segmenter_step(batch)
+        result = {name: value.detach() for name, value in losses.items()}
+        if self.bank is not None:
+            result.update(self.discriminator_step(batch, out))
+        return result
+
+    # -- outputs ------------------------------------------------------------------------------
+    def output_path(self) -> Path:
+        return self.ctx.out_dir / MODEL_FILE
+
+    def training_metadata(self) -> dict[str, Any]:
+        data = self.ctx.data
+        info: dict[str, Any] = {
+            "config": self.ctx.config,
+            "method": self.method,
+            "iterations": {"adapt": self.total},
+            "labelled": data.labelled.describe(),
+            "model_selection": "last checkpoint (no target labels used)",
+        }
+        if data.unlabelled is not None:
+            info["unlabelled"] = data.unlabelled.describe()
+        if self.method == "bigl":
+            info["iterations"]["translator"] = self.translator_iterations
+            info["translator_mode"] = self.translator_mode
+            info["levels"] = list(self.levels)
+        return info
+
+    def finish(self) -> Path:
+        config = self.ctx.config
+        data = config["data"]
+        trained_on = data["target_modality"] if self.method == "target-only" else data["source_modality"]
+        descriptions = {
+            "bigl": f"BiGL: {data['source_modality']} (labelled) -> {data['target_modality']} (unlabelled) adaptation",
+            "source-only": f"source-only baseline: trained on labelled {data['source_modality']}, applied to {data['target_modality']}",
+            "target-only": f"target-only upper bound: trained on labelled {data['target_modality']}",
+        }
+        metadata = make_metadata(
+            method=self.method,
+            modality=data["target_modality"],
+            source_modality=trained_on,
+            segmenter_config=SegmenterConfig(**config["segmenter"]),
+            translator_config=TranslatorConfig(**config["translator"]) if self.method == "bigl" else None,
+            preprocessing=config["preprocessing"],
+            training=self.training_metadata(),
+            description=descriptions[self.method],
+        )
+        translators = self.translators if self.method == "bigl" else None
+        return save_bundle(
+            self.output_path(),
+            segmenter=self.segmenter,
+            metadata=metadata,
+            translator_s2t=translators.s2t if translators is not None else None,
+            translator_t2s=translators.t2s if translators is not None else None,
+        )
+
+    def write_samples(self, path: Path) -> None:
+        from bigl.training.figures import sample_grid
+
+        ctx = self.ctx
+        rows = sample_rows(ctx, 4)
+        labelled, unlabelled = ctx.data.labelled, ctx.data.unlabelled
+        self.network.eval()
+        with torch.no_grad():
+            no_flip = np.zeros(len(rows["labelled"]), bool)
+            x, y = to_tensors(labelled, rows["labelled"], no_flip, ctx.device, with_labels=True)
+            images = {f"{labelled.modality} + labels": x, f"{labelled.modality} + prediction": x}
+            overlays = {f"{labelled.modality} + labels": y, f"{labelled.modality} + prediction": self.segmenter(x).argmax(1)}
+            if self.method == "bigl":
+                x_t, _ = to_tensors(unlabelled, rows["unlabelled"], no_flip, ctx.device)
+                x_t2s = self.translators.t2s(x_t)
+                images[f"{unlabelled.modality} + prediction"] = x_t
+                overlays[f"{unlabelled.modality} + prediction"] = self.segmenter(x_t).argmax(1)
+                images[f"{unlabelled.modality}->{labelled.modality} + prediction"] = x_t2s
+                overlays[f"{unlabelled.modality}->{labelled.modality} + prediction"] = self.segmenter(x_t2s).argmax(1)
+        self.network.train()
+        sample_grid(
+            path,
+            {name: t[:, 0].float().cpu().numpy() for name, t in images.items()},
+            overlays={name: t.cpu().numpy() for name, t in overlays.items()},
+            title=f"stage 2 {self.method}, step {int(path.stem.rsplit('_', 1)[-1])}",
+        )

@@ -1,0 +1,286 @@
+"""What both training stages share: the run context, the discriminator bank, and the step loop
+(per-step seeding, logging, progress bar, checkpoints, samples, resume)."""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from bigl.errors import ConfigError
+from bigl.losses import adversarial_loss
+from bigl.training.checkpoint import (
+    checkpoint_path,
+    latest_checkpoint,
+    prune_checkpoints,
+    restore_checkpoint,
+    save_checkpoint,
+)
+from bigl.training.data import STAGE_CODES, StepSampler, TrainingData
+from bigl.training.distributed import DistributedContext, unwrap
+from bigl.training.events import EventLog, plot_losses
+
+CHECKPOINT_DIR = "checkpoints"
+SAMPLES_DIR = "samples"
+EVENTS_FILE = "events.jsonl"
+LOSSES_FIGURE = "losses.png"
+
+
+@dataclass
+class RunContext:
+    """Everything a stage needs from the run: config, folder, device, process group, data, log."""
+
+    config: dict
+    out_dir: Path
+    dist: DistributedContext
+    data: TrainingData
+    sampler: StepSampler
+    log: EventLog
+    progress: bool
+
+    @property
+    def device(self) -> torch.device:
+        return self.dist.device
+
+    @property
+    def amp(self) -> bool:
+        """Mixed precision: asked for and on CUDA (it is never used on the CPU)."""
+        return bool(self.config["run"]["amp"]) and self.device.type == "cuda"
+
+    def autocast(self):
+        return torch.autocast(device_type=self.device.type, dtype=torch.float16, enabled=self.amp)
+
+    def grad_scaler(self) -> torch.amp.GradScaler:
+        return torch.amp.GradScaler("cuda", enabled=self.amp)
+
+
+def load_scaler_states(scalers: dict[str, torch.amp.GradScaler], states: dict[str, dict]) -> None:
+    """Restore AMP gradient scalers; a state saved without AMP (empty) leaves a scaler as it is."""
+    for name, scaler in scalers.items():
+        if scaler.is_enabled() and states.get(name):
+            scaler.load_state_dict(states[name])
+
+
+def set_requires_grad(module: nn.Module, flag: bool) -> None:
+    for parameter in module.parameters():
+        parameter.requires_grad_(flag)
+
+
+class DiscriminatorBank(nn.Module):
+    """Named discriminators stepped together, as one module so that one DDP wrapper covers them.
+
+    ``forward(pairs)`` takes ``{name: (real, fake)}`` and returns ``{name: (real logits, fake logits)}``
+    (real and fake go through the discriminator as one batch).
+    """
+
+    def __init__(self, discriminators: dict[str, nn.Module]):
+        super().__init__()
+        self.nets = nn.ModuleDict(discriminators)
+
+    def forward(self, pairs: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        outputs = {}
+        for name, (real, fake) in pairs.items():
+            logits = self.nets[name](torch.cat([real, fake]))
+            outputs[name] = (logits[: len(real)], logits[len(real):])
+        return outputs
+
+    def judge(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """Logits of one discriminator, outside the DDP wrapper (for the generator-side losses,
+        computed while the discriminators are frozen)."""
+        return self.nets[name](x)
+
+
+def discriminator_losses(outputs: dict[str, tuple[torch.Tensor, torch.Tensor]], gan_mode: str) -> dict[str, torch.Tensor]:
+    """Per discriminator: (loss on real as real + loss on fake as fake) / 2."""
+    return {
+        name: 0.5 * (adversarial_loss(real, True, gan_mode) + adversarial_loss(fake, False, gan_mode))
+        for name, (real, fake) in outputs.items()
+    }
+
+
+def step_seed(seed: int, stage: str, step: int, rank: int) -> int:
+    """Seed of torch's generator for one step (dropout and other random layers)."""
+    return int(np.random.SeedSequence([int(seed), STAGE_CODES[stage], int(step), int(rank), 7]).generate_state(1)[0])
+
+
+def init_seed(seed: int, stage: str) -> int:
+    """Seed of torch's generator while a stage builds its networks (same on every rank)."""
+    return int(np.random.SeedSequence([int(seed), STAGE_CODES[stage], 11]).generate_state(1)[0])
+
+
+class StageTrainer:
+    """One training stage. Subclasses build networks and optimisers and define ``train_step``."""
+
+    stage: str = ""
+
+    def __init__(self, ctx: RunContext, total: int):
+        self.ctx = ctx
+        self.total = int(total)
+        self.steps_done = 0
+        torch.manual_seed(init_seed(ctx.config["run"]["seed"], self.stage))  # networks built next start alike
+
+    # -- to be provided by subclasses ---------------------------------------------------------
+    def checkpoint_modules(self) -> dict[str, nn.Module]:
+        raise NotImplementedError
+
+    def checkpoint_optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        raise NotImplementedError
+
+    def extra_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        return {}, {}
+
+    def load_extra_state(self, tensors: dict[str, torch.Tensor], values: dict[str, Any]) -> None:
+        pass
+
+    def learning_rates(self, step: int) -> dict[str, float]:
+        raise NotImplementedError
+
+    def train_step(self, step: int) -> dict[str, torch.Tensor]:
+        """One optimisation step (``step`` counts from 0); returns detached scalar losses."""
+        raise NotImplementedError
+
+    def slices_per_step(self) -> int:
+        raise NotImplementedError
+
+    def write_samples(self, path: Path) -> None:
+        pass
+
+    def finish(self) -> Path:
+        """Write the stage's model file (rank 0); returns its path."""
+        raise NotImplementedError
+
+    def output_path(self) -> Path:
+        raise NotImplementedError
+
+    # -- the loop -----------------------------------------------------------------------------
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.ctx.out_dir / CHECKPOINT_DIR
+
+    def save(self, step: int) -> Path:
+        tensors, values = self.extra_state()
+        path = save_checkpoint(
+            checkpoint_path(self.checkpoint_dir, self.stage, step),
+            stage=self.stage,
+            step=step,
+            modules={name: unwrap(m) for name, m in self.checkpoint_modules().items()},
+            optimizers=self.checkpoint_optimizers(),
+            extra_tensors=tensors,
+            extra={**values, "total": self.total},
+        )
+        prune_checkpoints(self.checkpoint_dir, self.stage, self.ctx.config["run"]["keep_checkpoints"])
+        return path
+
+    def resume(self) -> int:
+        """Restore the newest checkpoint of the stage; returns the steps it had completed (0: none)."""
+        checkpoint = latest_checkpoint(self.checkpoint_dir, self.stage)
+        if checkpoint is None:
+            return 0
+        if checkpoint.meta["extra"].get("total") != self.total:
+            raise ConfigError(
+                f"the {self.stage} checkpoint {checkpoint.path.name} belongs to a run of {checkpoint.meta['extra'].get('total')} "
+                f"steps, this config asks for {self.total}",
+                "resume with the original config, or start a new run in another --out folder",
+            )
+        extra = restore_checkpoint(
+            checkpoint,
+            modules={name: unwrap(m) for name, m in self.checkpoint_modules().items()},
+            optimizers=self.checkpoint_optimizers(),
+        )
+        self.load_extra_state(extra, checkpoint.meta["extra"])
+        return checkpoint.step
+
+    def run(self, *, resume: bool) -> Path:
+        ctx = self.ctx
+        run_cfg = ctx.config["run"]
+        start = self.resume() if resume else 0
+        if start >= self.total:
+            output = self.output_path()
+            if ctx.dist.is_main and not output.exists():
+                self.finish()
+            ctx.dist.barrier()
+            return output
+        ctx.log.write("start", stage=self.stage, total=self.total, step=start, resumed=start > 0,
+                      world_size=ctx.dist.world_size, device=str(ctx.device))
+        bar = _progress_bar(ctx.progress and ctx.dist.is_main, self.total, start, self.stage)
+        sums: dict[str, torch.Tensor] = {}
+        count = 0
+        started = time.perf_counter()
+        last_log_time, last_log_step = started, start
+        try:
+            for step in range(start, self.total):
+                torch.manual_seed(step_seed(run_cfg["seed"], self.stage, step, ctx.dist.rank))
+                losses = self.train_step(step)
+                done = step + 1
+                self.steps_done += 1
+                for name, value in losses.items():
+                    sums[name] = sums.get(name, 0.0) + value.detach().float()
+                count += 1
+                bar.update(1)
+                is_checkpoint = done % run_cfg["checkpoint_every"] == 0 or done == self.total
+                if done % run_cfg["log_every"] == 0 or done == start + 1 or is_checkpoint:
+                    means = {name: float(total) / count for name, total in sums.items()}
+                    _check_finite(means, self.stage, done)
+                    now = time.perf_counter()
+                    sec_per_step = (now - last_log_time) / max(1, done - last_log_step)
+                    ctx.log.write(
+                        "step", stage=self.stage, step=done, total=self.total,
+                        losses={k: round(v, 6) for k, v in means.items()},
+                        lr=self.learning_rates(step), sec_per_step=round(sec_per_step, 4),
+                        eta_s=round(sec_per_step * (self.total - done), 1),
+                    )
+                    bar.set_postfix({k: f"{v:.3g}" for k, v in list(means.items())[:4]}, refresh=False)
+                    sums, count = {}, 0
+                    last_log_time, last_log_step = now, done
+                if is_checkpoint and ctx.dist.is_main:
+                    path = self.save(done)
+                    ctx.log.write("checkpoint", stage=self.stage, step=done, path=str(path.relative_to(ctx.out_dir)))
+                sample_every = run_cfg["sample_every"]
+                if sample_every and (done % sample_every == 0 or done == self.total) and ctx.dist.is_main:
+                    self.write_samples(ctx.out_dir / SAMPLES_DIR / f"{self.stage}_{done:08d}.png")
+                    plot_losses(ctx.out_dir / EVENTS_FILE, ctx.out_dir / LOSSES_FIGURE)
+        finally:
+            bar.close()
+        seconds = time.perf_counter() - started
+        output = self.finish() if ctx.dist.is_main else self.output_path()
+        ctx.dist.barrier()
+        slices = self.steps_done * self.slices_per_step()
+        ctx.log.write(
+            "end", stage=self.stage, step=self.total, total=self.total, bundle=str(output.relative_to(ctx.out_dir))
+            if output.is_relative_to(ctx.out_dir) else str(output),
+            seconds=round(seconds, 2), steps=self.steps_done,
+            slices_per_s=round(slices / seconds, 2) if seconds > 0 else None,
+        )
+        if ctx.dist.is_main:
+            plot_losses(ctx.out_dir / EVENTS_FILE, ctx.out_dir / LOSSES_FIGURE)
+        return output
+
+
+def _check_finite(losses: dict[str, float], stage: str, step: int) -> None:
+    bad = [name for name, value in losses.items() if not math.isfinite(value)]
+    if bad:
+        raise ConfigError(
+            f"training diverged: loss {', '.join(bad)} became NaN or infinite at {stage} step {step}",
+            "lower the learning rate (or set run.amp=false); --resume restarts from the last checkpoint, "
+            "which was written before the divergence",
+        )
+
+
+def _progress_bar(enabled: bool, total: int, initial: int, stage: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        total=total,
+        initial=initial,
+        desc={"translator": "stage 1 translator", "adapt": "stage 2 adaptation"}.get(stage, stage),
+        disable=not (enabled and sys.stderr.isatty()),
+        dynamic_ncols=True,
+        leave=True,
+    )

@@ -1,0 +1,292 @@
+"""``run_training``: checks, run folder, data, and the two stages in order.
+
+Everything that can be wrong with a run is checked before the first step (config values, data
+folders and modalities, labels, the translator a stage-2-only run needs, the device, disk space)
+and reported as a :class:`ConfigError`; any failure also ends the event log with an ``error``
+event. The run folder::
+
+    config.json          the resolved config (defaults filled in)
+    events.jsonl         the event log
+    checkpoints/         <stage>_<step>.safetensors, the newest run.keep_checkpoints per stage
+    samples/             <stage>_<step>.png sample grids
+    translator.safetensors   stage 1 result (both generators, their discriminators)
+    model.safetensors    the final bundle (segmenter + translators + metadata)
+    losses.png           loss curves of both stages
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bigl.bundle import resolve_device
+from bigl.errors import BiGLError, ConfigError
+from bigl.training.config import config_differences, validate_config
+from bigl.training.data import StepSampler, TrainingData, find_training_cases, iterations_for, load_training_data
+from bigl.training.distributed import DistributedContext, env_int, init_distributed
+from bigl.training.events import EventLog
+from bigl.training.loop import CHECKPOINT_DIR, EVENTS_FILE, RunContext
+
+CONFIG_FILE = "config.json"
+RUN_STAGES = ("translator", "adapt", "all")
+#: Room for sample figures, the loss plot and the event log.
+_DISK_MARGIN_BYTES = 64 * 2**20
+
+
+def run_training(config: dict, out_dir: str | os.PathLike, *, stage: str = "all", resume: bool = False, progress: bool = True) -> Path:
+    """Train into ``out_dir`` and return the path of the stage's result (``model.safetensors``,
+    or ``translator.safetensors`` for ``stage="translator"``)."""
+    return TrainingRun(config, out_dir, stage=stage, resume=resume, progress=progress).execute()
+
+
+def plan_stages(config: dict, stage: str) -> list[str]:
+    """The stages a run executes, in order."""
+    if stage not in RUN_STAGES:
+        raise ConfigError(f"unknown stage {stage!r}", f"use one of: {', '.join(RUN_STAGES)}")
+    method = config["adapt"]["method"]
+    if method != "bigl":
+        if stage == "translator":
+            raise ConfigError(f"method {method} trains no translator", "use --stage adapt or --stage all, or method bigl")
+        return ["adapt"]
+    return ["translator", "adapt"] if stage == "all" else [stage]
+
+
+def _relative(path: Path, root: Path) -> str:
+    try:
+        return str(path.relative_to(root))
+    except ValueError:
+        return str(path)
+
+
+class TrainingRun:
+    """One invocation of training. ``execute`` = ``prepare`` + the stages; tests use the parts."""
+
+    def __init__(self, config: dict, out_dir: str | os.PathLike, *, stage: str = "all", resume: bool = False, progress: bool = True):
+        self.raw_config = config
+        self.out_dir = Path(out_dir).expanduser().resolve()
+        self.stage = stage
+        self.resume = resume
+        self.progress = progress
+        self.log = EventLog(self.out_dir / EVENTS_FILE, enabled=env_int("RANK", 0) == 0)
+        self.dist: DistributedContext | None = None
+        self.ctx: RunContext | None = None
+        self.trainers: dict[str, Any] = {}
+        self.stages: list[str] = []
+
+    # -- checks -------------------------------------------------------------------------------
+    def _check_folder(self, config: dict) -> None:
+        stored = self.out_dir / CONFIG_FILE
+        if not stored.exists():
+            return
+        if not self.resume:
+            raise ConfigError(
+                f"{self.out_dir} already holds a training run",
+                "continue it with --resume, or choose a new --out folder",
+            )
+        try:
+            old = json.loads(stored.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"cannot read {stored}: {exc}", "restore the file or start a new run in another folder") from None
+        changed = config_differences(old, config)
+        if changed:
+            details = "; ".join(f"{key}: {json.dumps(_get(old, key))} -> {json.dumps(_get(config, key))}" for key in changed[:4])
+            raise ConfigError(
+                f"the config differs from the one the run in {self.out_dir} was started with ({details})",
+                "resume with the same config (only run.* settings such as device, logging and checkpoint "
+                "intervals may change), or start a new run in another --out folder",
+            )
+
+    def _translator_file(self, config: dict) -> Path:
+        from bigl.training.translator_stage import TRANSLATOR_FILE
+
+        given = config["adapt"]["translator_bundle"]
+        return Path(given).expanduser() if given else self.out_dir / TRANSLATOR_FILE
+
+    def _check_disk(self, config: dict, stages: list[str]) -> None:
+        needed = estimate_disk_bytes(config, stages)
+        folder = self.out_dir
+        while not folder.exists():
+            folder = folder.parent
+        free = shutil.disk_usage(folder).free
+        if free < needed:
+            raise ConfigError(
+                f"not enough disk space in {folder}: the run needs about {needed / 2**20:.0f} MB "
+                f"(checkpoints, bundles, samples), {free / 2**20:.0f} MB are free",
+                "free some space, lower run.keep_checkpoints, or choose another --out folder",
+            )
+
+    # -- preparation --------------------------------------------------------------------------
+    def prepare(self) -> RunContext:
+        """Validate everything, join the process group and load the data (nothing is written but events)."""
+        config = validate_config(self.raw_config)
+        stages = plan_stages(config, self.stage)
+        self.stages = stages
+        self._check_folder(config)
+        world_size = env_int("WORLD_SIZE", 1)
+        for section in ("translator_training", "adapt"):
+            if config[section]["batch_size"] % world_size:
+                raise ConfigError(
+                    f"{section}.batch_size {config[section]['batch_size']} cannot be split over {world_size} processes",
+                    f"use a multiple of {world_size} (the batch size is global: each process takes an equal share)",
+                )
+        resolve_device(config["run"]["device"])
+        method = config["adapt"]["method"]
+        if "adapt" in stages and method == "bigl" and "translator" not in stages:
+            path = self._translator_file(config)
+            if not path.is_file():
+                raise ConfigError(
+                    f"stage adapt needs the trained translator, but {path} does not exist",
+                    "run stage 1 first (--stage translator or --stage all), or set adapt.translator_bundle to a translator.safetensors",
+                )
+        labelled_role = None
+        if "adapt" in stages:
+            labelled_role = "target" if method == "target-only" else "source"
+        cases = find_training_cases(
+            config,
+            need_source=method in ("bigl", "source-only"),
+            need_target=method in ("bigl", "target-only"),
+            labelled_role=labelled_role,
+        )
+        self._check_disk(config, stages)
+
+        if config["run"]["threads"]:
+            torch.set_num_threads(config["run"]["threads"])
+        self.dist = dist = init_distributed(config["run"]["device"])
+
+        started = time.perf_counter()
+        data = load_training_data(config, cases, labelled_role=labelled_role)
+        self.log.write(
+            "data",
+            labelled=data.labelled.describe(),
+            unlabelled=data.unlabelled.describe() if data.unlabelled is not None else None,
+            pairs=int(len(data.pairs)),
+            seconds=round(time.perf_counter() - started, 2),
+        )
+        sampler = StepSampler(data, seed=config["run"]["seed"], tumour_fraction=config["data"]["tumour_fraction"], flip=config["data"]["flip"])
+        self.config = config
+        self.ctx = RunContext(
+            config=config,
+            out_dir=self.out_dir,
+            dist=dist,
+            data=data,
+            sampler=sampler,
+            log=self.log,
+            progress=self.progress and config["run"]["progress"],
+        )
+        return self.ctx
+
+    # -- stages -------------------------------------------------------------------------------
+    def translator_trainer(self):
+        from bigl.training.translator_stage import TranslatorTrainer, resolve_mode
+
+        ctx = self.ctx
+        mode = resolve_mode(ctx.config, len(ctx.data.pairs))
+        slices = len(ctx.data.pairs) if mode == "paired" else max(len(ctx.data.labelled), len(ctx.data.unlabelled))
+        trainer = TranslatorTrainer(ctx, iterations_for(ctx.config["translator_training"], slices), mode)
+        self.trainers["translator"] = trainer
+        return trainer
+
+    def adapt_trainer(self):
+        from bigl.training.adapt_stage import AdaptTrainer
+        from bigl.training.translator_stage import load_translator
+
+        ctx = self.ctx
+        config = ctx.config
+        total = iterations_for(config["adapt"], len(ctx.data.labelled))
+        kwargs: dict[str, Any] = {}
+        if config["adapt"]["method"] == "bigl":
+            translators, discriminators, metadata = load_translator(self._translator_file(config), config, ctx.device)
+            kwargs = {
+                "translators": translators,
+                "image_discriminators": discriminators,
+                "translator_mode": metadata["mode"],
+                "translator_iterations": metadata.get("iterations"),
+            }
+        trainer = AdaptTrainer(ctx, total, **kwargs)
+        self.trainers["adapt"] = trainer
+        return trainer
+
+    def execute(self) -> Path:
+        try:
+            self.prepare()
+            result = None
+            for stage in self.stages:
+                trainer = self.translator_trainer() if stage == "translator" else self.adapt_trainer()
+                self._record_config()
+                result = trainer.run(resume=self.resume)
+            self.log.write("done", bundle=_relative(result, self.out_dir))
+            return result
+        except BiGLError as exc:
+            self._log_error(exc.message, exc.hint)
+            raise
+        except KeyboardInterrupt:
+            self._log_error("training was interrupted", "run the same command with --resume to continue from the last checkpoint")
+            raise
+        except Exception as exc:
+            self._log_error(
+                f"training failed: {type(exc).__name__}: {exc}",
+                "the terminal shows the traceback; --resume continues from the last checkpoint once the cause is fixed",
+            )
+            raise
+        finally:
+            if self.dist is not None:
+                self.dist.close()
+
+    def _record_config(self) -> None:
+        """Write config.json once the run is certain to start: from then on the folder holds a run."""
+        path = self.out_dir / CONFIG_FILE
+        if self.dist.is_main and not path.exists():
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(self.config, indent=2) + "\n", encoding="utf-8")
+
+    def _log_error(self, message: str, hint: str | None) -> None:
+        try:
+            self.log.write("error", message=message, hint=hint)
+        except OSError:
+            pass  # the folder itself is unusable; the CLI still prints the error
+
+
+def _get(config: dict, dotted: str) -> Any:
+    node: Any = config
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def _parameters(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters()) + sum(b.numel() for b in module.buffers())
+
+
+def estimate_disk_bytes(config: dict, stages: list[str]) -> int:
+    """Upper estimate of what a run writes: the kept checkpoints of each stage (weights and
+    optimiser moments, one more while a new one is written), the translator file and the bundle."""
+    from bigl.models import DualAttentionUNet, SegmenterConfig, TranslatorConfig
+    from bigl.training.adapt_stage import level_discriminators
+    from bigl.training.config import active_levels
+    from bigl.training.translator_stage import TranslatorPair, translator_discriminators
+
+    keep = config["run"]["keep_checkpoints"] + 1
+    generators = _parameters(TranslatorPair(TranslatorConfig(**config["translator"])))
+    image_discriminators = sum(_parameters(d) for d in translator_discriminators(config, "paired").values())
+    total = 0
+    if "translator" in stages:
+        total += keep * 3 * (generators + image_discriminators) + (generators + image_discriminators)
+    if "adapt" in stages:
+        adapt = config["adapt"]
+        segmenter = _parameters(DualAttentionUNet(SegmenterConfig(**config["segmenter"])))
+        levels = sum(_parameters(d) for d in level_discriminators(config, active_levels(adapt)).values())
+        slots = 2 if adapt["optimizer"] == "sgd" else 3
+        checkpoint = slots * segmenter + 3 * levels
+        if adapt["finetune_translator"]:
+            checkpoint += 3 * (generators + image_discriminators)
+        total += keep * checkpoint + segmenter + (generators if adapt["method"] == "bigl" else 0)
+    return 4 * total + _DISK_MARGIN_BYTES
+

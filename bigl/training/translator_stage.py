@@ -1,0 +1,407 @@
+"""Stage 1: the bidirectional image translator G_s->t, G_t->s with one discriminator per modality.
+
+Two objectives (``translator_training.mode``):
+
+``paired`` (paper Eq. 1-2, pix2pix): for co-registered slices of the same subject, each
+generator is trained with a conditional PatchGAN D(input, output) and ``lambda_l1`` (100, as
+pix2pix) times the L1 distance to the real slice of the other modality.
+
+``unpaired`` (CycleGAN): unconditional PatchGANs, cycle consistency ``lambda_cycle`` (10) and
+identity ``lambda_identity`` (0.5, relative to the cycle weight), with an optional image pool of
+earlier fakes for the discriminators (``pool_size``, 50 as CycleGAN; 0 disables it).
+
+``auto`` picks paired when the source and target cases contain co-registered subjects, unpaired
+otherwise. Adam (lr 2e-4, beta1 0.5), constant learning rate then linear decay to zero from
+``decay_start`` of the run, LSGAN by default.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save as safetensors_bytes
+from torch import nn
+
+from bigl import __version__
+from bigl.bundle import _atomic_write_bytes as atomic_write_bytes
+from bigl.errors import ConfigError
+from bigl.losses import adversarial_loss
+from bigl.models import PatchDiscriminator, ResnetGenerator, TranslatorConfig
+from bigl.training.checkpoint import prefixed
+from bigl.training.data import to_tensors
+from bigl.training.loop import (
+    DiscriminatorBank,
+    RunContext,
+    StageTrainer,
+    discriminator_losses,
+    load_scaler_states,
+    set_requires_grad,
+)
+
+TRANSLATOR_FILE = "translator.safetensors"
+TRANSLATOR_FORMAT = "bigl-translator"
+TRANSLATOR_FORMAT_VERSION = 1
+
+
+def resolve_mode(config: dict, pairs: int) -> str:
+    """The translator objective for this data (``auto`` -> paired when co-registered pairs exist)."""
+    mode = config["translator_training"]["mode"]
+    if mode == "auto":
+        return "paired" if pairs > 0 else "unpaired"
+    if mode == "paired" and pairs == 0:
+        raise ConfigError(
+            "translator_training.mode is paired, but no case is present in both domains on one voxel grid",
+            "paired training needs co-registered source and target scans of the same subjects "
+            "(e.g. one BraTS folder for both); use mode unpaired (or auto) for disjoint data",
+        )
+    return mode
+
+
+class TranslatorPair(nn.Module):
+    """G_s->t and G_t->s; ``forward`` computes everything a generator step needs in one call."""
+
+    def __init__(self, config: TranslatorConfig):
+        super().__init__()
+        self.s2t = ResnetGenerator(config)
+        self.t2s = ResnetGenerator(config)
+
+    def forward(self, x_s: torch.Tensor, x_t: torch.Tensor, mode: str = "paired", identity: bool = False) -> dict[str, torch.Tensor]:
+        n = len(x_s)
+        out: dict[str, torch.Tensor] = {}
+        if mode == "unpaired" and identity:
+            # instance norm works per image, so one batch gives the same as two calls
+            fake_t, out["identity_t"] = self.s2t(torch.cat([x_s, x_t])).split([n, len(x_t)])
+            fake_s, out["identity_s"] = self.t2s(torch.cat([x_t, x_s])).split([len(x_t), n])
+        else:
+            fake_t, fake_s = self.s2t(x_s), self.t2s(x_t)
+        out["fake_t"], out["fake_s"] = fake_t, fake_s
+        if mode == "unpaired":
+            out["cycled_s"] = self.t2s(fake_t)
+            out["cycled_t"] = self.s2t(fake_s)
+        return out
+
+
+def translator_discriminators(config: dict, mode: str) -> dict[str, nn.Module]:
+    """``image_s`` judges source-modality images, ``image_t`` target-modality ones; conditional
+    (input and candidate stacked, 2 channels) in paired mode."""
+    tt = config["translator_training"]
+    channels = 2 if mode == "paired" else 1
+    return {
+        name: PatchDiscriminator(channels, tt["discriminator_channels"], tt["discriminator_layers"])
+        for name in ("image_s", "image_t")
+    }
+
+
+def judge_pairs(batch: dict[str, torch.Tensor], out: dict[str, torch.Tensor], mode: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{discriminator: (real input, fake input)}; fakes as computed (detach for the D step)."""
+    x_s, x_t = batch["x_s"], batch["x_t"]
+    if mode == "paired":
+        return {
+            "image_t": (torch.cat([x_s, x_t], 1), torch.cat([x_s, out["fake_t"]], 1)),
+            "image_s": (torch.cat([x_t, x_s], 1), torch.cat([x_t, out["fake_s"]], 1)),
+        }
+    return {"image_t": (x_t, out["fake_t"]), "image_s": (x_s, out["fake_s"])}
+
+
+def generator_losses(
+    batch: dict[str, torch.Tensor], out: dict[str, torch.Tensor], bank: DiscriminatorBank, config: dict, mode: str
+) -> dict[str, torch.Tensor]:
+    """Generator-side losses (the discriminators should be frozen); ``total`` is what is minimised."""
+    tt = config["translator_training"]
+    gan = tt["gan_mode"]
+    pairs = judge_pairs(batch, out, mode)
+    losses = {"g_adv": sum(adversarial_loss(bank.judge(name, fake), True, gan) for name, (_, fake) in pairs.items())}
+    if mode == "paired":
+        losses["g_l1"] = F.l1_loss(out["fake_t"], batch["x_t"]) + F.l1_loss(out["fake_s"], batch["x_s"])
+        losses["total"] = losses["g_adv"] + tt["lambda_l1"] * losses["g_l1"]
+    else:
+        losses["g_cycle"] = F.l1_loss(out["cycled_s"], batch["x_s"]) + F.l1_loss(out["cycled_t"], batch["x_t"])
+        losses["total"] = losses["g_adv"] + tt["lambda_cycle"] * losses["g_cycle"]
+        if "identity_t" in out:
+            losses["g_identity"] = F.l1_loss(out["identity_t"], batch["x_t"]) + F.l1_loss(out["identity_s"], batch["x_s"])
+            losses["total"] = losses["total"] + tt["lambda_cycle"] * tt["lambda_identity"] * losses["g_identity"]
+    return losses
+
+
+def translator_batch(ctx: RunContext, mode: str, stage: str, step: int, size: int, stream: int = 0) -> dict[str, torch.Tensor]:
+    """This rank's shard of a step's translator batch: co-registered pairs (paired) or
+    independent source and target slices (unpaired), as ``{"x_s", "x_t"}``."""
+    sampler = ctx.sampler
+    if mode == "paired":
+        drawn = sampler.paired(stage, step, size, stream)
+    else:
+        drawn = sampler.unpaired(stage, step, size, stream, prefer_tumour=False)
+    shard = ctx.dist.shard(size)
+    x_s, _ = to_tensors(ctx.data.labelled, drawn.labelled[shard], drawn.flip_labelled[shard], ctx.device)
+    x_t, _ = to_tensors(ctx.data.unlabelled, drawn.unlabelled[shard], drawn.flip_unlabelled[shard], ctx.device)
+    return {"x_s": x_s, "x_t": x_t}
+
+
+class ImagePool:
+    """CycleGAN's history of generated images: once full, each new fake is swapped with a stored
+    one half of the time, so the discriminator also sees older fakes. Random choices come from the
+    step's generator, and the stored images are checkpointed, so resuming is exact."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.images: list[torch.Tensor] = []
+
+    def query(self, fakes: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+        if self.size == 0:
+            return fakes
+        chosen = []
+        for fake in fakes.detach():
+            fake = fake.unsqueeze(0)
+            if len(self.images) < self.size:
+                self.images.append(fake.clone())
+                chosen.append(fake)
+            elif rng.random() < 0.5:
+                index = int(rng.integers(0, self.size))
+                chosen.append(self.images[index].clone())
+                self.images[index] = fake.clone()
+            else:
+                chosen.append(fake)
+        return torch.cat(chosen)
+
+    def state(self) -> torch.Tensor | None:
+        return torch.cat(self.images) if self.images else None
+
+    def load(self, images: torch.Tensor | None, device: torch.device) -> None:
+        self.images = [] if images is None else [image.unsqueeze(0).to(device) for image in images]
+
+
+class TranslatorTrainer(StageTrainer):
+    stage = "translator"
+
+    def __init__(self, ctx: RunContext, total: int, mode: str):
+        super().__init__(ctx, total)
+        config = ctx.config
+        self.mode = mode
+        self.tt = config["translator_training"]
+        self.translator_config = TranslatorConfig(**config["translator"])
+        device = ctx.device
+        self.generators = TranslatorPair(self.translator_config).to(device)
+        self.bank = DiscriminatorBank(translator_discriminators(config, mode)).to(device)
+        self.generators_ddp = ctx.dist.wrap(self.generators)
+        self.bank_ddp = ctx.dist.wrap(self.bank)
+        betas = (self.tt["beta1"], self.tt["beta2"])
+        self.opt_g = torch.optim.Adam(self.generators.parameters(), lr=self.tt["lr"], betas=betas)
+        self.opt_d = torch.optim.Adam(self.bank.parameters(), lr=self.tt["lr"], betas=betas)
+        self.scaler_g, self.scaler_d = ctx.grad_scaler(), ctx.grad_scaler()
+        self.pools = {"image_s": ImagePool(self.tt["pool_size"]), "image_t": ImagePool(self.tt["pool_size"])}
+        self.identity = self.tt["lambda_identity"] > 0
+
+    def checkpoint_modules(self) -> dict[str, nn.Module]:
+        return {"generators": self.generators, "discriminators": self.bank}
+
+    def checkpoint_optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {"generators": self.opt_g, "discriminators": self.opt_d}
+
+    def extra_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        tensors = {f"pool.{name}": pool.state() for name, pool in self.pools.items() if pool.state() is not None}
+        return tensors, {"mode": self.mode, "scalers": {"g": self.scaler_g.state_dict(), "d": self.scaler_d.state_dict()}}
+
+    def load_extra_state(self, tensors: dict[str, torch.Tensor], values: dict[str, Any]) -> None:
+        if values.get("mode") != self.mode:
+            raise ConfigError(
+                f"the translator checkpoint was trained in {values.get('mode')} mode, this run resolves to {self.mode}",
+                "resume with the original data and translator_training.mode",
+            )
+        for name, pool in self.pools.items():
+            pool.load(tensors.get(f"pool.{name}"), self.ctx.device)
+        load_scaler_states({"g": self.scaler_g, "d": self.scaler_d}, values["scalers"])
+
+    def lr_factor(self, step: int) -> float:
+        """1 until ``decay_start`` of the run, then linear decay to 0 at the end (CycleGAN)."""
+        start = self.tt["decay_start"]
+        fraction = step / self.total
+        if start >= 1.0 or fraction < start:
+            return 1.0
+        return max(0.0, (1.0 - fraction) / (1.0 - start))
+
+    def learning_rates(self, step: int) -> dict[str, float]:
+        lr = self.tt["lr"] * self.lr_factor(step)
+        return {"generators": lr, "discriminators": lr}
+
+    def slices_per_step(self) -> int:
+        return 2 * self.tt["batch_size"]
+
+    def generator_step(self, batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Update both generators with the discriminators frozen; returns (losses, outputs)."""
+        ctx = self.ctx
+        set_requires_grad(self.bank, False)
+        with ctx.autocast():
+            out = self.generators_ddp(batch["x_s"], batch["x_t"], self.mode, self.identity)
+            losses = generator_losses(batch, out, self.bank, ctx.config, self.mode)
+        self.opt_g.zero_grad(set_to_none=True)
+        self.scaler_g.scale(losses["total"]).backward()
+        self.scaler_g.step(self.opt_g)
+        self.scaler_g.update()
+        set_requires_grad(self.bank, True)
+        return losses, out
+
+    def discriminator_step(self, batch: dict[str, torch.Tensor], out: dict[str, torch.Tensor], step: int) -> torch.Tensor:
+        """Update both discriminators on detached fakes (through the image pool when unpaired)."""
+        ctx = self.ctx
+        fakes = {key: value.detach() for key, value in out.items()}
+        if self.mode == "unpaired":
+            rng = ctx.sampler.rng(self.stage, step, stream=1 + ctx.dist.rank)
+            fakes["fake_t"] = self.pools["image_t"].query(fakes["fake_t"], rng)
+            fakes["fake_s"] = self.pools["image_s"].query(fakes["fake_s"], rng)
+        with ctx.autocast():
+            d_losses = discriminator_losses(self.bank_ddp(judge_pairs(batch, fakes, self.mode)), self.tt["gan_mode"])
+            d_total = sum(d_losses.values())
+        self.opt_d.zero_grad(set_to_none=True)
+        self.scaler_d.scale(d_total).backward()
+        self.scaler_d.step(self.opt_d)
+        self.scaler_d.update()
+        return d_total
+
+    def train_step(self, step: int) -> dict[str, torch.Tensor]:
+        lr = self.learning_rates(step)["generators"]
+        for optimizer in (self.opt_g, self.opt_d):
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+        batch = translator_batch(self.ctx, self.mode, self.stage, step, self.tt["batch_size"])
+        losses, out = self.generator_step(batch)
+        d_total = self.discriminator_step(batch, out, step)
+        result = {name: value.detach() for name, value in losses.items() if name != "total"}
+        result["g_total"] = losses["total"].detach()
+        result["d"] = d_total.detach()
+        return result
+
+    def output_path(self) -> Path:
+        return self.ctx.out_dir / TRANSLATOR_FILE
+
+    def finish(self) -> Path:
+        return save_translator(
+            self.output_path(),
+            self.generators,
+            self.bank,
+            config=self.ctx.config,
+            mode=self.mode,
+            iterations=self.total,
+        )
+
+    def write_samples(self, path: Path) -> None:
+        from bigl.training.figures import sample_grid
+
+        ctx = self.ctx
+        rows = sample_rows(ctx, 4)
+        generators = self.generators
+        generators.eval()
+        with torch.no_grad():
+            x_s, _ = to_tensors(ctx.data.labelled, rows["labelled"], np.zeros(len(rows["labelled"]), bool), ctx.device)
+            x_t, _ = to_tensors(ctx.data.unlabelled, rows["unlabelled"], np.zeros(len(rows["unlabelled"]), bool), ctx.device)
+            fake_t, fake_s = generators.s2t(x_s), generators.t2s(x_t)
+            images = {
+                f"{ctx.data.labelled.modality} (real)": x_s,
+                f"-> {ctx.data.unlabelled.modality}": fake_t,
+                f"-> {ctx.data.labelled.modality} (cycled)": generators.t2s(fake_t),
+                f"{ctx.data.unlabelled.modality} (real)": x_t,
+                f"-> {ctx.data.labelled.modality}": fake_s,
+                f"-> {ctx.data.unlabelled.modality} (cycled)": generators.s2t(fake_s),
+            }
+        generators.train()
+        sample_grid(path, {name: t[:, 0].float().cpu().numpy() for name, t in images.items()},
+                    title=f"stage 1 translator ({self.mode}), step {int(path.stem.rsplit('_', 1)[-1])}")
+
+
+def sample_rows(ctx: RunContext, count: int) -> dict[str, np.ndarray]:
+    """Fixed slices shown in the sample figures: tumour slices spread over the labelled set and,
+    when paired data exist, their co-registered counterparts (so real and translated line up)."""
+    data = ctx.data
+    labelled = data.labelled
+    candidates = labelled.tumour if len(labelled.tumour) else np.arange(len(labelled))
+    chosen = candidates[np.linspace(0, len(candidates) - 1, min(count, len(candidates))).round().astype(int)]
+    rows = {"labelled": chosen}
+    if data.unlabelled is not None:
+        lookup = {int(s): int(t) for s, t in data.pairs}
+        fallback = np.linspace(0, len(data.unlabelled) - 1, len(chosen)).round().astype(int)
+        rows["unlabelled"] = np.asarray([lookup.get(int(i), int(f)) for i, f in zip(chosen, fallback)], dtype=np.int64)
+    return rows
+
+
+def save_translator(
+    path: Path, generators: TranslatorPair, discriminators: DiscriminatorBank, *, config: dict, mode: str, iterations: int
+) -> Path:
+    """Write the translator file: both generators (``translator_s2t.``, ``translator_t2s.``) and
+    their discriminators (``discriminator.image_s.`` ..., kept for fine-tuning), JSON in the header."""
+    tensors = {}
+    for prefix, module in (("translator_s2t", generators.s2t), ("translator_t2s", generators.t2s), ("discriminator", discriminators.nets)):
+        for name, value in module.state_dict().items():
+            tensors[f"{prefix}.{name}"] = value.detach().to("cpu").contiguous().clone()
+    metadata = {
+        "format": TRANSLATOR_FORMAT,
+        "format_version": TRANSLATOR_FORMAT_VERSION,
+        "bigl_version": __version__,
+        "source_modality": config["data"]["source_modality"],
+        "target_modality": config["data"]["target_modality"],
+        "mode": mode,
+        "iterations": iterations,
+        "translator": TranslatorConfig(**config["translator"]).to_dict(),
+        "preprocessing": config["preprocessing"],
+        "discriminator": {
+            "channels": 2 if mode == "paired" else 1,
+            "base_channels": config["translator_training"]["discriminator_channels"],
+            "n_layers": config["translator_training"]["discriminator_layers"],
+        },
+    }
+    atomic_write_bytes(Path(path), safetensors_bytes(tensors, metadata={"bigl": json.dumps(metadata)}))
+    return Path(path)
+
+
+def load_translator(path: Path, config: dict, device: torch.device) -> tuple[TranslatorPair, dict[str, nn.Module] | None, dict]:
+    """Generators (and discriminators, when stored) from a translator file, checked against the
+    config: the same modalities, preprocessing and architecture. ConfigError when they differ."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(
+            f"translator file not found: {path}",
+            "train it first (bigl train --stage translator, or --stage all), or set adapt.translator_bundle",
+        )
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            metadata = json.loads((handle.metadata() or {}).get("bigl", "null"))
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    except Exception as exc:
+        raise ConfigError(f"{path} cannot be read as a translator file ({exc})", "train the translator again") from None
+    if not isinstance(metadata, dict) or metadata.get("format") != TRANSLATOR_FORMAT:
+        raise ConfigError(f"{path} is not a BiGL translator file", "give the translator.safetensors written by stage 1")
+    data = config["data"]
+    expected = {
+        "source_modality": data["source_modality"],
+        "target_modality": data["target_modality"],
+        "translator": TranslatorConfig(**config["translator"]).to_dict(),
+        "preprocessing": config["preprocessing"],
+    }
+    differing = [key for key, value in expected.items() if metadata.get(key) != value]
+    if differing:
+        raise ConfigError(
+            f"the translator {path} does not fit this config: {', '.join(differing)} differ "
+            + "; ".join(f"{key}: file {json.dumps(metadata.get(key))} vs config {json.dumps(expected[key])}" for key in differing[:2]),
+            "train a translator with this config, or use the config the translator was trained with",
+        )
+    pair = TranslatorPair(TranslatorConfig(**config["translator"]))
+    pair.s2t.load_state_dict(prefixed(tensors, "translator_s2t."))
+    pair.t2s.load_state_dict(prefixed(tensors, "translator_t2s."))
+    discriminators = None
+    stored = prefixed(tensors, "discriminator.")
+    if stored:
+        spec = metadata["discriminator"]
+        discriminators = {
+            name: PatchDiscriminator(spec["channels"], spec["base_channels"], spec["n_layers"]) for name in ("image_s", "image_t")
+        }
+        nn.ModuleDict(discriminators).load_state_dict(stored)
+    pair.to(device)
+    if discriminators:
+        for module in discriminators.values():
+            module.to(device)
+    return pair, discriminators, metadata
+
