@@ -89,7 +89,7 @@ def _stop_on_sigterm() -> None:
 def run(args: argparse.Namespace) -> int:
     from bigl.errors import BiGLError
     from bigl.training import load_config, run_training
-    from bigl.training.events import EventLog
+    from bigl.training.events import EVENTS_FILE, EventLog
 
     out_dir = args.out
     try:
@@ -97,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
         config = load_config(args.config, _overrides(args))
     except BiGLError as exc:
         if out_dir is not None and int(os.environ.get("RANK", "0") or 0) == 0:
-            EventLog(Path(out_dir) / "events.jsonl").write("error", message=exc.message, hint=exc.hint)
+            EventLog(Path(out_dir) / EVENTS_FILE).write("error", message=exc.message, hint=exc.hint)
         raise
     _stop_on_sigterm()
     if int(os.environ.get("RANK", "0") or 0) == 0:

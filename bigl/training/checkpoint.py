@@ -24,7 +24,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
-from bigl.bundle import _atomic_write_bytes as atomic_write_bytes
+from bigl.bundle import atomic_write_bytes
 from bigl.errors import ConfigError
 
 FORMAT = "bigl-checkpoint"

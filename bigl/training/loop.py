@@ -25,11 +25,10 @@ from bigl.training.checkpoint import (
 )
 from bigl.training.data import STAGE_CODES, StepSampler, TrainingData
 from bigl.training.distributed import DistributedContext, unwrap
-from bigl.training.events import EventLog, plot_losses
+from bigl.training.events import EVENTS_FILE, EventLog, plot_losses
 
 CHECKPOINT_DIR = "checkpoints"
 SAMPLES_DIR = "samples"
-EVENTS_FILE = "events.jsonl"
 LOSSES_FIGURE = "losses.png"
 
 

@@ -28,10 +28,10 @@ import torch
 from bigl.bundle import resolve_device
 from bigl.errors import BiGLError, ConfigError
 from bigl.training.config import config_differences, validate_config
-from bigl.training.data import StepSampler, TrainingData, find_training_cases, iterations_for, load_training_data
+from bigl.training.data import StepSampler, find_training_cases, iterations_for, load_training_data
 from bigl.training.distributed import DistributedContext, env_int, init_distributed
-from bigl.training.events import EventLog
-from bigl.training.loop import CHECKPOINT_DIR, EVENTS_FILE, RunContext
+from bigl.training.events import EVENTS_FILE, EventLog
+from bigl.training.loop import RunContext
 
 CONFIG_FILE = "config.json"
 RUN_STAGES = ("translator", "adapt", "all")

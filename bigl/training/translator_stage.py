@@ -29,7 +29,7 @@ from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from bigl import __version__
-from bigl.bundle import _atomic_write_bytes as atomic_write_bytes
+from bigl.bundle import atomic_write_bytes
 from bigl.errors import ConfigError
 from bigl.losses import adversarial_loss
 from bigl.models import PatchDiscriminator, ResnetGenerator, TranslatorConfig
@@ -204,7 +204,8 @@ class TranslatorTrainer(StageTrainer):
         return {"generators": self.opt_g, "discriminators": self.opt_d}
 
     def extra_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        tensors = {f"pool.{name}": pool.state() for name, pool in self.pools.items() if pool.state() is not None}
+        states = {f"pool.{name}": pool.state() for name, pool in self.pools.items()}
+        tensors = {key: images for key, images in states.items() if images is not None}
         return tensors, {"mode": self.mode, "scalers": {"g": self.scaler_g.state_dict(), "d": self.scaler_d.state_dict()}}
 
     def load_extra_state(self, tensors: dict[str, torch.Tensor], values: dict[str, Any]) -> None:
