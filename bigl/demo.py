@@ -90,9 +90,9 @@ def make_data(out: Path, settings: DemoSettings) -> tuple[Path, Path]:
     return train, test
 
 
-def training_overrides(method: str, train: Path, device: str, seed: int) -> list[str]:
+def training_overrides(method: str, train: Path, device: str, seed: int, threads: int | None = None) -> list[str]:
     """Config overrides of a demo training run: T1 labelled source, T2 unlabelled target, same cases."""
-    return [
+    overrides = [
         f"data.source_dir={train}",
         f"data.source_modality={SOURCE_MODALITY}",
         f"data.target_dir={train}",
@@ -101,14 +101,17 @@ def training_overrides(method: str, train: Path, device: str, seed: int) -> list
         f"run.device={device}",
         f"run.seed={seed}",
     ]
+    if threads is not None:
+        overrides.append(f"run.threads={threads}")
+    return overrides
 
 
 def train_model(method: str, train: Path, run_dir: Path, settings: DemoSettings, device: str,
-                progress: bool) -> Path:
+                progress: bool, threads: int | None = None) -> Path:
     """Train one method with the demo's config into a fresh ``run_dir``; returns the bundle."""
     from bigl.training import load_config, run_training
 
-    config = load_config(settings.config, training_overrides(method, train, device, settings.seed))
+    config = load_config(settings.config, training_overrides(method, train, device, settings.seed, threads))
     if run_dir.exists():
         shutil.rmtree(run_dir)
     return Path(run_training(config, run_dir, stage="all", resume=False, progress=progress))
@@ -166,6 +169,7 @@ def run_demo(
     test_cases: int | None = None,
     seed: int = 0,
     device: str = "auto",
+    threads: int | None = None,
     progress: bool = True,
     log: Callable[[str], None] = _stderr,
 ) -> dict:
@@ -173,6 +177,7 @@ def run_demo(
 
     ``{"settings", "dice": {method: {region: mean}}, "hd95": {...}, "evaluations": {method: evaluate
     result}, "seconds": {"data", "train_<method>", "evaluate", "total"}, "outputs": {...}}``.
+    ``threads``: CPU threads for PyTorch (default: PyTorch's choice, one per core).
     """
     from bigl.baselines import make_baseline, reference_from_folder
     from bigl.evaluate import evaluate_bundle
@@ -198,22 +203,24 @@ def run_demo(
     bundles = {}
     for step, method in enumerate(("source-only", "bigl"), start=2):
         log(f"[{step}/4] training {METHODS[method]} with the '{settings.config}' config in {out / 'runs' / method}")
-        bundles[method] = train_model(method, train, out / "runs" / method, settings, device, progress)
+        bundles[method] = train_model(method, train, out / "runs" / method, settings, device, progress, threads)
         lap(f"train_{method}")
 
     log(f"[4/4] evaluating on the {settings.test_cases} {TARGET_MODALITY.upper()} test cases")
-    source_only = BiGLPredictor.from_path(bundles["source-only"], device=device)
+    source_only = BiGLPredictor.from_path(bundles["source-only"], device=device, num_threads=threads)
     baseline = make_baseline("invert-histmatch", reference_from_folder(train, SOURCE_MODALITY))
     runs = {
         "source-only": (source_only, None),
         "invert-histmatch": (source_only, baseline),
-        "bigl": (BiGLPredictor.from_path(bundles["bigl"], device=device), None),
+        "bigl": (BiGLPredictor.from_path(bundles["bigl"], device=device, num_threads=threads), None),
     }
-    evaluations = {
-        method: evaluate_bundle(predictor, test, TARGET_MODALITY, out / "eval" / method, transform=transform,
-                                name=METHODS[method], progress=progress, log=log)
-        for method, (predictor, transform) in runs.items()
-    }
+    evaluations = {}
+    for method, (predictor, transform) in runs.items():
+        eval_dir = out / "eval" / method
+        if eval_dir.exists():
+            shutil.rmtree(eval_dir)
+        evaluations[method] = evaluate_bundle(predictor, test, TARGET_MODALITY, eval_dir, transform=transform,
+                                              name=METHODS[method], progress=progress, log=log)
     figure = save_comparison_figure(out / "comparison.png", test, evaluations)
     lap("evaluate")
     seconds["total"] = round(time.perf_counter() - started, 2)

@@ -100,8 +100,9 @@ def evaluate_bundle(
 ) -> dict:
     """Segment and score every labelled case of ``data_dir`` in ``modality``.
 
-    ``model``: a bundle path, a loaded :class:`~bigl.inference.BiGLPredictor` (reused, e.g. by the
-    demo) or None for the shipped default model. ``modality`` defaults to the one the model
+    ``model``: a bundle path, a loaded :class:`~bigl.bundle.Bundle` or
+    :class:`~bigl.inference.BiGLPredictor` (reused, e.g. by the demo), or None for the shipped
+    default model. ``modality`` defaults to the one the model
     segments. ``transform``: applied to each image before prediction (a baseline such as
     :class:`bigl.baselines.InvertHistMatch`); the figure shows the untransformed input.
     ``name``: the method's row name in tables (default: from the bundle and the transform).
@@ -113,6 +114,7 @@ def evaluate_bundle(
     "n_cases", "skipped": {"unlabelled": [...], "missing_modality": [...]}, "outputs": {...},
     "seconds"}``.
     """
+    from bigl.bundle import Bundle
     from bigl.data.brats import normalise_modality
     from bigl.data.io import check_same_grid, save_volume
     from bigl.inference import BiGLPredictor
@@ -120,8 +122,12 @@ def evaluate_bundle(
 
     started = time.perf_counter()
     log = log or (lambda message: print(message, file=sys.stderr))
-    predictor = model if isinstance(model, BiGLPredictor) else BiGLPredictor.from_path(
-        model, device=device, batch_size=batch_size, num_threads=num_threads)
+    if isinstance(model, BiGLPredictor):
+        predictor = model
+    elif isinstance(model, Bundle):
+        predictor = BiGLPredictor(model, device=device, batch_size=batch_size, num_threads=num_threads)
+    else:
+        predictor = BiGLPredictor.from_path(model, device=device, batch_size=batch_size, num_threads=num_threads)
     metadata = predictor.bundle.metadata
     modality = normalise_modality(modality or predictor.bundle.modality)
     selection = select_cases(data_dir, modality, cases)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 DESCRIPTION = """\
@@ -12,18 +11,20 @@ Run the whole method on synthetic data, with nothing to download: writes a phant
 labels as the source modality, T2 as the target, plus separate test cases never used in training),
 trains a source-only model and a BiGL model with the small 'cpu' config, evaluates both and the
 no-learning invert-histmatch baseline on the T2 test cases, and prints a method x region table of
-mean Dice (%) and HD95 (mm). Takes a few minutes on two CPU cores (--quick: well under a minute,
+mean Dice (%) and HD95 (mm). Takes a few minutes on two CPU cores (--quick: about a minute,
 with a smoke-sized config whose numbers mean little). Everything is written under --out."""
 
 
 def register(subparsers) -> None:
+    from bigl.demo import DEFAULT_OUT
+
     parser = subparsers.add_parser(
         "demo",
         help="phantoms -> train source-only and BiGL -> evaluate on T2 (a few CPU minutes)",
         description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--out", "-o", type=Path, default=Path("bigl-demo"), metavar="DIR",
+    parser.add_argument("--out", "-o", type=Path, default=DEFAULT_OUT, metavar="DIR",
                         help="output folder (default: ./bigl-demo; its data, runs and eval subfolders are replaced)")
     parser.add_argument("--cases", type=int, metavar="N", help="training phantoms (default 8; 3 with --quick)")
     parser.add_argument("--test-cases", type=int, metavar="N", help="test phantoms (default 4; 2 with --quick)")
@@ -32,6 +33,8 @@ def register(subparsers) -> None:
     parser.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the phantoms and the training (default 0)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="where to train and evaluate (default: auto, the GPU when there is one)")
+    parser.add_argument("--threads", type=int, metavar="N",
+                        help="CPU threads for PyTorch (default: one per core; 1 is steadier on a busy machine)")
     parser.add_argument("--json", action="store_true",
                         help="print only the table as JSON on stdout: method -> region -> mean Dice (0-1)")
     parser.set_defaults(func=run)
@@ -42,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
 
     with stdout_to_stderr(args.json):
         results = run_demo(args.out, quick=args.quick, train_cases=args.cases, test_cases=args.test_cases,
-                           seed=args.seed, device=args.device)
+                           seed=args.seed, device=args.device, threads=args.threads)
     if args.json:
         print(json.dumps(results["dice"], indent=2))
         return 0
