@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Real-data benchmark, T1 (labelled source) -> T2 (unlabelled target), on BraTS-style data.
 #
-#   benchmarks/brats_t1_t2.sh [DATA_DIR] [OUT_DIR] [CONFIG] [extra key=value overrides...]
+#   benchmarks/real_data_t1_t2.sh [DATA_DIR] [OUT_DIR] [CONFIG] [extra key=value overrides...]
 #
 # Trains source-only, BiGL and target-only with the same network and config on the training cases,
 # then evaluates them, and the no-learning baseline (source-only model on the T2 image after
