@@ -269,3 +269,12 @@ def test_tiny_models_train_one_step_on_cpu():
     optimiser.zero_grad()
     segmenter(generator(x)).square().mean().backward()
     assert segmenter.attention.position.query.weight.grad.abs().sum() > 0
+
+
+def test_generator_maps_a_slice_without_brain_to_background():
+    generator = ResnetGenerator(TranslatorConfig(base_channels=4, n_blocks=1))
+    x = torch.rand(3, 1, 32, 32) * 2 - 1
+    x[1] = -1.0  # no brain: instance norm alone would turn this into noise
+    y = generator(x)
+    assert torch.equal(y[1], torch.full_like(y[1], -1.0))
+    assert y[0].std() > 0.01 and y[2].std() > 0.01

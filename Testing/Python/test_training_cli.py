@@ -75,6 +75,9 @@ def test_bundle_loads_with_translators_and_training_metadata(smoke_run):
     assert training["iterations"] == {"adapt": 4, "translator": 4}
     assert training["translator_mode"] == "paired"
     assert bundle.metadata["preprocessing"]["image_size"] == 32
+    # which cases trained the model, so a later test set can be checked against them
+    cohort = sorted(p.name for p in Path(training["config"]["data"]["source_dir"]).iterdir() if p.is_dir())
+    assert training["labelled"]["case_names"] == cohort and training["unlabelled"]["case_names"] == cohort
 
 
 def test_source_only_baseline_from_the_command_line(phantom_cohort, tmp_path):

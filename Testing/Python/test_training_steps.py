@@ -280,3 +280,19 @@ def test_paired_batches_are_co_registered(prepare):
     batch = run.ctx.sampler.paired("translator", 3, 8)
     assert np.array_equal(data.labelled.keys[batch.labelled], data.unlabelled.keys[batch.unlabelled])
     assert np.array_equal(batch.flip_labelled, batch.flip_unlabelled)
+
+
+def test_training_slices_are_the_prepared_slices_that_hold_brain(prepare, phantom_cohort):
+    from bigl.data.brats import find_cases
+    from bigl.data.preprocess import BACKGROUND, PreprocessConfig, brain_mask, prepare_volume
+
+    run = prepare()
+    source = run.ctx.data.labelled
+    case = next(c for c in find_cases(phantom_cohort, modalities=("t1", "t2")) if c.name == source.case_names[0])
+    t1, t2 = case.load_image("t1"), case.load_image("t2")
+    prepared = prepare_volume(t1.data, PreprocessConfig(**run.config["preprocessing"]), mask=brain_mask(t1.data) | brain_mask(t2.data))
+    holds_brain = prepared.slices.reshape(len(prepared.slices), -1).max(axis=1) > BACKGROUND + 1e-3
+    assert not holds_brain.all(), "the phantom crop should have empty end slices for this test to mean anything"
+    rows = np.flatnonzero(source.case_index == 0)
+    assert np.array_equal(source.slice_index[rows], np.flatnonzero(holds_brain))
+    assert np.allclose(source.images[rows].astype(np.float32), prepared.slices[holds_brain], atol=2e-3)

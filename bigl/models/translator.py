@@ -4,7 +4,9 @@ The generator maps a 1-channel slice in [-1, 1] of one modality to the other mod
 [-1, 1]: reflect pad + 7x7 conv, ``n_downsample`` stride-2 3x3 convs (width doubling),
 ``n_blocks`` residual blocks, the mirror-image decoder (transposed convs, or nearest upsampling +
 3x3 conv when ``upsample='resize'``, which avoids checkerboard artefacts), reflect pad + 7x7 conv
-and tanh. Instance normalisation throughout, as in CycleGAN.
+and tanh. Instance normalisation throughout, as in CycleGAN. A slice that holds no brain (all
+background) translates to all background: instance norm would otherwise amplify the constant input
+into noise.
 """
 
 from __future__ import annotations
@@ -14,8 +16,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from bigl.data.preprocess import BACKGROUND
 from bigl.errors import ConfigError
 from bigl.models.common import ModelConfig, check_image_batch, require_choice, require_int, upsample_to_min_size
+
+
+#: A slice whose every pixel is within this of the background value holds no brain.
+_EMPTY_TOLERANCE = 1e-3
 
 
 @dataclass
@@ -108,7 +115,9 @@ class ResnetGenerator(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_image_batch(x, "ResnetGenerator", self.config.channels, self.config.size_multiple, self.min_size)
-        return self.model(x)
+        empty = x.flatten(1).amax(1) <= BACKGROUND + _EMPTY_TOLERANCE
+        y = self.model(x)
+        return torch.where(empty[:, None, None, None], torch.full_like(y, BACKGROUND), y)
 
 
 class PatchDiscriminator(nn.Module):

@@ -1,7 +1,7 @@
 """Training data: BraTS-style folders -> preprocessed 2D slices in memory, and the step samplers.
 
 Every volume is preprocessed once (:func:`bigl.data.preprocess.prepare_volume`, the same function
-inference uses) and its slices are kept in memory as float16 (half the memory of float32; the
+inference uses) and its slices that hold any brain are kept in memory as float16 (half the memory of float32; the
 [-1, 1] intensities keep about three decimal digits). When a case is present in both domains on
 the same voxel grid (BraTS: T1 and T2 of one subject), both modalities are cropped with one brain
 mask, so slice ``k`` of the source and of the target show the same anatomy: these co-registered
@@ -57,7 +57,7 @@ class SliceSet:
         return np.flatnonzero(self.labels.reshape(len(self.labels), -1).any(axis=1))
 
     def describe(self) -> dict[str, Any]:
-        info = {"modality": self.modality, "cases": len(self.case_names), "slices": len(self)}
+        info = {"modality": self.modality, "cases": len(self.case_names), "case_names": list(self.case_names), "slices": len(self)}
         if self.labels is not None:
             info["tumour_slices"] = int(len(self.tumour))
         return info
@@ -227,14 +227,15 @@ def load_training_data(
             return None
         entries = parts[role]
         with_labels = role == labelled_role
+        kept = [_slices_with_brain(slices) for _, slices, _, _ in entries]
         return SliceSet(
             modality=modality[role],
-            images=np.concatenate([slices for _, slices, _, _ in entries]),
-            labels=np.concatenate([labels for _, _, labels, _ in entries]) if with_labels else None,
+            images=np.concatenate([slices[keep] for (_, slices, _, _), keep in zip(entries, kept)]),
+            labels=np.concatenate([labels[keep] for (_, _, labels, _), keep in zip(entries, kept)]) if with_labels else None,
             case_names=[name for name, _, _, _ in entries],
-            case_index=np.concatenate([np.full(len(s), i, dtype=np.int32) for i, (_, s, _, _) in enumerate(entries)]),
-            slice_index=np.concatenate([np.arange(len(s), dtype=np.int32) for _, s, _, _ in entries]),
-            flip_axis=np.concatenate([np.full(len(s), axis, dtype=np.int8) for _, s, _, axis in entries]),
+            case_index=np.concatenate([np.full(len(keep), i, dtype=np.int32) for i, keep in enumerate(kept)]),
+            slice_index=np.concatenate(kept).astype(np.int32),
+            flip_axis=np.concatenate([np.full(len(keep), axis, dtype=np.int8) for (_, _, _, axis), keep in zip(entries, kept)]),
         )
 
     if labelled_role == "target":
@@ -245,6 +246,14 @@ def load_training_data(
         if source is not None and target is not None:
             training.pairs = _co_registered_pairs(source, target, cases)
     return training
+
+
+def _slices_with_brain(slices: np.ndarray) -> np.ndarray:
+    """Positions of the slices that hold any brain: the all-background slices at the ends of the
+    crop teach nothing and would waste a share of every batch."""
+    from bigl.data.preprocess import BACKGROUND
+
+    return np.flatnonzero(slices.reshape(len(slices), -1).max(axis=1) > BACKGROUND + 1e-3)
 
 
 def _co_registered_pairs(source: SliceSet, target: SliceSet, cases: dict[str, list]) -> np.ndarray:
