@@ -5,9 +5,10 @@
 #
 # Trains source-only, BiGL and target-only with the same network and config on the training cases,
 # then evaluates them, and the no-learning baseline (source-only model on the T2 image after
-# inverting it inside the brain and matching its histogram to T1), on the T2 images of the report
-# cases. Report-case labels are read only by `bigl evaluate` at the end: they take part in no
-# training, no checkpoint choice and no tuning. The report cases are fixed here, before any run.
+# inverting it inside the brain and matching its histogram to the T1 images of the training cases),
+# on the T2 images of the report cases. Report-case labels are read only by `bigl evaluate` at the
+# end: they take part in no training, no checkpoint choice and no tuning. The report cases are fixed
+# here, before any run.
 set -euo pipefail
 
 DATA=${1:-../shared/data/brats18}
@@ -36,5 +37,5 @@ for method in source-only bigl target-only; do
 done
 $BIGL evaluate --model "$OUT/source-only/model.safetensors" --data "$DATA" --modality t2 \
   --cases "$REPORT_LIST" --out "$OUT/eval-invert-histmatch" --no-save-predictions --threads 2 \
-  --baseline invert-histmatch --reference-data "$DATA" --reference-modality t1
+  --baseline invert-histmatch --reference-data "$DATA" --reference-modality t1 --reference-exclude "$REPORT_LIST"
 echo "results in $OUT (eval-*/summary.md, wall_seconds.txt)"

@@ -136,6 +136,7 @@ def reference_from_folder(
     modality: str,
     *,
     cases: Sequence[str] | None = None,
+    exclude: Sequence[str] = (),
     n_quantiles: int = 1001,
     voxels_per_image: int = 200_000,
     seed: int = 0,
@@ -143,7 +144,7 @@ def reference_from_folder(
     """Reference histogram of ``modality`` over the cases of a data folder (the source training images).
 
     ``cases`` restricts it to those case names (e.g. the training split), otherwise every case with
-    that modality is used. Labels are not needed.
+    that modality is used; ``exclude`` leaves cases out (e.g. the report cases). Labels are not needed.
     """
     from bigl.data.brats import find_cases, normalise_modality
 
@@ -156,12 +157,17 @@ def reference_from_folder(
             raise InputError(f"cases {', '.join(unknown)} have no {modality} image in {data_dir}",
                              "give case names of the source training images")
         found = [case for case in found if case.name in wanted]
+    found = [case for case in found if case.name not in set(exclude)]
+    if not found:
+        raise InputError(f"no {modality} image is left in {data_dir} after the exclusions", "exclude fewer cases")
     volumes = [case.load_image(modality).data for case in found]
     return reference_from_volumes(volumes, modality, names=[case.name for case in found], n_quantiles=n_quantiles,
                                   voxels_per_image=voxels_per_image, seed=seed)
 
 
-def load_reference(source: str | Path, modality: str | None = None, *, cases: Sequence[str] | None = None) -> ReferenceHistogram:
+def load_reference(
+    source: str | Path, modality: str | None = None, *, cases: Sequence[str] | None = None, exclude: Sequence[str] = ()
+) -> ReferenceHistogram:
     """A reference from a JSON file (:meth:`ReferenceHistogram.save`) or from a folder of source images."""
     source = Path(source).expanduser()
     if source.is_file():
@@ -180,7 +186,7 @@ def load_reference(source: str | Path, modality: str | None = None, *, cases: Se
             "the modality of the reference images is not known",
             "give --reference-modality (the source modality the model was trained on, e.g. t1)",
         )
-    return reference_from_folder(source, modality, cases=cases)
+    return reference_from_folder(source, modality, cases=cases, exclude=exclude)
 
 
 class InvertHistMatch:

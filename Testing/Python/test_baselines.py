@@ -113,6 +113,10 @@ def test_reference_from_a_folder_uses_the_named_modality_and_cases(phantom_cohor
 
     subset = reference_from_folder(phantom_cohort, "t1", cases=reference.cases[:2])
     assert subset.cases == reference.cases[:2]
+    rest = reference_from_folder(phantom_cohort, "t1", exclude=reference.cases[:2])
+    assert rest.cases == reference.cases[2:]
+    with pytest.raises(InputError, match="after the exclusions"):
+        reference_from_folder(phantom_cohort, "t1", exclude=reference.cases)
     t2_reference = reference_from_folder(phantom_cohort, "t2")
     assert not np.allclose(t2_reference.quantiles, reference.quantiles, atol=0.01)
 

@@ -183,11 +183,12 @@ def test_cli_baseline_writes_a_reusable_reference(phantom_cohort, tiny_bundle, t
     assert "--reference-data" in capsys.readouterr().err
 
     out = tmp_path / "baseline"
-    assert main(args + ["--reference-data", str(phantom_cohort), "--reference-modality", "t1", "--out", str(out)]) == 0
+    assert main(args + ["--reference-data", str(phantom_cohort), "--reference-modality", "t1", "--out", str(out),
+                        "--reference-exclude", case]) == 0
     printed = capsys.readouterr().out
     assert "BiGL + invert-histmatch" in printed and "| Method: Dice (%) |" in printed
     reference = json.loads((out / "reference.json").read_text())
-    assert reference["modality"] == "t1" and len(reference["cases"]) == 4
+    assert reference["modality"] == "t1" and len(reference["cases"]) == 3 and case not in reference["cases"]
 
     # the saved reference replaces the source images; the modality defaults to the bundle's source (t1)
     assert main(args + ["--reference-data", str(out / "reference.json"), "--json"]) == 0

@@ -51,6 +51,8 @@ def register(subparsers) -> None:
                         help="for --baseline: source-modality training images (a data folder) or a reference.json")
     parser.add_argument("--reference-modality", metavar="NAME",
                         help="for --baseline: modality of the reference images (default: the model's source modality)")
+    parser.add_argument("--reference-exclude", metavar="A,B,...",
+                        help="for --baseline with a data folder: leave these cases out of the reference (e.g. the test cases)")
     parser.add_argument("--json", action="store_true",
                         help="print the result as one JSON object (Dice as a fraction 0-1, HD95 in mm)")
     parser.set_defaults(func=run)
@@ -70,8 +72,8 @@ def run(args: argparse.Namespace) -> int:
     cases = [name.strip() for name in args.cases.split(",") if name.strip()] if args.cases else None
     if args.figure_cases < 0:
         raise InputError(f"--figure-cases must be 0 or more, got {args.figure_cases}", "use e.g. --figure-cases 3")
-    if args.baseline is None and (args.reference_data or args.reference_modality):
-        raise InputError("--reference-data / --reference-modality are only used with --baseline",
+    if args.baseline is None and (args.reference_data or args.reference_modality or args.reference_exclude):
+        raise InputError("--reference-data / --reference-modality / --reference-exclude are only used with --baseline",
                          "add --baseline invert-histmatch, or leave them out")
     predictor = BiGLPredictor.from_path(args.model, device=args.device, batch_size=args.batch_size,
                                         num_threads=args.threads)
@@ -111,5 +113,6 @@ def _baseline_transform(args: argparse.Namespace, source_modality: str | None):
     modality = args.reference_modality or source_modality
     print(f"building the {args.baseline} reference from {args.reference_data}"
           + (f" ({modality})" if modality else ""), file=sys.stderr)
-    reference = load_reference(args.reference_data, modality)
+    exclude = [name.strip() for name in (args.reference_exclude or "").split(",") if name.strip()]
+    reference = load_reference(args.reference_data, modality, exclude=exclude)
     return make_baseline(args.baseline, reference)
