@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 
 import numpy as np
 import pytest
@@ -230,17 +229,13 @@ def test_mask_and_label_shapes_are_checked(phantom):
 
 
 @pytest.mark.slow
-def test_prepare_volume_speed_on_a_brats_sized_volume():
+def test_prepare_volume_on_a_brats_sized_volume():
     from scipy import ndimage as ndi
 
     small = generate_phantom(48, np.random.default_rng(0), ("t1",)).images["t1"]
     volume = ndi.zoom(small, (240 / 48, 240 / 48, 155 / 48), order=1).astype(np.int16)
     assert volume.shape == (240, 240, 155)
     config = PreprocessConfig(image_size=128, margin=8)
-    timings = []
-    for _ in range(3):
-        start = time.perf_counter()
-        prepared = prepare_volume(volume, config)
-        timings.append(time.perf_counter() - start)
+    prepared = prepare_volume(volume, config)  # its speed: benchmarks/benchmark_data.py
     assert prepared.slices.shape[1:] == (128, 128)
-    assert min(timings) < 1.0
+    assert prepared.slices.min() == -1.0 and prepared.slices.max() <= 1.0
