@@ -288,7 +288,7 @@ class BiGLSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def showModelInfo(self, choice) -> None:
         if choice is None:
             return
-        from BiGLSegmentationLib.models import describe_adaptation
+        from bigl.bundle import describe_adaptation
 
         text = describe_adaptation(choice.metadata)
         volume = self.ui.inputSelector.currentNode()
@@ -533,7 +533,7 @@ class BiGLSegmentationTest(ScriptedLoadableModuleTest):
         choices = logic.models()
         if choices:
             return str(choices[0].path)
-        from BiGLSegmentationLib.testing import make_test_bundle
+        from bigl.testing import make_test_bundle
 
         return str(make_test_bundle(Path(slicer.app.temporaryPath) / "BiGLSelfTest" / "tiny.safetensors"))
 

@@ -395,6 +395,20 @@ def list_bundles(folder: str | os.PathLike) -> list[tuple[Path, dict]]:
     return found
 
 
+def describe_adaptation(metadata: dict) -> str:
+    """``"segments T2, adapted from T1 (BiGL)"``-style summary of a bundle's metadata."""
+    modality = str(metadata.get("modality", "?")).upper()
+    source = metadata.get("source_modality")
+    method = str(metadata.get("method", "?"))
+    if method == "bigl" and source:
+        return f"segments {modality}, adapted from {str(source).upper()} (BiGL)"
+    if method == "source-only" and source:
+        return f"segments {modality}, trained on {str(source).upper()} only (no adaptation)"
+    if method == "target-only":
+        return f"segments {modality}, trained with {modality} labels"
+    return f"segments {modality} ({method})"
+
+
 def default_bundle_path() -> Path:
     """The shipped reference model; BundleError while none is shipped."""
     if not DEFAULT_BUNDLE_PATH.is_file():
@@ -499,15 +513,47 @@ def save_bundle(
         _check_weights(part, fresh[part], {name: tuple(t.shape) for name, t in state.items()}, None)
         for name, tensor in state.items():
             tensors[f"{part}.{name}"] = tensor.detach().to("cpu").contiguous().clone()
-    try:
-        header = {METADATA_KEY: json.dumps(metadata, allow_nan=False)}
-    except (TypeError, ValueError) as exc:
-        raise BundleError(f"the bundle metadata cannot be written as JSON: {exc}", "keep metadata to plain numbers, strings, lists and dicts") from None
     from safetensors.torch import save as safetensors_bytes
 
-    payload = safetensors_bytes(tensors, metadata=header)
-    atomic_write_bytes(path, payload)
+    atomic_write_bytes(path, safetensors_bytes(tensors, metadata=_metadata_header(metadata)))
     return path
+
+
+def _metadata_header(metadata: dict) -> dict[str, str]:
+    try:
+        return {METADATA_KEY: json.dumps(metadata, allow_nan=False)}
+    except (TypeError, ValueError) as exc:
+        raise BundleError(f"the bundle metadata cannot be written as JSON: {exc}", "keep metadata to plain numbers, strings, lists and dicts") from None
+
+
+def annotate_bundle(
+    source: str | os.PathLike,
+    destination: str | os.PathLike,
+    *,
+    metrics: dict | None = None,
+    training: dict | None = None,
+    description: str | None = None,
+) -> Path:
+    """Copy a bundle with its ``metrics`` replaced, ``training`` merged into its training record and
+    (when given) a new description; the weights are copied byte for byte. Used to record what was
+    measured on a model after training (e.g. the shipped reference model's report table)."""
+    from safetensors import safe_open
+    from safetensors.torch import save as safetensors_bytes
+
+    path, metadata, _ = _read_header(source)
+    with safe_open(str(path), framework="pt", device="cpu") as handle:
+        tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    metadata = dict(metadata)
+    if metrics is not None:
+        metadata["metrics"] = metrics
+    if training is not None:
+        metadata["training"] = {**(metadata.get("training") or {}), **training}
+    if description is not None:
+        metadata["description"] = description
+    metadata = _check_metadata(metadata, None)
+    destination = Path(destination).expanduser()
+    atomic_write_bytes(destination, safetensors_bytes(tensors, metadata=_metadata_header(metadata)))
+    return destination
 
 
 def atomic_write_bytes(path: str | os.PathLike, payload: bytes) -> None:
@@ -536,8 +582,6 @@ def atomic_write_bytes(path: str | os.PathLike, payload: bytes) -> None:
     finally:
         os.close(dir_fd)
 
-
-_atomic_write_bytes = atomic_write_bytes  # earlier private name, still used by callers
 
 
 def load_bundle(path: str | os.PathLike, device: str | torch.device = "cpu") -> Bundle:

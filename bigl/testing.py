@@ -1,4 +1,4 @@
-"""Support for the module's tests (the pytest suite and the self-test inside Slicer)."""
+"""Support for tests: the core suite, the Slicer modules' suites and their self-tests inside Slicer."""
 
 from __future__ import annotations
 

@@ -41,10 +41,14 @@ class ModelChoice:
     @property
     def label(self) -> str:
         """What the model list shows: name and the scans it segments."""
+        from bigl.bundle import describe_adaptation
+
         return f"{self.name} ({describe_adaptation(self.metadata)})"
 
     @property
     def tooltip(self) -> str:
+        from bigl.bundle import describe_adaptation
+
         lines = [describe_adaptation(self.metadata), str(self.path)]
         description = str(self.metadata.get("description") or "").strip()
         if description:
@@ -55,20 +59,6 @@ class ModelChoice:
             if shown:
                 lines.insert(1, f"reported metrics: {shown}")
         return "\n".join(lines)
-
-
-def describe_adaptation(metadata: dict) -> str:
-    """``"segments T2, adapted from T1 (BiGL)"``-style summary of a bundle's metadata."""
-    modality = str(metadata.get("modality", "?")).upper()
-    source = metadata.get("source_modality")
-    method = str(metadata.get("method", "?"))
-    if method == "bigl" and source:
-        return f"segments {modality}, adapted from {str(source).upper()} (BiGL)"
-    if method == "source-only" and source:
-        return f"segments {modality}, trained on {str(source).upper()} only (no adaptation)"
-    if method == "target-only":
-        return f"segments {modality}, trained with {modality} labels"
-    return f"segments {modality} ({method})"
 
 
 def default_model() -> ModelChoice | None:

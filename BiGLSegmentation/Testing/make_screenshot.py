@@ -56,7 +56,7 @@ def render(volume, outputs, model: Path, out: Path) -> Path:
     from bigl.bundle import read_metadata
     from bigl.labels import LABEL_COLORS
     from BiGLSegmentationLib import scene
-    from BiGLSegmentationLib.models import describe_adaptation
+    from bigl.bundle import describe_adaptation
 
     scan = scene.volume_to_array(volume).astype(np.float32)
     labels = scene.segmentation_to_labels(outputs.segmentation, volume)

@@ -27,33 +27,9 @@ def phantom_cohort(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_bundle(tmp_path_factory) -> Path:
     """An untrained but complete bundle (segmenter + both translators) small enough for CPU tests."""
-    import torch
+    from bigl.testing import make_test_bundle
 
-    from bigl.bundle import make_metadata, save_bundle
-    from bigl.data.preprocess import PreprocessConfig
-    from bigl.models import DualAttentionUNet, ResnetGenerator, SegmenterConfig, TranslatorConfig
-
-    torch.manual_seed(0)
-    seg_cfg = SegmenterConfig(base_channels=4, depth=3)
-    tr_cfg = TranslatorConfig(base_channels=4, n_downsample=2, n_blocks=1)
-    pre = PreprocessConfig(image_size=32, margin=2)
-    path = tmp_path_factory.mktemp("bundle") / "tiny.safetensors"
-    save_bundle(
-        path,
-        segmenter=DualAttentionUNet(seg_cfg),
-        translator_s2t=ResnetGenerator(tr_cfg),
-        translator_t2s=ResnetGenerator(tr_cfg),
-        metadata=make_metadata(
-            method="bigl",
-            modality="t2",
-            source_modality="t1",
-            segmenter_config=seg_cfg,
-            translator_config=tr_cfg,
-            preprocessing=pre,
-            description="untrained test bundle",
-        ),
-    )
-    return path
+    return make_test_bundle(tmp_path_factory.mktemp("bundle") / "tiny.safetensors")
 
 
 @pytest.fixture(scope="session")

@@ -16,8 +16,10 @@ from safetensors.torch import load_file, save_file
 
 from bigl import bundle as bundle_module
 from bigl.bundle import (
+    annotate_bundle,
     FORMAT_VERSION,
     default_bundle_path,
+    describe_adaptation,
     list_bundles,
     load_bundle,
     make_metadata,
@@ -402,3 +404,27 @@ def test_loads_on_gpu(saved):
         got = loaded.segmenter(x.cuda()).cpu()
     assert torch.allclose(expected, got, atol=1e-4)
     assert load_bundle(path, device="auto").device.type == "cuda"
+
+
+def test_annotate_bundle_records_metrics_and_keeps_the_weights(saved, tmp_path):
+    path, _ = saved
+    before = read_metadata(path)
+    out = annotate_bundle(path, tmp_path / "annotated.safetensors", metrics={"t2": {"WT": {"dice": 0.8}}},
+                          training={"report_cases": ["A", "B"]}, description="reference model")
+    after = read_metadata(out)
+    assert after["metrics"] == {"t2": {"WT": {"dice": 0.8}}} and after["description"] == "reference model"
+    assert after["training"]["report_cases"] == ["A", "B"]
+    assert {k: v for k, v in after["training"].items() if k != "report_cases"} == (before["training"] or {})
+    assert after["segmenter"] == before["segmenter"] and after["method"] == before["method"]
+    original, annotated = load_file(str(path)), load_file(str(out))
+    assert original.keys() == annotated.keys() and all(torch.equal(original[k], annotated[k]) for k in original)
+    with pytest.raises(BundleError, match="JSON"):
+        annotate_bundle(path, tmp_path / "bad.safetensors", metrics={"dice": float("nan")})
+    assert not (tmp_path / "bad.safetensors").exists()
+
+
+def test_describe_adaptation_reads_like_the_training_method():
+    assert describe_adaptation({"modality": "t2", "source_modality": "t1", "method": "bigl"}) == \
+        "segments T2, adapted from T1 (BiGL)"
+    assert "no adaptation" in describe_adaptation({"modality": "t2", "source_modality": "t1", "method": "source-only"})
+    assert "T2 labels" in describe_adaptation({"modality": "t2", "method": "target-only"})

@@ -123,6 +123,7 @@ def _run(args: argparse.Namespace, reporter: Reporter) -> int:
                              "give an output folder; each scan's labels go to <folder>/<case>_seg.nii.gz")
     predictor = BiGLPredictor.from_path(args.model, device=args.device, batch_size=args.batch_size,
                                         num_threads=args.threads)
+    reporter.say(_model_line(predictor.bundle, shipped=args.model is None))
     if source.is_dir():
         return _segment_folder(args, scans, predictor, reporter)
     prediction = _segment_one(args, source, args.output, predictor, reporter,
@@ -180,6 +181,14 @@ def _segment_folder(args, scans: list[Path], predictor, reporter: Reporter) -> i
     if reporter.mode == "json":
         reporter.emit("done", output=str(out_dir))
     return 0
+
+
+def _model_line(bundle, *, shipped: bool) -> str:
+    """Which model segments: the user should never have to guess."""
+    from bigl.bundle import describe_adaptation
+
+    origin = f"the shipped reference model; model card: {bundle.path.parent / 'MODEL_CARD.md'}" if shipped else str(bundle.path)
+    return f"model: {describe_adaptation(bundle.metadata)} ({origin})"
 
 
 def _summary(source: Path, output: Path, prediction) -> str:

@@ -71,7 +71,7 @@ def varied_bundle(tmp_path_factory) -> Path:
 
     from bigl.data.phantoms import make_phantom
     from bigl.inference import BiGLPredictor
-    from BiGLSegmentationLib.testing import make_test_bundle
+    from bigl.testing import make_test_bundle
 
     torch.set_num_threads(1)
     images, _ = make_phantom(40, np.random.default_rng(1), ("t2",))
@@ -88,6 +88,6 @@ def varied_bundle(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_bundle(tmp_path_factory) -> Path:
     """A tiny untrained bundle (segmenter and both translators) for CPU tests."""
-    from BiGLSegmentationLib.testing import make_test_bundle
+    from bigl.testing import make_test_bundle
 
     return make_test_bundle(tmp_path_factory.mktemp("bundle") / "tiny.safetensors")

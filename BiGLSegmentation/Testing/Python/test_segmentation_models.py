@@ -11,7 +11,7 @@ from safetensors.numpy import save_file
 import bigl.bundle
 from bigl.errors import BundleError
 from BiGLSegmentationLib import models
-from BiGLSegmentationLib.models import available_models, describe_adaptation, find_model, import_model
+from BiGLSegmentationLib.models import available_models, find_model, import_model
 
 
 @pytest.fixture
@@ -112,10 +112,3 @@ def test_import_refuses_files_that_are_not_bigl_bundles(tmp_path, no_default_mod
             import_model(bad, folder)
         assert error.value.hint
     assert not folder.exists() or not any(folder.iterdir())
-
-
-def test_describe_adaptation_reads_like_the_training_method():
-    assert describe_adaptation({"modality": "t2", "source_modality": "t1", "method": "bigl"}) == \
-        "segments T2, adapted from T1 (BiGL)"
-    assert "no adaptation" in describe_adaptation({"modality": "t2", "source_modality": "t1", "method": "source-only"})
-    assert "T2 labels" in describe_adaptation({"modality": "t2", "method": "target-only"})
