@@ -27,6 +27,7 @@ DEVICE_CHOICES = ("auto", "cpu", "cuda")
 #: Preset id -> (ready config name, label shown in the module). "custom" takes a JSON file.
 PRESETS: dict[str, tuple[str | None, str]] = {
     "cpu": ("cpu", "CPU quick try"),
+    "reference": ("reference", "Reference model (CPU, about 30 min)"),
     "paper": ("paper", "Paper scale (GPU)"),
     "custom": (None, "Custom config file"),
 }

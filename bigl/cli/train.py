@@ -18,7 +18,7 @@ def register(subparsers) -> None:
         description=(
             "Train BiGL on BraTS-style folders: stage 1 trains the bidirectional image translator, "
             "stage 2 the dual-attention U-Net with global-to-local adaptation. Settings come from a "
-            "JSON config (or a ready one: smoke, cpu, paper) and key=value overrides such as "
+            "JSON config (or a ready one: smoke, cpu, reference, paper) and key=value overrides such as "
             "adapt.iterations=500 or data.source_dir=/data/brats. The run folder gets config.json, "
             "events.jsonl (one JSON event per line), checkpoints/, samples/, losses.png, "
             "translator.safetensors and the final bundle model.safetensors. Multi-GPU: "
@@ -26,7 +26,7 @@ def register(subparsers) -> None:
         ),
         epilog="Example: bigl train --config cpu --data /data/brats18 --out runs/t1-t2 adapt.iterations=500",
     )
-    parser.add_argument("--config", "-c", required=True, metavar="FILE|smoke|cpu|paper",
+    parser.add_argument("--config", "-c", required=True, metavar="FILE|smoke|cpu|reference|paper",
                         help="training config: a JSON file or a ready config name")
     parser.add_argument("--stage", choices=("translator", "adapt", "all"), default="all",
                         help="which stage(s) to run (default all; adapt alone needs a trained translator)")

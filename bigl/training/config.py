@@ -22,7 +22,7 @@ from bigl.errors import BiGLError, ConfigError
 
 #: Folder of the ready configs shipped with the package.
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
-READY_CONFIGS = ("smoke", "cpu", "paper")
+READY_CONFIGS = ("smoke", "cpu", "reference", "paper")
 SECTIONS = ("data", "preprocessing", "segmenter", "translator", "translator_training", "adapt", "run")
 
 METHODS = ("bigl", "source-only", "target-only")
