@@ -157,7 +157,8 @@ def reference_from_folder(
             raise InputError(f"cases {', '.join(unknown)} have no {modality} image in {data_dir}",
                              "give case names of the source training images")
         found = [case for case in found if case.name in wanted]
-    found = [case for case in found if case.name not in set(exclude)]
+    excluded = set(exclude)
+    found = [case for case in found if case.name not in excluded]
     if not found:
         raise InputError(f"no {modality} image is left in {data_dir} after the exclusions", "exclude fewer cases")
     volumes = [case.load_image(modality).data for case in found]

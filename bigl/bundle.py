@@ -410,7 +410,7 @@ def describe_adaptation(metadata: dict) -> str:
 
 
 def default_bundle_path() -> Path:
-    """The shipped reference model; BundleError while none is shipped."""
+    """The shipped reference model; BundleError when the file is missing."""
     if not DEFAULT_BUNDLE_PATH.is_file():
         raise BundleError(
             f"no default model is shipped with this BiGL yet (expected {DEFAULT_BUNDLE_PATH})",
@@ -581,7 +581,6 @@ def atomic_write_bytes(path: str | os.PathLike, payload: bytes) -> None:
         pass
     finally:
         os.close(dir_fd)
-
 
 
 def load_bundle(path: str | os.PathLike, device: str | torch.device = "cpu") -> Bundle:

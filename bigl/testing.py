@@ -8,8 +8,8 @@ from pathlib import Path
 def make_test_bundle(path: str | Path, *, image_size: int = 32, seed: int = 0, sharpen: float = 1.0) -> Path:
     """Write a tiny untrained bundle (segmenter and both translators) that runs in seconds on a CPU.
 
-    Its segmentations are meaningless; tests use it to exercise the whole flow when no trained
-    model is shipped. ``sharpen`` scales the segmenter's last convolution so that the untrained
+    Its segmentations are meaningless; tests use it to exercise the whole flow in seconds, without
+    the shipped model. ``sharpen`` scales the segmenter's last convolution so that the untrained
     class scores differ from voxel to voxel (a fresh network predicts nearly uniform scores, so
     every voxel would get the same label). Needs torch (imported here, not at module import).
     """

@@ -62,7 +62,7 @@ class ModelChoice:
 
 
 def default_model() -> ModelChoice | None:
-    """The bundle shipped with BiGL, or None while none is shipped."""
+    """The bundle shipped with BiGL, or None when its file is missing."""
     from bigl.bundle import default_bundle_path, read_metadata
     from bigl.errors import BundleError
 

@@ -21,6 +21,8 @@ from bigl.errors import ConfigError, InputError
 from bigl.labels import NUM_CLASSES, classes_to_labels, labels_to_classes
 
 BACKGROUND = -1.0
+#: A slice whose maximum is at most this holds no brain (all background, up to rounding).
+EMPTY_SLICE_MAX = BACKGROUND + 1e-3
 #: Brain voxels are brighter than this fraction of the robust (99th percentile) intensity range.
 MASK_THRESHOLD_FRACTION = 0.05
 #: The mask is cleaned up on a grid subsampled by 2 when every side has at least this many voxels.

@@ -16,13 +16,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from bigl.data.preprocess import BACKGROUND
+from bigl.data.preprocess import BACKGROUND, EMPTY_SLICE_MAX
 from bigl.errors import ConfigError
 from bigl.models.common import ModelConfig, check_image_batch, require_choice, require_int, upsample_to_min_size
-
-
-#: A slice whose every pixel is within this of the background value holds no brain.
-_EMPTY_TOLERANCE = 1e-3
 
 
 @dataclass
@@ -115,7 +111,7 @@ class ResnetGenerator(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_image_batch(x, "ResnetGenerator", self.config.channels, self.config.size_multiple, self.min_size)
-        empty = x.flatten(1).amax(1) <= BACKGROUND + _EMPTY_TOLERANCE
+        empty = x.flatten(1).amax(1) <= EMPTY_SLICE_MAX
         y = self.model(x)
         return torch.where(empty[:, None, None, None], torch.full_like(y, BACKGROUND), y)
 

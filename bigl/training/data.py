@@ -1,8 +1,8 @@
 """Training data: BraTS-style folders -> preprocessed 2D slices in memory, and the step samplers.
 
 Every volume is preprocessed once (:func:`bigl.data.preprocess.prepare_volume`, the same function
-inference uses) and its slices that hold any brain are kept in memory as float16 (half the memory of float32; the
-[-1, 1] intensities keep about three decimal digits). When a case is present in both domains on
+inference uses) and its slices that hold any brain are kept in memory as float16 (half the memory
+of float32; the [-1, 1] intensities keep about three decimal digits). When a case is present in both domains on
 the same voxel grid (BraTS: T1 and T2 of one subject), both modalities are cropped with one brain
 mask, so slice ``k`` of the source and of the target show the same anatomy: these co-registered
 pairs are what the paired translator learns from.
@@ -251,9 +251,9 @@ def load_training_data(
 def _slices_with_brain(slices: np.ndarray) -> np.ndarray:
     """Positions of the slices that hold any brain: the all-background slices at the ends of the
     crop teach nothing and would waste a share of every batch."""
-    from bigl.data.preprocess import BACKGROUND
+    from bigl.data.preprocess import EMPTY_SLICE_MAX
 
-    return np.flatnonzero(slices.reshape(len(slices), -1).max(axis=1) > BACKGROUND + 1e-3)
+    return np.flatnonzero(slices.reshape(len(slices), -1).max(axis=1) > EMPTY_SLICE_MAX)
 
 
 def _co_registered_pairs(source: SliceSet, target: SliceSet, cases: dict[str, list]) -> np.ndarray:
