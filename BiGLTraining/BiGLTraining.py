@@ -29,6 +29,8 @@ SETTINGS_KEY = "BiGLTraining/LastSettings"
 #: Milliseconds between two polls of the training process.
 POLL_INTERVAL_MS = 500
 LOG_VIEW_LINES = 2000
+#: The data folders of the form: role -> settings field (one folder or a list of folders each).
+DATA_ROLES = {"source": "source_dir", "target": "target_dir"}
 #: Settings fields shown in the Parameters section.
 HYPER_PARAMETERS = (
     "image_size", "translator_mode", "translator_iterations", "translator_batch_size", "translator_lr",
@@ -118,6 +120,12 @@ class BiGLTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.presetComboBox.currentIndexChanged.connect(self.onPresetChanged)
         self.ui.customConfigPathLineEdit.currentPathChanged.connect(self.onPresetChanged)
         self.ui.outputDirPathLineEdit.currentPathChanged.connect(self.updateButtons)
+        for role in DATA_ROLES:
+            pathLineEdit, addButton, listWidget, removeButton = self.folderWidgets(role)
+            addButton.connect("clicked()", lambda role=role: self.onAddFolder(role))
+            removeButton.connect("clicked()", lambda role=role: self.onRemoveFolders(role))
+            listWidget.itemSelectionChanged.connect(self.updateFolderButtons)
+            pathLineEdit.currentPathChanged.connect(self.updateFolderButtons)
         self.ui.modelsFolderPathLineEdit.currentPathChanged.connect(self.onModelsFolderChanged)
         self.ui.checkDataButton.clicked.connect(self.onCheckData)
         self.ui.startButton.clicked.connect(self.onStart)
@@ -139,6 +147,7 @@ class BiGLTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             mainWindow.installEventFilter(self.closeGuard)
 
         self.restoreForm()
+        self.updateFolderButtons()
         self.updateButtons()
 
     def cleanup(self):
@@ -250,10 +259,9 @@ class BiGLTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if index >= 0:
                 combo.currentIndex = index
 
-        if settings.source_dir:
-            ui.sourceDirPathLineEdit.currentPath = settings.source_dir
-        if settings.target_dir:
-            ui.targetDirPathLineEdit.currentPath = settings.target_dir
+        for role, name in DATA_ROLES.items():
+            if getattr(settings, name):
+                self.setFolders(role, getattr(settings, name))
         if settings.source_modality:
             setCombo(ui.sourceModalityComboBox, settings.source_modality)
         if settings.target_modality:
@@ -299,9 +307,9 @@ class BiGLTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             output_dir=ui.outputDirPathLineEdit.currentPath,
             preset=self.presetId() or "cpu",
             custom_config=ui.customConfigPathLineEdit.currentPath,
-            source_dir=ui.sourceDirPathLineEdit.currentPath or None,
+            source_dir=self.chosenFolders("source"),
             source_modality=ui.sourceModalityComboBox.currentData,
-            target_dir=ui.targetDirPathLineEdit.currentPath or None,
+            target_dir=self.chosenFolders("target"),
             target_modality=ui.targetModalityComboBox.currentData,
             device=ui.deviceComboBox.currentData,
             gpus=ui.gpusSpinBox.value,
@@ -331,6 +339,53 @@ class BiGLTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for name in HYPER_PARAMETERS:
             setattr(settings, name, getattr(hyperParameters, name))
         return settings
+
+    # ------------------------------------------------------------------------ data folders
+    def folderWidgets(self, role):
+        """(path field, Add folder button, folder list, Remove button) of the source or target data."""
+        ui = self.ui
+        if role == "source":
+            return ui.sourceDirPathLineEdit, ui.sourceDirAddButton, ui.sourceDirsListWidget, ui.sourceDirRemoveButton
+        return ui.targetDirPathLineEdit, ui.targetDirAddButton, ui.targetDirsListWidget, ui.targetDirRemoveButton
+
+    def listedFolders(self, role):
+        listWidget = self.folderWidgets(role)[2]
+        return [listWidget.item(row).text() for row in range(listWidget.count)]
+
+    def chosenFolders(self, role):
+        """The role's data setting: the listed folders and the one in the path field if not added yet
+        (None, one folder as a string, or a list)."""
+        from BiGLTrainingLib.command import folder_value
+
+        return folder_value(self.listedFolders(role) + [self.folderWidgets(role)[0].currentPath])
+
+    def setFolders(self, role, folders):
+        """Show ``folders`` (one folder or a list) in the role's list; the path field is emptied."""
+        from BiGLTrainingLib.command import folder_list, folder_value
+
+        pathLineEdit, _, listWidget, _ = self.folderWidgets(role)
+        listWidget.clear()
+        for folder in folder_list(folder_value(folders)):
+            listWidget.addItem(folder)
+        pathLineEdit.currentPath = ""
+        self.updateFolderButtons()
+
+    def onAddFolder(self, role):
+        path = self.folderWidgets(role)[0].currentPath
+        if path:
+            self.setFolders(role, self.listedFolders(role) + [path])
+
+    def onRemoveFolders(self, role):
+        listWidget = self.folderWidgets(role)[2]
+        for item in listWidget.selectedItems():
+            listWidget.takeItem(listWidget.row(item))
+        self.updateFolderButtons()
+
+    def updateFolderButtons(self, *_):
+        for role in DATA_ROLES:
+            pathLineEdit, addButton, listWidget, removeButton = self.folderWidgets(role)
+            addButton.enabled = bool(pathLineEdit.currentPath)
+            removeButton.enabled = len(listWidget.selectedItems()) > 0
 
     def extraOverrides(self):
         """The extra key=value overrides; quotes group a value with spaces (data.source_dir="/a b")."""
@@ -604,25 +659,53 @@ class BiGLTrainingTest(ScriptedLoadableModuleTest):
         return folder
 
     def test_widget_builds(self):
-        """The panel builds, its names resolve, and the data check reports phantoms as ready."""
+        """The panel builds, its names resolve, the data check reports phantoms as ready, and several
+        source folders (added, pending in the path field, removed) are checked as one data set."""
         if not self._packagesInstalled():
             return
         from bigl.data.phantoms import write_cohort
+        from BiGLTrainingLib.command import TrainingSettings
 
         folder = self._workFolder()
+        cases, more = str(folder / "cases"), str(folder / "more")
         write_cohort(folder / "cases", cases=3, size=48, modalities=("t1", "t2"))
+        write_cohort(folder / "more", cases=2, size=48, seed=1, modalities=("t1", "t2"), prefix="More")
         slicer.util.selectModule("BiGLTraining")
         widget = slicer.modules.bigltraining.widgetRepresentation().self()
-        widget.ui.sourceDirPathLineEdit.currentPath = str(folder / "cases")
-        widget.ui.targetDirPathLineEdit.currentPath = str(folder / "cases")
+        widget.ui.presetComboBox.currentIndex = widget.ui.presetComboBox.findData("cpu")  # refills the form
+        widget.setFolders("source", [])  # whatever the last session left
+        widget.setFolders("target", [])
+        widget.ui.sourceDirPathLineEdit.currentPath = cases
+        widget.ui.targetDirPathLineEdit.currentPath = cases
         widget.ui.sourceModalityComboBox.currentIndex = widget.ui.sourceModalityComboBox.findData("t1")
         widget.ui.targetModalityComboBox.currentIndex = widget.ui.targetModalityComboBox.findData("t2")
-        widget.ui.presetComboBox.currentIndex = widget.ui.presetComboBox.findData("cpu")
+        self.assertEqual(widget.formSettings().source_dir, cases)  # one folder, not added: a plain string
         widget.onCheckData()
         report = widget.ui.dataReportTextEdit.toPlainText()
         self.assertIn("ready to train", report, report)
         self.assertIn("3 usable", report)
-        self.delayDisplay("Widget and data check OK")
+
+        widget.setFolders("source", [])  # (filling the form from the preset moves a pending path into the list)
+        widget.ui.sourceDirPathLineEdit.currentPath = cases
+        self.assertTrue(widget.ui.sourceDirAddButton.enabled, "Add folder stays disabled with a path in the field")
+        widget.ui.sourceDirAddButton.click()
+        self.assertEqual(widget.listedFolders("source"), [cases])
+        self.assertEqual(widget.ui.sourceDirPathLineEdit.currentPath, "")
+        widget.ui.sourceDirPathLineEdit.currentPath = more  # used without pressing Add
+        self.assertEqual(widget.formSettings().source_dir, [cases, more])
+        widget.onCheckData()
+        report = widget.ui.dataReportTextEdit.toPlainText()
+        self.assertIn("ready to train", report, report)
+        self.assertIn("in all 2 folders", report)
+        self.assertIn("5 usable", report)
+        saved = TrainingSettings.from_dict(json.loads(json.dumps(widget.formSettings().to_dict())))
+        widget.setFolders("source", [])
+        widget.fillForm(saved)  # what restoring the form does
+        self.assertEqual(widget.listedFolders("source"), [cases, more])
+        widget.ui.sourceDirsListWidget.setCurrentRow(0)
+        widget.ui.sourceDirRemoveButton.click()
+        self.assertEqual(widget.formSettings().source_dir, more)
+        self.delayDisplay("Widget, data check and several folders OK")
 
     def test_train_stop_resume_register(self):
         if not self._packagesInstalled():

@@ -6,6 +6,10 @@ field left at ``None`` keeps the preset's value, the others become ``section.key
 overrides. Values are written as JSON (strings quoted), so a path is never read as a number or a
 boolean and may hold spaces, quotes, ``&``, ``$`` or any Unicode: each override is one element of
 the argument list, which is run without a shell.
+
+The data folders (``source_dir``, ``target_dir``) are one folder or a list of folders read as one
+data set: one folder is passed as a string (``data.source_dir="/a"``), several as a JSON list
+(``data.source_dir=["/a", "/b"]``).
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import os
 import sys
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 from bigl.data.naming import MODALITIES
 
@@ -59,6 +63,8 @@ CONFIG_KEYS: dict[str, str] = {
     "device": "run.device",
     "seed": "run.seed",
 }
+#: Settings fields holding data folders: one folder (a string) or a list of folders (one data set).
+FOLDER_FIELDS = ("source_dir", "target_dir")
 #: An iteration count given here replaces an epoch count the preset may use for that stage.
 EPOCH_KEYS = {"translator_iterations": "translator_training.epochs", "adapt_iterations": "adapt.epochs"}
 #: Always passed: the module follows the event log, so the console needs no progress bars.
@@ -77,9 +83,10 @@ class TrainingSettings:
     output_dir: str = ""
     preset: str = "cpu"
     custom_config: str = ""
-    source_dir: str | None = None
+    #: One folder, or a list of folders read as one data set (see :func:`folder_value`).
+    source_dir: str | list[str] | None = None
     source_modality: str | None = None
-    target_dir: str | None = None
+    target_dir: str | list[str] | None = None
     target_modality: str | None = None
     exclude: list[str] | None = None
     target_exclude: list[str] | None = None
@@ -110,23 +117,26 @@ class TrainingSettings:
     #: More ``section.key=value`` overrides, for keys the module has no field for.
     extra_overrides: list[str] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        for name in FOLDER_FIELDS:
+            setattr(self, name, folder_value(folder_list(getattr(self, name))))
+
     # -- conversions -----------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "TrainingSettings":
-        """Settings from a dict (unknown keys ignored: the dict may come from an older version)."""
+        """Settings from a dict (unknown keys ignored: the dict may come from an older version, where
+        a data folder was always one string)."""
         known = {f.name for f in fields(cls)}
         return cls(**{key: value for key, value in values.items() if key in known})
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any], **base: Any) -> "TrainingSettings":
         """Settings whose fields show the values of a resolved config (to fill the form from a preset)."""
-        settings = cls(**base)
-        for name, key in CONFIG_KEYS.items():
-            setattr(settings, name, config_value(config, key))
-        return settings
+        values = {name: config_value(config, key) for name, key in CONFIG_KEYS.items()}
+        return cls(**{**base, **values})
 
     # -- config ----------------------------------------------------------------------------
     @property
@@ -172,6 +182,23 @@ class TrainingSettings:
 
 
 _MISSING = object()
+
+
+def folder_list(value: str | os.PathLike | Iterable[str | os.PathLike] | None) -> list[str]:
+    """A data-folder setting as a list: None -> [], "/a" -> ["/a"], ["/a", "/b"] -> ["/a", "/b"]
+    (blank entries dropped, order kept)."""
+    if value is None or isinstance(value, (str, os.PathLike)):
+        value = [value]
+    return [os.fspath(entry) for entry in value if entry is not None and os.fspath(entry).strip()]
+
+
+def folder_value(folders: str | os.PathLike | Iterable[str | os.PathLike] | None) -> str | list[str] | None:
+    """The setting for some folders: None for none, the folder itself (a string, as config files
+    have it) for one, the list for several (a folder given twice is kept once)."""
+    unique = list(dict.fromkeys(folder_list(folders)))
+    if not unique:
+        return None
+    return unique[0] if len(unique) == 1 else unique
 
 
 def config_value(config: Mapping[str, Any] | None, dotted: str, default: Any = None) -> Any:

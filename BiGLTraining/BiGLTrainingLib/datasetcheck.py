@@ -1,22 +1,26 @@
 """The check a user sees before any training starts: what data was found, what is wrong, how long it takes.
 
 Pure Python over the BiGL core (``bigl.data.brats``); it reads NIfTI headers only, so checking a
-few hundred BraTS cases takes seconds. Problems are of two kinds: *errors* stop the run from
-starting (no labelled source case, no target case, nothing to adapt), *warnings* do not (cases
-left out: source cases without labels, cases whose files do not share a voxel grid or cannot be
-read; the run skips them through ``data.exclude`` / ``data.target_exclude``).
+few hundred BraTS cases takes seconds. Each domain (source, target) is one data folder or a list
+of folders read as one data set, as ``data.source_dir`` / ``data.target_dir`` of the run; the
+report says what each folder holds and what the domain comes to. Problems are of two kinds:
+*errors* stop the run from starting (no labelled source case, no target case, nothing to adapt, a
+missing folder, a case name found in two folders of a domain), *warnings* do not (cases left out:
+source cases without labels, cases whose files do not share a voxel grid or cannot be read; the
+run skips them through ``data.exclude`` / ``data.target_exclude``).
 """
 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from bigl.data.brats import MODALITIES, Case, find_cases, normalise_modality
+from bigl.data.brats import MODALITIES, Case, data_folders, find_cases, normalise_modality
 from bigl.data.io import read_grid
 from bigl.errors import BiGLError
 
@@ -59,6 +63,8 @@ class FolderReport:
     root: Path
     modality: str
     cases_found: int = 0
+    #: Names of every case found in the folder (usable or not).
+    case_names: list[str] = field(default_factory=list)
     cases_by_modality: dict[str, int] = field(default_factory=dict)
     labelled: int = 0
     #: Names of the cases the run will use.
@@ -67,8 +73,8 @@ class FolderReport:
     excluded: dict[str, str] = field(default_factory=dict)
     #: Slices along the slice axis over the usable cases (an upper bound: the run crops to the brain).
     slices: int = 0
-    #: False when the training method does not read this role (source-only, target-only runs).
-    used: bool = True
+    #: False when the folder could not be read (missing, not a folder, no case in it).
+    scanned: bool = True
 
     def summary(self) -> str:
         counts = ", ".join(f"{m} {n}" for m, n in self.cases_by_modality.items() if n) or "no images"
@@ -79,6 +85,66 @@ class FolderReport:
         if self.excluded:
             text += f"; {len(self.excluded)} left out"
         return text
+
+
+@dataclass
+class DomainReport:
+    """One role (source or target): its folders, each with its own report, read as one data set."""
+
+    role: str
+    modality: str
+    folders: list[FolderReport] = field(default_factory=list)
+    #: False when the training method does not read this role (source-only, target-only runs).
+    used: bool = True
+
+    @property
+    def roots(self) -> list[Path]:
+        return [folder.root for folder in self.folders]
+
+    @property
+    def cases_found(self) -> int:
+        return sum(folder.cases_found for folder in self.folders)
+
+    @property
+    def cases_by_modality(self) -> dict[str, int]:
+        return {m: sum(folder.cases_by_modality.get(m, 0) for folder in self.folders) for m in MODALITIES}
+
+    @property
+    def labelled(self) -> int:
+        return sum(folder.labelled for folder in self.folders)
+
+    @property
+    def usable(self) -> list[str]:
+        """Names of the cases the run will use, over all folders, sorted."""
+        return sorted(name for folder in self.folders for name in folder.usable)
+
+    @property
+    def excluded(self) -> dict[str, str]:
+        """Case name -> why it is left out, over all folders."""
+        return {name: reason for folder in self.folders for name, reason in folder.excluded.items()}
+
+    @property
+    def slices(self) -> int:
+        return sum(folder.slices for folder in self.folders)
+
+    def where(self) -> str:
+        """The folder, or "the N <role> folders (a, b)" for several."""
+        if len(self.folders) == 1:
+            return str(self.folders[0].root)
+        return f"the {len(self.folders)} {self.role} folders ({', '.join(str(root) for root in self.roots)})"
+
+    def summary(self) -> str:
+        """One line per folder, and the total when there are several."""
+        if not self.folders:
+            return f"{self.role} ({self.modality}): no folder checked"
+        lines = [folder.summary() for folder in self.folders]
+        if len(self.folders) > 1:
+            text = (
+                f"{self.role} ({self.modality}) in all {len(self.folders)} folders: {self.cases_found} case(s) found "
+                f"(labels {self.labelled}); {len(self.usable)} usable, up to {self.slices} slices"
+            )
+            lines.append(text + (f"; {len(self.excluded)} left out" if self.excluded else ""))
+        return "\n".join(lines)
 
 
 @dataclass
@@ -117,8 +183,8 @@ class RunEstimate:
 
 @dataclass
 class DatasetReport:
-    source: FolderReport
-    target: FolderReport
+    source: DomainReport
+    target: DomainReport
     problems: list[Problem] = field(default_factory=list)
     estimate: RunEstimate | None = None
     paired_cases: int = 0
@@ -146,13 +212,41 @@ class DatasetReport:
         if self.paired_cases:
             lines.append(f"cases with both modalities (translator pairs): {self.paired_cases}")
         for report in (self.source, self.target):
-            for name, reason in report.excluded.items():
-                lines.append(f"left out ({report.role}) {name}: {reason}")
+            for folder in report.folders:
+                where = f" in {folder.root}" if len(report.folders) > 1 else ""
+                for name, reason in folder.excluded.items():
+                    lines.append(f"left out ({report.role}) {name}{where}: {reason}")
         if self.estimate is not None:
             lines.append(self.estimate.summary())
         lines.extend(str(p) for p in self.problems)
         lines.append("ready to train" if self.ok else "NOT ready: fix the errors above first")
         return "\n".join(lines)
+
+
+def _folder_list(role: str, folders: Any) -> tuple[list[Path], list[Problem]]:
+    """``data.<role>_dir`` as a list of folders: one folder or a list of them (blank entries
+    ignored, a folder listed twice reported once)."""
+    if folders is None or isinstance(folders, (str, os.PathLike)) or not isinstance(folders, Sequence):
+        folders = [folders]
+    paths, problems = [], []
+    for entry in folders:
+        if entry is None or (isinstance(entry, str) and not entry.strip()):
+            continue
+        if isinstance(entry, (str, os.PathLike)):
+            paths.append(entry)
+        else:
+            problems.append(Problem("error", f"{role} data: {entry!r} is not a folder path", f"give the {role} folders as paths"))
+    kept, seen = [], set()
+    for path in data_folders(paths) if paths else []:
+        key = os.path.normcase(os.path.abspath(path))
+        if key in seen:
+            problems.append(
+                Problem("error", f"{role} data: the folder {path} is listed twice", f"keep the folder once in the {role} folders")
+            )
+            continue
+        seen.add(key)
+        kept.append(path)
+    return kept, problems
 
 
 def _scan_folder(
@@ -163,16 +257,17 @@ def _scan_folder(
     require_labels: bool,
     slice_axis: int,
     check_grids: bool,
-    excluded_by_user: Iterable[str],
+    skip: set[str],
 ) -> tuple[FolderReport, list[Case], list[Problem]]:
+    """What one folder holds: its report, the cases the run will use, and why it cannot be read."""
     report = FolderReport(role=role, root=root, modality=modality)
-    problems: list[Problem] = []
     try:
         cases = find_cases(root)
     except BiGLError as exc:
+        report.scanned = False
         return report, [], [Problem("error", f"{role} data: {exc.message}", exc.hint)]
-    skip = set(excluded_by_user)
     report.cases_found = len(cases)
+    report.case_names = [case.name for case in cases]
     report.cases_by_modality = {m: sum(case.has(m) for case in cases) for m in MODALITIES}
     report.labelled = sum(case.has(modality) and case.labels is not None for case in cases)
     usable = []
@@ -196,28 +291,86 @@ def _scan_folder(
         report.slices += int(shape[slice_axis])
         usable.append(case)
     report.usable = [case.name for case in usable]
-    if not usable:
-        needs = f"a {modality} image" + (" and a label map" if require_labels else "")
+    return report, usable, []
+
+
+def _duplicate_cases(domain: DomainReport) -> list[Problem]:
+    """A case name in two folders of one domain: the run cannot tell the cases apart."""
+    where: dict[str, list[Path]] = {}
+    for folder in domain.folders:
+        for name in folder.case_names:
+            where.setdefault(name, []).append(folder.root)
+    duplicated = sorted(name for name, roots in where.items() if len(roots) > 1)
+    if not duplicated:
+        return []
+    listed = "; ".join(f"{name} in {' and '.join(str(root) for root in where[name])}" for name in duplicated[:5])
+    more = f" (and {len(duplicated) - 5} more)" if len(duplicated) > 5 else ""
+    return [
+        Problem(
+            "error",
+            f"{domain.role} data: {len(duplicated)} case name(s) found in more than one {domain.role} folder: {listed}{more}",
+            f"case names must be unique across the {domain.role} folders: remove the copies, "
+            "or remove a folder that holds (or lies inside) another one from the list",
+        )
+    ]
+
+
+def _scan_domain(
+    role: str,
+    folders: list[Path],
+    modality: str,
+    *,
+    require_labels: bool,
+    slice_axis: int,
+    check_grids: bool,
+    excluded_by_user: Iterable[str],
+) -> tuple[DomainReport, list[Case], list[Problem]]:
+    """Every folder of one role, read as one data set."""
+    domain = DomainReport(role=role, modality=modality)
+    skip = set(excluded_by_user)
+    usable: list[Case] = []
+    problems: list[Problem] = []
+    for root in folders:
+        report, cases, found = _scan_folder(
+            role, root, modality, require_labels=require_labels, slice_axis=slice_axis, check_grids=check_grids, skip=skip
+        )
+        domain.folders.append(report)
+        usable += cases
+        problems += found
+    problems += _duplicate_cases(domain)
+    needs = f"a {modality} image" + (" and a label map" if require_labels else "")
+    scanned = [folder for folder in domain.folders if folder.scanned]
+    if scanned and not usable:
         problems.append(
             Problem(
                 "error",
-                f"{role} data: none of the {len(cases)} case(s) in {root} has {needs} that can be used",
+                f"{role} data: none of the {domain.cases_found} case(s) in {domain.where()} has {needs} that can be used",
                 f"choose the {role} modality the cases have "
-                f"({', '.join(m for m, n in report.cases_by_modality.items() if n) or 'none found'})"
+                f"({', '.join(m for m, n in domain.cases_by_modality.items() if n) or 'none found'})"
                 + (", and give labelled cases (<case>_seg.nii.gz) as source" if require_labels else ""),
             )
         )
-    if report.excluded:
+    elif len(domain.folders) > 1:
+        for folder in scanned:
+            if not folder.usable:
+                problems.append(
+                    Problem(
+                        "warning",
+                        f"{role} data: none of the {folder.cases_found} case(s) in {folder.root} has {needs} that can be used",
+                        f"the run uses the other {role} folders; remove this one from the list, or fix its cases",
+                    )
+                )
+    if domain.excluded:
         problems.append(
             Problem(
                 "warning",
-                f"{role} data: {len(report.excluded)} case(s) left out: {', '.join(sorted(report.excluded))}",
+                f"{role} data: {len(domain.excluded)} case(s) left out: {', '.join(sorted(domain.excluded))}",
                 f"the run skips them ({EXCLUDE_KEYS[role]}"
-                + ("; a case of that name in the target folder is skipped too" if role == "source" else "")
+                + ("; a case of that name in the target folders is skipped too" if role == "source" else "")
                 + "); fix their files (see the list above) to include them",
             )
         )
-    return report, usable, problems
+    return domain, usable, problems
 
 
 def _device_kind(device: str | None) -> str:
@@ -309,9 +462,9 @@ METHOD_ROLES = {
 
 
 def check_datasets(
-    source_dir: str | Path | None,
+    source_dir: str | Path | Sequence[str | Path] | None,
     source_modality: str,
-    target_dir: str | Path | None,
+    target_dir: str | Path | Sequence[str | Path] | None,
     target_modality: str,
     *,
     config: Mapping[str, Any] | None = None,
@@ -323,6 +476,9 @@ def check_datasets(
 ) -> DatasetReport:
     """Scan the source (labelled) and target (unlabelled) folders; never raises for user mistakes.
 
+    ``source_dir`` and ``target_dir`` are one folder each, or a list of folders read as one data
+    set (as ``data.source_dir`` / ``data.target_dir`` of a run): case names must be unique across
+    the folders of a role, and every folder must exist and hold cases.
     ``config`` (a resolved training config) supplies the method, the slice axis, the translator
     mode and the sizes for the estimate; without it a BiGL run is assumed and nothing is estimated.
     ``exclude`` skips cases in both roles, ``target_exclude`` in the target only (as the run does).
@@ -343,21 +499,20 @@ def check_datasets(
     slice_axis = int(config_value(config, "preprocessing.slice_axis", 2))
     folders = {"source": source_dir, "target": target_dir}
     skipped = {"source": list(exclude), "target": list(exclude) + list(target_exclude)}
-    reports: dict[str, FolderReport] = {}
+    reports: dict[str, DomainReport] = {}
     cases: dict[str, list[Case]] = {}
     for role in ("source", "target"):
-        folder = Path(folders[role]).expanduser() if folders[role] else None
+        reports[role], cases[role] = DomainReport(role=role, modality=modalities[role], used=role in roles), []
         if role not in roles:
-            reports[role] = FolderReport(role=role, root=folder or Path(), modality=modalities[role], used=False)
-            cases[role] = []
             continue
-        if folder is None or role in unknown_modality:
-            reports[role], cases[role] = FolderReport(role=role, root=folder or Path(), modality=modalities[role]), []
-            if folder is None:
-                problems.append(Problem("error", f"no {role} data folder chosen", f"choose the folder of the {role} cases"))
+        roots, found = _folder_list(role, folders[role])
+        problems += found
+        if not roots and not found:
+            problems.append(Problem("error", f"no {role} data folder chosen", f"choose the {role} folder (or folders)"))
+        if not roots or role in unknown_modality:
             continue
-        reports[role], cases[role], found = _scan_folder(
-            role, folder, modalities[role], require_labels=roles[role], slice_axis=slice_axis,
+        reports[role], cases[role], found = _scan_domain(
+            role, roots, modalities[role], require_labels=roles[role], slice_axis=slice_axis,
             check_grids=check_grids, excluded_by_user=skipped[role],
         )  # fmt: skip
         problems += found

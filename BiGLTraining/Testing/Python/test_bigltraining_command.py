@@ -155,3 +155,65 @@ def test_settings_round_trip_through_a_dict():
     values = settings.to_dict()
     values["field_from_a_newer_version"] = 1
     assert TrainingSettings.from_dict(json.loads(json.dumps(values))) == settings
+
+
+# ----------------------------------------------------------------------- several folders
+
+
+def test_several_folders_become_one_json_list_override(tmp_path):
+    from bigl.cli import build_parser
+    from bigl.cli.train import _overrides
+
+    source = [str(tmp_path / "brats 18"), str(tmp_path / ODD)]
+    settings = TrainingSettings(output_dir=str(tmp_path / "run"), preset="cpu", source_dir=source,
+                                target_dir=str(tmp_path / "t2 only"), source_modality="t1", target_modality="t2")  # fmt: skip
+    command = train_command(settings, python="py")
+    assert f"data.source_dir={json.dumps(source, ensure_ascii=False)}" in command  # one argument, a JSON list
+    assert f'data.target_dir="{tmp_path / "t2 only"}"' in command  # one folder stays a plain string
+    # what `bigl train` makes of that command line: its own parser, then the config loader
+    args = build_parser().parse_args(command[3:])
+    config = load_config(args.config, _overrides(args))
+    assert config["data"]["source_dir"] == source
+    assert config["data"]["target_dir"] == str(tmp_path / "t2 only")
+    assert settings.resolve_config()["data"]["source_dir"] == source
+
+
+@pytest.mark.parametrize(
+    "given, kept",
+    [
+        (["/a", "/b"], ["/a", "/b"]),
+        (("/a", "/b"), ["/a", "/b"]),
+        (["/a"], "/a"),  # one folder is a plain string, as config files have it
+        (["/a", "", "/a", "/b"], ["/a", "/b"]),  # blanks dropped, a folder given twice kept once
+        ([], None),
+        ("", None),
+        ("/a", "/a"),
+    ],
+)
+def test_folder_settings_are_normalised(given, kept):
+    settings = TrainingSettings(source_dir=given, target_dir=given)
+    assert settings.source_dir == settings.target_dir == kept
+
+
+def test_folder_lists_round_trip_through_dict_and_config():
+    settings = TrainingSettings(output_dir="o", source_dir=["/a b", "/\u00fc"], target_dir="/t")
+    saved = json.loads(json.dumps(settings.to_dict()))
+    assert saved["source_dir"] == ["/a b", "/\u00fc"]
+    assert TrainingSettings.from_dict(saved) == settings
+    # settings saved by an earlier version: a plain string per folder
+    old = {"output_dir": "o", "preset": "cpu", "source_dir": "/data/brats", "target_dir": "/data/brats"}
+    assert TrainingSettings.from_dict(old).source_dir == "/data/brats"
+
+    preset = load_config("cpu", ['data.source_dir=["/a", "/b"]', "data.target_dir=/t"])
+    shown = TrainingSettings.from_config(preset, output_dir="o")
+    assert (shown.source_dir, shown.target_dir) == (["/a", "/b"], "/t")
+    assert shown.overrides(preset) == []  # the same folders as the preset: nothing to pass
+    shown.source_dir = ["/a", "/b", "/c"]
+    assert shown.overrides(preset) == ['data.source_dir=["/a", "/b", "/c"]']
+
+
+def test_empty_folder_list_is_refused_by_the_loader_not_sent():
+    # the module never sends an empty list (no folder -> no override); the loader refuses one
+    assert TrainingSettings(output_dir="o", source_dir=[]).overrides() == []
+    with pytest.raises(ConfigError, match="data.source_dir"):
+        load_config("cpu", ["data.source_dir=[]"])

@@ -151,3 +151,112 @@ def test_batch_must_split_over_the_gpus(cases):
     assert check_datasets(cases, "t1", cases, "t2", config=config, gpus=2).ok
     report = check_datasets(cases, "t1", cases, "t2", config=config, gpus=4)
     assert [p.message.split()[0] for p in report.errors] == ["adapt.batch_size"]
+
+
+# ----------------------------------------------------------------------- several folders
+
+
+@pytest.fixture
+def two_folders(phantom_cases, tmp_path):
+    """Two data folders of one data set: the 3 phantom cases, and 2 more cases named More_*."""
+    from bigl.data.phantoms import write_cohort
+
+    first = shutil.copytree(phantom_cases, tmp_path / "first")
+    second = tmp_path / "second folder"
+    write_cohort(second, cases=2, size=48, seed=1, modalities=("t1", "t2"), prefix="More")
+    return first, second
+
+
+def test_two_folders_are_checked_as_one_data_set(two_folders):
+    first, second = two_folders
+    config = load_config("cpu")
+    report = check_datasets([first, str(second)], "t1", [str(first), second], "t2", config=config, device="cpu")
+    assert report.ok and not report.problems, report.as_text()
+    assert report.source.roots == report.target.roots == [first, second]
+    assert [f.cases_found for f in report.source.folders] == [3, 2]
+    assert report.source.cases_found == 5 and report.source.labelled == 5
+    assert report.source.cases_by_modality == {"t1": 5, "t1ce": 0, "t2": 5, "flair": 0}
+    assert report.source.usable == ["More_001", "More_002", "Phantom_001", "Phantom_002", "Phantom_003"]
+    assert report.source.slices == 5 * 48 and report.estimate.source_slices == 5 * 48
+    assert report.paired_cases == 5  # pairs are found across the folders of both roles
+    lines = report.as_text().splitlines()
+    assert any(line.startswith(f"source (t1) in {first}: 3 case(s) found") for line in lines)
+    assert any(line.startswith(f"source (t1) in {second}: 2 case(s) found") for line in lines)
+    assert any(line.startswith("source (t1) in all 2 folders: 5 case(s) found") and "5 usable" in line for line in lines)
+    # one folder given as a string or as a one-element list: the same report
+    assert check_datasets([first], "t1", first, "t2").as_text() == check_datasets(first, "t1", [first], "t2").as_text()
+
+
+def test_cases_left_out_name_their_folder(two_folders):
+    first, second = two_folders
+    (second / "More_002" / "More_002_seg.nii.gz").unlink()
+    report = check_datasets([first, second], "t1", [first, second], "t2")
+    assert report.ok and [p.level for p in report.problems] == ["warning"]
+    assert report.source.excluded == {"More_002": "no label map (the source must be labelled)"}
+    assert report.source.folders[1].excluded == report.source.excluded and not report.source.folders[0].excluded
+    assert f"left out (source) More_002 in {second}: no label map" in report.as_text()
+    assert report.excluded_cases == ["More_002"]
+
+
+def test_case_name_in_two_folders_is_an_error_naming_both(phantom_cases, tmp_path):
+    first = shutil.copytree(phantom_cases, tmp_path / "first")
+    second = shutil.copytree(phantom_cases / "Phantom_002", tmp_path / "second" / "Phantom_002")
+    report = check_datasets([first, tmp_path / "second"], "t1", first, "t2", config=load_config("cpu"))
+    assert not report.ok and report.estimate is None
+    [error] = report.errors
+    assert error.message.startswith("source data: 1 case name(s) found in more than one source folder")
+    assert f"Phantom_002 in {first} and {tmp_path / 'second'}" in error.message
+    assert "unique" in error.hint
+    assert second.is_dir() and "NOT ready" in report.as_text()
+
+
+def test_nested_folders_in_the_list_are_duplicates(phantom_cases, tmp_path):
+    outer = shutil.copytree(phantom_cases, tmp_path / "outer" / "HGG").parent
+    report = check_datasets([outer, outer / "HGG"], "t1", outer, "t2")
+    assert not report.ok
+    assert "3 case name(s) found in more than one source folder" in report.errors[0].message
+    assert str(outer / "HGG") in report.errors[0].message
+
+
+def test_missing_or_empty_folder_in_the_list_is_an_error_naming_it(two_folders, tmp_path):
+    first, second = two_folders
+    missing, empty = tmp_path / "not there", tmp_path / "empty"
+    empty.mkdir()
+    report = check_datasets([first, missing], "t1", [first, second, empty], "t2")
+    assert not report.ok
+    messages = [p.message for p in report.errors]
+    assert messages == [f"source data: data folder not found: {missing}", f"target data: no BraTS-style cases found in {empty}"]
+    # the folders that can be read are still reported
+    assert report.source.usable == ["Phantom_001", "Phantom_002", "Phantom_003"]
+    assert report.target.cases_found == 5 and not report.target.folders[2].scanned
+    # every folder missing: the folders' own errors, no extra "none usable" error
+    report = check_datasets([missing, tmp_path / "gone"], "t1", first, "t2")
+    assert [p.message for p in report.errors] == [
+        f"source data: data folder not found: {missing}", f"source data: data folder not found: {tmp_path / 'gone'}"
+    ]
+
+
+def test_a_folder_without_the_modality_is_a_warning_when_others_have_it(two_folders, tmp_path):
+    from bigl.data.phantoms import write_cohort
+
+    first, _ = two_folders
+    flair = tmp_path / "flair only"
+    write_cohort(flair, cases=1, size=32, seed=2, modalities=("flair",), prefix="Flair")
+    report = check_datasets([first, flair], "t1", first, "t2")
+    assert report.ok and [p.level for p in report.problems] == ["warning"]
+    assert f"none of the 1 case(s) in {flair} has a t1 image and a label map" in report.problems[0].message
+    report = check_datasets([first, flair], "t1ce", first, "t2")  # in none of the folders
+    assert not report.ok and len(report.errors) == 1
+    assert f"none of the 4 case(s) in the 2 source folders ({first}, {flair}) has a t1ce image" in report.errors[0].message
+    assert "(t1, t2, flair)" in report.errors[0].hint  # what the folders have together
+
+
+def test_folder_lists_blank_or_repeated(two_folders):
+    first, second = two_folders
+    report = check_datasets(["", "  "], "t1", [], "t2")
+    assert [p.message for p in report.errors] == ["no source data folder chosen", "no target data folder chosen"]
+    report = check_datasets([first, str(first) + "/", second], "t1", first, "t2")
+    assert [p.message for p in report.errors] == [f"source data: the folder {first} is listed twice"]
+    assert report.source.roots == [first, second]  # scanned once, no duplicate-case error on top
+    report = check_datasets([first, 3], "t1", first, "t2")
+    assert report.errors[0].message == "source data: 3 is not a folder path"

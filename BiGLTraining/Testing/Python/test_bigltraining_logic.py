@@ -184,6 +184,44 @@ def test_cases_the_check_leaves_out_are_excluded_from_the_run(phantom_cases, tmp
     assert captured["settings"].resolve_config()["data"]["exclude"] == ["Phantom_002"]
 
 
+def test_several_data_folders_reach_the_run_as_one_data_set(phantom_cases, tmp_path, monkeypatch):
+    import shutil
+
+    from bigl.data.phantoms import write_cohort
+    from bigl.training.data import find_training_cases
+
+    first = Path(shutil.copytree(phantom_cases, tmp_path / "first"))
+    second = tmp_path / "second"
+    write_cohort(second, cases=2, size=32, seed=1, modalities=("t1", "t2"), prefix="More")
+    (second / "More_001" / "More_001_seg.nii.gz").unlink()
+    captured = {}
+
+    def command(settings, **kwargs):
+        captured["settings"] = settings
+        return [sys.executable, "-c", "pass"]
+
+    monkeypatch.setattr(logic_module, "train_command", command)
+    logic = TrainingLogic()
+    folders = [str(first), str(second)]
+    report = logic.check_data(settings_for(first, tmp_path / "run", source_dir=folders, target_dir=folders))
+    assert report.ok and report.source.usable == ["More_002", "Phantom_001", "Phantom_002", "Phantom_003"]
+    logic.start(settings_for(first, tmp_path / "run", source_dir=folders, target_dir=folders))
+    logic.wait(timeout=30)
+    settings = captured["settings"]
+    assert settings.source_dir == folders and settings.exclude == ["More_001"]
+    config = settings.resolve_config()
+    assert config["data"]["source_dir"] == config["data"]["target_dir"] == folders
+    found = find_training_cases(config, need_source=True, need_target=True, labelled_role="source")
+    assert [case.name for case in found["source"]] == ["More_002", "Phantom_001", "Phantom_002", "Phantom_003"]
+    assert {case.folder.parent for case in found["target"]} == {first, second}
+
+    shutil.copytree(first / "Phantom_001", second / "Phantom_001")  # now in both folders
+    with pytest.raises(InputError, match="cannot be used for training") as info:
+        TrainingLogic().start(settings_for(first, tmp_path / "run2", source_dir=folders, target_dir=folders))
+    assert f"Phantom_001 in {first} and {second}" in info.value.message
+    assert not (tmp_path / "run2").exists()
+
+
 # ------------------------------------------------------------------------ real bigl train
 
 
@@ -264,6 +302,24 @@ def test_real_training_stopped_and_resumed(headless_slicer, phantom_cases, tmp_p
     steps = list(slicer.util.arrayFromTableColumn(table, "step"))
     assert steps == sorted(set(steps)) and steps[-1] == 6  # one row per step, across the resume
     assert logic.state.error_message is None
+
+
+@pytest.mark.slow
+def test_real_training_reads_two_data_folders(tmp_path):
+    from bigl.data.phantoms import write_cohort
+
+    write_cohort(tmp_path / "a", cases=2, size=32, seed=0, modalities=("t1", "t2"))
+    write_cohort(tmp_path / "b", cases=1, size=32, seed=1, modalities=("t1", "t2"), prefix="More")
+    folders = [str(tmp_path / "a"), str(tmp_path / "b")]
+    out = tmp_path / "run"
+    logic = TrainingLogic()
+    logic.start(settings_for(tmp_path / "a", out, source_dir=folders, target_dir=folders))
+    assert logic.wait(timeout=600) == FINISHED, "\n".join(logic.log)
+    assert json.loads((out / "config.json").read_text())["data"]["source_dir"] == folders
+    events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
+    data = next(event for event in events if event["event"] == "data")
+    names = ["More_001", "Phantom_001", "Phantom_002"]  # the trainer read both folders
+    assert data["labelled"]["case_names"] == data["unlabelled"]["case_names"] == names
 
 
 @pytest.mark.slow
