@@ -27,6 +27,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from bigl.data.brats import data_folders
 from bigl.errors import InputError
 
 #: Display names of the bundle training methods in tables.
@@ -43,7 +44,7 @@ class CaseSelection:
     missing_modality: list[str] = field(default_factory=list)
 
 
-def select_cases(data_dir: str | Path, modality: str, cases: Sequence[str] | None = None) -> CaseSelection:
+def select_cases(data_dir: str | Path | Sequence[str | Path], modality: str, cases: Sequence[str] | None = None) -> CaseSelection:
     """Split the cases of ``data_dir`` (optionally only those named in ``cases``) by evaluability."""
     from bigl.data.brats import find_cases
 
@@ -82,7 +83,7 @@ def method_label(metadata: dict, transform: Transform | None = None) -> str:
 
 def evaluate_bundle(
     model,
-    data_dir: str | Path,
+    data_dir: str | Path | Sequence[str | Path],
     modality: str | None = None,
     out_dir: str | Path | None = None,
     *,
@@ -164,7 +165,7 @@ def evaluate_bundle(
         result = {
             "method": name or method_label(metadata, transform),
             "model": str(predictor.bundle.path) if predictor.bundle.path is not None else None,
-            "data": str(Path(data_dir).expanduser()),
+            "data": ", ".join(str(folder) for folder in data_folders(data_dir)),
             "modality": modality,
             "model_modality": predictor.bundle.modality,
             "source_modality": predictor.bundle.source_modality,

@@ -24,8 +24,13 @@ from bigl.errors import ConfigError
 ADVERSARIAL_MODES = ("lsgan", "bce")
 
 
-def _check_segmentation_inputs(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """ValueError unless logits [B, K, H, W] and target [B, H, W] class indices agree; returns a long target."""
+#: Class index of voxels that take no part in a segmentation loss (unconfident pseudo-labels).
+IGNORE_INDEX = 255
+
+
+def _check_segmentation_inputs(logits: torch.Tensor, target: torch.Tensor, ignore_index: int | None = None) -> torch.Tensor:
+    """ValueError unless logits [B, K, H, W] and target [B, H, W] class indices agree; returns a long target.
+    ``ignore_index`` is accepted besides the class indices."""
     if logits.ndim != 4:
         raise ValueError(f"logits must be [B, K, H, W], got shape {tuple(logits.shape)}")
     if target.ndim == 4 and target.shape[1] == 1:
@@ -38,9 +43,10 @@ def _check_segmentation_inputs(logits: torch.Tensor, target: torch.Tensor) -> to
         raise ValueError(f"target must hold integer class indices, got dtype {target.dtype}")
     target = target.long()
     num_classes = logits.shape[1]
-    if target.numel() and (int(target.min()) < 0 or int(target.max()) >= num_classes):
+    checked = target if ignore_index is None else target[target != ignore_index]
+    if checked.numel() and (int(checked.min()) < 0 or int(checked.max()) >= num_classes):
         raise ValueError(
-            f"target class indices must be in 0..{num_classes - 1}, got {int(target.min())}..{int(target.max())}"
+            f"target class indices must be in 0..{num_classes - 1}, got {int(checked.min())}..{int(checked.max())}"
             " (BraTS labels 0/1/2/4 must first be mapped with bigl.labels.labels_to_classes)"
         )
     return target
@@ -52,6 +58,7 @@ def generalized_dice_loss(
     eps: float = 1e-5,
     weight_power: float = 1.0,
     per_image: bool = False,
+    ignore_index: int | None = None,
 ) -> torch.Tensor:
     """Generalised Dice loss on softmax probabilities p and one-hot targets g.
 
@@ -63,11 +70,18 @@ def generalized_dice_loss(
 
     Voxel counts are taken over the whole mini-batch (``per_image=False``, steadier for 2D slices
     where a tumour class may cover a handful of pixels) or per image, averaging the per-image losses.
+    Voxels labelled ``ignore_index`` count for neither the prediction nor the target.
     """
-    target = _check_segmentation_inputs(logits, target)
+    target = _check_segmentation_inputs(logits, target, ignore_index)
     num_classes = logits.shape[1]
     probabilities = torch.softmax(logits.float(), dim=1)
+    if ignore_index is not None:
+        keep = (target != ignore_index).unsqueeze(1).to(probabilities.dtype)
+        target = torch.where(target == ignore_index, torch.zeros_like(target), target)
+        probabilities = probabilities * keep
     one_hot = F.one_hot(target, num_classes).permute(0, 3, 1, 2).to(probabilities.dtype)
+    if ignore_index is not None:
+        one_hot = one_hot * keep
     dims = (2, 3) if per_image else (0, 2, 3)
     intersection = (probabilities * one_hot).sum(dims)  # [B, K] or [K]
     total = (probabilities + one_hot).sum(dims)
@@ -91,17 +105,21 @@ def segmentation_loss(
     class_weights: torch.Tensor | None = None,
     weight_power: float = 1.0,
     eps: float = 1e-5,
+    ignore_index: int | None = None,
 ) -> torch.Tensor:
-    """L_seg = ce_weight * cross-entropy (optionally class-weighted) + dice_weight * generalised Dice."""
-    target = _check_segmentation_inputs(logits, target)
+    """L_seg = ce_weight * cross-entropy (optionally class-weighted) + dice_weight * generalised Dice;
+    voxels labelled ``ignore_index`` (e.g. :data:`IGNORE_INDEX`) take no part in either term."""
+    target = _check_segmentation_inputs(logits, target, ignore_index)
     if class_weights is not None:
         class_weights = torch.as_tensor(class_weights, dtype=logits.dtype, device=logits.device)
         if class_weights.shape != (logits.shape[1],):
             raise ValueError(
                 f"class_weights must have one value per class ({logits.shape[1]}), got {tuple(class_weights.shape)}"
             )
-    cross_entropy = F.cross_entropy(logits, target, weight=class_weights)
-    dice = generalized_dice_loss(logits, target, eps=eps, weight_power=weight_power)
+    if ignore_index is not None and not bool((target != ignore_index).any()):
+        return logits.sum() * 0.0  # nothing confident to learn from in this batch
+    cross_entropy = F.cross_entropy(logits, target, weight=class_weights, ignore_index=-100 if ignore_index is None else ignore_index)
+    dice = generalized_dice_loss(logits, target, eps=eps, weight_power=weight_power, ignore_index=ignore_index)
     return ce_weight * cross_entropy + dice_weight * dice
 
 

@@ -30,8 +30,9 @@ def register(subparsers) -> None:
     )
     parser.add_argument("--model", "-m", type=Path, metavar="BUNDLE",
                         help="model bundle (.safetensors); default: the model shipped with BiGL")
-    parser.add_argument("--data", "-d", required=True, type=Path, metavar="DIR",
-                        help="BraTS-style data folder (case folders with images and <case>_seg.nii.gz)")
+    parser.add_argument("--data", "-d", required=True, type=Path, metavar="DIR", action="append",
+                        help="BraTS-style data folder (case folders with images and <case>_seg.nii.gz); "
+                             "repeat it to evaluate the cases of several folders as one set")
     parser.add_argument("--modality", metavar="NAME",
                         help="modality to segment (t1, t1ce, t2, flair; default: the one the model segments)")
     parser.add_argument("--out", "-o", type=Path, metavar="DIR",
@@ -84,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
             reference_file = transform.reference.save(args.out / "reference.json")
 
     result = evaluate_bundle(
-        predictor, args.data, args.modality, args.out, cases=cases, transform=transform,
+        predictor, args.data[0] if len(args.data) == 1 else args.data, args.modality, args.out, cases=cases, transform=transform,
         save_predictions=args.save_predictions, figure_cases=args.figure_cases,
     )
     if reference_file is not None:

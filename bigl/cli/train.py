@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import sys
@@ -35,9 +36,12 @@ def register(subparsers) -> None:
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --out from its last checkpoint (finished stages are skipped)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="sets run.device (default: the config's, auto)")
-    parser.add_argument("--data", type=Path, metavar="DIR", help="BraTS-style folder for both domains (sets data.source_dir and data.target_dir)")
-    parser.add_argument("--source-dir", type=Path, metavar="DIR", help="labelled source-domain cases (data.source_dir)")
-    parser.add_argument("--target-dir", type=Path, metavar="DIR", help="target-domain cases (data.target_dir)")
+    parser.add_argument("--data", type=Path, metavar="DIR", action="append",
+                        help="BraTS-style folder for both domains (sets data.source_dir and data.target_dir); repeat it to use several")
+    parser.add_argument("--source-dir", type=Path, metavar="DIR", action="append",
+                        help="labelled source-domain cases (data.source_dir); repeat it to use several folders")
+    parser.add_argument("--target-dir", type=Path, metavar="DIR", action="append",
+                        help="target-domain cases (data.target_dir); repeat it to use several folders")
     parser.add_argument("--source-modality", metavar="NAME", help="source modality, e.g. t1 (data.source_modality)")
     parser.add_argument("--target-modality", metavar="NAME", help="target modality, e.g. t2 (data.target_modality)")
     parser.add_argument("--method", choices=("bigl", "source-only", "target-only"), help="sets adapt.method")
@@ -50,9 +54,11 @@ def _overrides(args: argparse.Namespace) -> list[str]:
     """Flags turned into config overrides; explicit KEY=VALUE overrides come last and win."""
     overrides = []
     if args.data is not None:
-        overrides += [f"data.source_dir={args.data}", f"data.target_dir={args.data}"]
-    for flag, key in (("source_dir", "data.source_dir"), ("target_dir", "data.target_dir"),
-                      ("source_modality", "data.source_modality"), ("target_modality", "data.target_modality"),
+        overrides += [f"data.source_dir={_folders(args.data)}", f"data.target_dir={_folders(args.data)}"]
+    for flag, key in (("source_dir", "data.source_dir"), ("target_dir", "data.target_dir")):
+        if getattr(args, flag) is not None:
+            overrides.append(f"{key}={_folders(getattr(args, flag))}")
+    for flag, key in (("source_modality", "data.source_modality"), ("target_modality", "data.target_modality"),
                       ("method", "adapt.method"), ("device", "run.device")):
         value = getattr(args, flag)
         if value is not None:
@@ -60,6 +66,11 @@ def _overrides(args: argparse.Namespace) -> list[str]:
     if args.method == "target-only":
         overrides.append("data.target_labels=true")
     return overrides + list(args.overrides)
+
+
+def _folders(paths: list[Path]) -> str:
+    """One folder as itself, several as a JSON list (the override value of data.*_dir)."""
+    return str(paths[0]) if len(paths) == 1 else json.dumps([str(path) for path in paths])
 
 
 def _out_dir(args: argparse.Namespace) -> Path:

@@ -213,34 +213,50 @@ def _case_naming(name: str, folder: Path, items: dict, namings: Counter) -> str:
     return namings.most_common(1)[0][0]
 
 
-def find_cases(root: PathLike, *, modalities: Sequence[str] | str = (), require_labels: bool = False) -> list[Case]:
-    """All BraTS-style cases under ``root`` that have ``modalities`` (and labels if required), sorted by name.
+def data_folders(roots: PathLike | Sequence[PathLike]) -> list[Path]:
+    """One data folder or a list of them, as a list of paths (``~`` expanded)."""
+    if isinstance(roots, (str, os.PathLike)):
+        roots = [roots]
+    folders = [Path(root).expanduser() for root in roots]
+    if not folders:
+        raise InputError("no data folder given", "give at least one BraTS-style data folder")
+    return folders
 
-    Raises :class:`InputError` when ``root`` holds no case, or when no case has what is asked.
+
+def find_cases(
+    root: PathLike | Sequence[PathLike], *, modalities: Sequence[str] | str = (), require_labels: bool = False
+) -> list[Case]:
+    """All BraTS-style cases under ``root`` (a folder, or a list of folders read as one data set)
+    that have ``modalities`` (and labels if required), sorted by name.
+
+    Raises :class:`InputError` when a folder is missing or holds no case, when a case name occurs
+    twice (in one folder or across folders), or when no case has what is asked.
     """
-    root = Path(root).expanduser()
-    if not root.exists():
-        raise InputError(f"data folder not found: {root}", "check the path")
-    if not root.is_dir():
-        raise InputError(
-            f"{root} is a file, not a data folder", "give the case folder (or the folder holding the case folders)"
-        )
+    roots = data_folders(root)
+    where = str(roots[0]) if len(roots) == 1 else f"the {len(roots)} folders {', '.join(str(r) for r in roots)}"
     wanted = normalise_modalities(modalities)
     cases: list[Case] = []
-    for folder, files in _case_folders(root):
-        cases.extend(_cases_in_folder(folder, files))
-    if not cases:
-        raise InputError(
-            f"no BraTS-style cases found in {root}",
-            "expect one folder per case with <case>_t1.nii.gz, <case>_t2.nii.gz, ..., <case>_seg.nii.gz "
-            "(BraTS 2018-2021) or <case>-t1n.nii.gz, <case>-t2w.nii.gz, ..., <case>-seg.nii.gz (BraTS 2023+)",
-        )
+    for folder_root in roots:
+        if not folder_root.exists():
+            raise InputError(f"data folder not found: {folder_root}", "check the path")
+        if not folder_root.is_dir():
+            raise InputError(
+                f"{folder_root} is a file, not a data folder", "give the case folder (or the folder holding the case folders)"
+            )
+        found = [case for folder, files in _case_folders(folder_root) for case in _cases_in_folder(folder, files)]
+        if not found:
+            raise InputError(
+                f"no BraTS-style cases found in {folder_root}",
+                "expect one folder per case with <case>_t1.nii.gz, <case>_t2.nii.gz, ..., <case>_seg.nii.gz "
+                "(BraTS 2018-2021) or <case>-t1n.nii.gz, <case>-t2w.nii.gz, ..., <case>-seg.nii.gz (BraTS 2023+)",
+            )
+        cases.extend(found)
     names = Counter(case.name for case in cases)
     duplicated = sorted(name for name, count in names.items() if count > 1)
     if duplicated:
         folders = ", ".join(str(c.folder) for c in cases if c.name == duplicated[0])
         raise InputError(
-            f"case {duplicated[0]} appears more than once under {root} ({folders})", "keep one copy of each case"
+            f"case {duplicated[0]} appears more than once under {where} ({folders})", "keep one copy of each case"
         )
     selected = [
         case
@@ -250,7 +266,7 @@ def find_cases(root: PathLike, *, modalities: Sequence[str] | str = (), require_
     if not selected:
         needs = list(wanted) + (["labels"] if require_labels else [])
         raise InputError(
-            f"none of the {len(cases)} case(s) in {root} has {' + '.join(needs)}; found: {summarise_cases(cases)}",
+            f"none of the {len(cases)} case(s) in {where} has {' + '.join(needs)}; found: {summarise_cases(cases)}",
             "add the missing files, or choose modalities the cases have",
         )
     return sorted(selected, key=lambda case: case.name)

@@ -19,19 +19,32 @@ from m_t (fake). docs/training.md explains how the paper's weights map onto thes
 
 Methods ``source-only`` and ``target-only`` train the same network on labelled slices alone
 (source images, or target images with target labels): the lower and upper bounds.
+
+Self-training (beyond the paper; ``adapt.self_training_iterations`` > 0, method bigl): after the
+adaptation steps, the adapted segmenter pseudo-labels every unlabelled target slice (softmax of
+Phi(x_t) and Phi(x_t->s) averaged; a voxel is kept when its confidence reaches
+``min(pseudo_threshold, the (1 - pseudo_class_fraction) quantile of its class)``, so rare classes
+keep their most confident share; the rest is ignored), and the segmenter goes on with
+L_seg(x_s) + synthetic_weight * L_seg(x_s->t) + L_seg(x_t, pseudo-labels) [+ lambda_out * L_out],
+without the adversarial terms. With ``self_training_rounds`` > 1 the pseudo-labels are made anew
+at the start of each round. The pseudo-labels travel in the checkpoints, so resume is exact.
+
+Augmentation (``data.augment_spatial``, ``data.augment_intensity``; :mod:`bigl.training.augment`)
+applies to the labelled slices and, for intensity, to x_s->t as well.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 from torch import nn
 
 from bigl.bundle import make_metadata, save_bundle
-from bigl.losses import adversarial_loss, output_consistency_loss, segmentation_loss
+from bigl.losses import IGNORE_INDEX, adversarial_loss, output_consistency_loss, segmentation_loss
+from bigl.training import augment
 from bigl.models import AttentionDiscriminator, DualAttentionUNet, FeatureDiscriminator, SegmenterConfig, TranslatorConfig
 from bigl.training.config import active_levels
 from bigl.training.data import to_tensors
@@ -80,8 +93,13 @@ class AdaptNetwork(nn.Module):
         return self
 
     def forward(
-        self, x_labelled: torch.Tensor, x_target: torch.Tensor | None = None, translator_batch: dict[str, torch.Tensor] | None = None
+        self,
+        x_labelled: torch.Tensor,
+        x_target: torch.Tensor | None = None,
+        translator_batch: dict[str, torch.Tensor] | None = None,
+        translated_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:
+        """``translated_transform`` (augmentation) is applied to x_s->t before the segmenter sees it."""
         if self.translators is None:
             return {"logits": self.segmenter(x_labelled)}
         out: dict[str, torch.Tensor] = {}
@@ -92,6 +110,8 @@ class AdaptNetwork(nn.Module):
         else:
             with torch.no_grad():
                 fake_t, fake_s = self.translators.s2t(x_labelled), self.translators.t2s(x_target)
+        if translated_transform is not None:
+            fake_t = translated_transform(fake_t)
         aux = self.segmenter(torch.cat([x_labelled, fake_t, x_target, fake_s]), return_aux=True)
         out.update(
             logits=aux.logits,
@@ -137,6 +157,11 @@ class AdaptTrainer(StageTrainer):
         self.method = adapt["method"]
         self.levels = active_levels(adapt)
         self.finetune = bool(adapt["finetune_translator"])
+        self.self_steps = int(adapt["self_training_iterations"]) if self.method == "bigl" else 0
+        self.adapt_steps = self.total - self.self_steps
+        self.round_steps = -(-self.self_steps // int(adapt["self_training_rounds"])) if self.self_steps else 0
+        self.pseudo: np.ndarray | None = None  # uint8 [n, S, S] pseudo-labels of the unlabelled slices
+        self.pseudo_round = -1
         self.translator_mode = translator_mode
         self.translator_iterations = translator_iterations
         device = ctx.device
@@ -193,16 +218,29 @@ class AdaptTrainer(StageTrainer):
         return optimizers
 
     def extra_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        return {}, {"method": self.method, "levels": list(self.levels),
-                    "scalers": {"seg": self.scaler_seg.state_dict(), "d": self.scaler_d.state_dict()}}
+        tensors = {} if self.pseudo is None else {"pseudo_labels": torch.from_numpy(self.pseudo)}
+        return tensors, {"method": self.method, "levels": list(self.levels), "pseudo_round": self.pseudo_round,
+                         "scalers": {"seg": self.scaler_seg.state_dict(), "d": self.scaler_d.state_dict()}}
 
     def load_extra_state(self, tensors: dict[str, torch.Tensor], values: dict[str, Any]) -> None:
         load_scaler_states({"seg": self.scaler_seg, "d": self.scaler_d}, values["scalers"])
+        if "pseudo_labels" in tensors:
+            self.pseudo = tensors["pseudo_labels"].numpy().astype(np.uint8)
+            self.pseudo_round = int(values.get("pseudo_round", 0))
 
     # -- schedule -----------------------------------------------------------------------------
+    def self_training(self, step: int) -> bool:
+        """Whether ``step`` belongs to the self-training phase."""
+        return self.self_steps > 0 and step >= self.adapt_steps
+
     def segmenter_lr(self, step: int) -> float:
-        """Poly decay: lr * (1 - step / total) ** poly_power."""
-        return self.adapt["lr"] * (1.0 - step / self.total) ** self.adapt["poly_power"]
+        """Poly decay: lr * (1 - step / steps) ** poly_power over the adaptation steps, and again from
+        self_training_lr over the self-training steps."""
+        power = self.adapt["poly_power"]
+        if self.self_training(step):
+            done = step - self.adapt_steps
+            return self.adapt["self_training_lr"] * (1.0 - done / self.self_steps) ** power
+        return self.adapt["lr"] * (1.0 - step / self.adapt_steps) ** power
 
     def learning_rates(self, step: int) -> dict[str, float]:
         rates = {"segmenter": self.segmenter_lr(step)}
@@ -216,18 +254,96 @@ class AdaptTrainer(StageTrainer):
         return self.adapt["batch_size"] * (2 if self.method == "bigl" else 1)
 
     # -- one iteration ------------------------------------------------------------------------
-    def batch(self, step: int) -> dict[str, torch.Tensor]:
+    def batch(self, step: int) -> dict[str, Any]:
         ctx = self.ctx
+        data = ctx.config["data"]
         size = self.adapt["batch_size"]
         drawn = ctx.sampler.unpaired(self.stage, step, size)
         shard = ctx.dist.shard(size)
         x, y = to_tensors(ctx.data.labelled, drawn.labelled[shard], drawn.flip_labelled[shard], ctx.device, with_labels=True)
-        batch = {"x": x, "y": y}
+        rng = ctx.sampler.rng(self.stage, step, stream=2)  # augmentation parameters
+        if data["augment_spatial"]:
+            x, y = augment.spatial(x, y, rng)
+        if data["augment_intensity"]:
+            x = augment.intensity(x, rng)
+        batch: dict[str, Any] = {"x": x, "y": y}
         if self.method == "bigl":
-            batch["x_t"], _ = to_tensors(ctx.data.unlabelled, drawn.unlabelled[shard], drawn.flip_unlabelled[shard], ctx.device)
+            if self.self_training(step):
+                rows = self.pseudo_rows(step, size)
+                batch["x_t"], batch["y_t"] = self.pseudo_batch(rows[shard], drawn.flip_unlabelled[shard])
+                if data["augment_spatial"]:
+                    batch["x_t"], batch["y_t"] = augment.spatial(batch["x_t"], batch["y_t"], rng)
+            else:
+                batch["x_t"], _ = to_tensors(ctx.data.unlabelled, drawn.unlabelled[shard], drawn.flip_unlabelled[shard], ctx.device)
+            if data["augment_intensity"]:
+                seed = int(rng.integers(0, 2**63 - 1))
+                batch["translated_transform"] = lambda t: augment.intensity(t, np.random.default_rng(seed))
         if self.finetune:
             batch["translator"] = translator_batch(ctx, self.translator_mode, self.stage, step, size, stream=1)
         return batch
+
+    # -- self-training ------------------------------------------------------------------------
+    def pseudo_rows(self, step: int, size: int) -> np.ndarray:
+        """Unlabelled slices of one self-training batch: ``tumour_fraction`` of them hold pseudo-labelled tumour."""
+        rng = self.ctx.sampler.rng(self.stage, step, stream=3)
+        n = len(self.pseudo)
+        tumour = self.pseudo_tumour
+        n_tumour = int(round(self.ctx.config["data"]["tumour_fraction"] * size)) if len(tumour) else 0
+        return rng.permutation(np.concatenate([rng.choice(tumour, n_tumour), rng.integers(0, n, size - n_tumour)]).astype(np.int64))
+
+    def pseudo_batch(self, rows: np.ndarray, flips: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Target images and their pseudo-labels (``IGNORE_INDEX`` where unconfident), mirrored alike."""
+        unlabelled = self.ctx.data.unlabelled
+        images = unlabelled.images[rows].astype(np.float32)
+        labels = self.pseudo[rows].copy()
+        for row, (flip, axis) in enumerate(zip(flips, unlabelled.flip_axis[rows])):
+            if flip and axis:
+                images[row] = np.flip(images[row], axis=int(axis))
+                labels[row] = np.flip(labels[row], axis=int(axis))
+        device = self.ctx.device
+        return torch.from_numpy(images).unsqueeze(1).to(device), torch.from_numpy(labels).long().to(device)
+
+    @property
+    def pseudo_tumour(self) -> np.ndarray:
+        if getattr(self, "_pseudo_tumour_for", None) is not self.pseudo:
+            flat = self.pseudo.reshape(len(self.pseudo), -1)
+            self._pseudo_tumour = np.flatnonzero(((flat > 0) & (flat != IGNORE_INDEX)).any(axis=1))
+            self._pseudo_tumour_for = self.pseudo
+        return self._pseudo_tumour
+
+    @torch.no_grad()
+    def make_pseudo_labels(self, round_index: int, chunk: int = 32) -> None:
+        """Pseudo-label every unlabelled slice with the current segmenter (see the module docstring)."""
+        import time
+
+        ctx, adapt = self.ctx, self.adapt
+        unlabelled = ctx.data.unlabelled
+        started = time.perf_counter()
+        self.segmenter.eval()
+        confidence = np.empty(unlabelled.images.shape, dtype=np.float16)
+        predicted = np.empty(unlabelled.images.shape, dtype=np.uint8)
+        for begin in range(0, len(unlabelled.images), chunk):
+            x = torch.from_numpy(unlabelled.images[begin:begin + chunk].astype(np.float32)).unsqueeze(1).to(ctx.device)
+            with ctx.autocast():
+                probabilities = torch.softmax(self.segmenter(x).float(), 1) + torch.softmax(self.segmenter(self.translators.t2s(x)).float(), 1)
+            best, classes = (probabilities / 2).max(1)
+            confidence[begin:begin + chunk] = best.cpu().numpy()
+            predicted[begin:begin + chunk] = classes.cpu().numpy()
+        self.segmenter.train()
+        labels = np.full(predicted.shape, IGNORE_INDEX, dtype=np.uint8)
+        kept: dict[str, float] = {}
+        for cls in range(int(predicted.max()) + 1):
+            members = predicted == cls
+            if not members.any():
+                continue
+            values = confidence[members].astype(np.float32)
+            threshold = min(adapt["pseudo_threshold"], float(np.quantile(values, 1.0 - adapt["pseudo_class_fraction"])))
+            chosen = members & (confidence >= threshold)
+            labels[chosen] = cls
+            kept[str(cls)] = round(float(chosen.sum()) / float(members.sum()), 4)
+        self.pseudo, self.pseudo_round = labels, round_index
+        ctx.log.write("pseudo_labels", stage=self.stage, round=round_index, kept_per_class=kept,
+                      ignored=round(float((labels == IGNORE_INDEX).mean()), 4), seconds=round(time.perf_counter() - started, 2))
 
     def segmenter_losses(self, batch: dict[str, Any], out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Every term of the segmenter step (weighted sum in ``total``)."""
@@ -244,6 +360,10 @@ class AdaptTrainer(StageTrainer):
         if adapt["output"]:
             losses["out"] = output_consistency_loss(logits_t, logits_t2s)
             total = total + adapt["lambda_out"] * losses["out"]
+        if "y_t" in batch:  # self-training: pseudo-labelled target instead of adversarial alignment
+            losses["seg_pseudo"] = segmentation_loss(logits_t, batch["y_t"], ignore_index=IGNORE_INDEX)
+            losses["total"] = total + losses["seg_pseudo"]
+            return losses
         for level in self.levels:
             _, _, m_t, m_t2s = out[LEVEL_OUTPUTS[level]].chunk(4)
             gan = adapt["gan_mode"]
@@ -279,7 +399,7 @@ class AdaptTrainer(StageTrainer):
         if self.bank is not None:
             set_requires_grad(self.bank, False)
         with ctx.autocast():
-            out = self.network_ddp(batch["x"], batch.get("x_t"), batch.get("translator"))
+            out = self.network_ddp(batch["x"], batch.get("x_t"), batch.get("translator"), batch.get("translated_transform"))
             losses = self.segmenter_losses(batch, out)
         for optimizer in optimizers:
             optimizer.zero_grad(set_to_none=True)
@@ -309,10 +429,14 @@ class AdaptTrainer(StageTrainer):
     def train_step(self, step: int) -> dict[str, torch.Tensor]:
         for group in self.opt_seg.param_groups:
             group["lr"] = self.segmenter_lr(step)
+        if self.self_training(step):
+            round_index = (step - self.adapt_steps) // self.round_steps
+            if round_index != self.pseudo_round:
+                self.make_pseudo_labels(round_index)
         batch = self.batch(step)
         losses, out = self.segmenter_step(batch)
         result = {name: value.detach() for name, value in losses.items()}
-        if self.bank is not None:
+        if self.bank is not None and not self.self_training(step):
             result.update(self.discriminator_step(batch, out))
         return result
 
@@ -325,10 +449,17 @@ class AdaptTrainer(StageTrainer):
         info: dict[str, Any] = {
             "config": self.ctx.config,
             "method": self.method,
-            "iterations": {"adapt": self.total},
+            "iterations": {"adapt": self.adapt_steps},
             "labelled": data.labelled.describe(),
             "model_selection": "last checkpoint (no target labels used)",
         }
+        data_cfg = self.ctx.config["data"]
+        if data_cfg["augment_spatial"] or data_cfg["augment_intensity"]:
+            info["augmentation"] = {"spatial": data_cfg["augment_spatial"], "intensity": data_cfg["augment_intensity"], **augment.describe()}
+        if self.self_steps:
+            info["iterations"]["self_training"] = self.self_steps
+            info["self_training"] = {key: self.adapt[key] for key in (
+                "self_training_iterations", "self_training_rounds", "self_training_lr", "pseudo_threshold", "pseudo_class_fraction")}
         if data.unlabelled is not None:
             info["unlabelled"] = data.unlabelled.describe()
         if self.method == "bigl":

@@ -37,6 +37,7 @@ RUN_CONTROL_KEYS = frozenset(
     {
         "run.device",
         "run.amp",
+        "run.cpu_bf16",
         "run.log_every",
         "run.checkpoint_every",
         "run.sample_every",
@@ -49,8 +50,8 @@ RUN_CONTROL_KEYS = frozenset(
 
 #: Keys whose default is null, with the types they accept when set.
 _NULLABLE: dict[str, tuple[type, ...]] = {
-    "data.source_dir": (str,),
-    "data.target_dir": (str,),
+    "data.source_dir": (str, list),
+    "data.target_dir": (str, list),
     "data.cases": (list,),
     "data.target_cases": (list,),
     "data.max_cases": (int,),
@@ -89,6 +90,8 @@ def default_config() -> dict[str, Any]:
             "target_labels": False,
             "tumour_fraction": 0.5,
             "flip": True,
+            "augment_spatial": False,
+            "augment_intensity": False,
             "workers": 2,
         },
         "preprocessing": models["preprocessing"],
@@ -136,11 +139,17 @@ def default_config() -> dict[str, Any]:
             "lambda_syn": 0.01,
             "translator_lr": 2e-5,
             "translator_bundle": None,
+            "self_training_iterations": 0,
+            "self_training_rounds": 1,
+            "self_training_lr": 5e-4,
+            "pseudo_threshold": 0.9,
+            "pseudo_class_fraction": 0.5,
         },
         "run": {
             "seed": 0,
             "device": "auto",
             "amp": False,
+            "cpu_bf16": True,
             "log_every": 10,
             "checkpoint_every": 200,
             "sample_every": 500,
@@ -368,6 +377,10 @@ def _validate_data(config: dict[str, Any]) -> None:
             data[key] = normalise_modality(data[key])
         except BiGLError as exc:
             raise _fail(f"data.{key}", exc.message, exc.hint or "") from None
+    for key in ("source_dir", "target_dir"):
+        folders = data[key]
+        if isinstance(folders, list) and (not folders or not all(isinstance(f, str) and f for f in folders)):
+            raise _fail(f"data.{key}", "must be a folder or a non-empty list of folders (strings)", 'e.g. ["/data/brats18", "/data/brats21"]')
     for key in ("cases", "exclude", "target_cases", "target_exclude"):
         values = data[key]
         if values is not None and not all(isinstance(v, str) for v in values):
@@ -462,6 +475,21 @@ def _validate_training(config: dict[str, Any]) -> None:
             "method target-only trains on the target labels, but data.target_labels is false",
             "set data.target_labels=true to allow reading the target label maps (no other method reads them)",
         )
+    _positive(config, "adapt.self_training_iterations", zero=True)
+    _positive(config, "adapt.self_training_rounds")
+    _positive(config, "adapt.self_training_lr")
+    if adapt["self_training_iterations"]:
+        if adapt["method"] != "bigl":
+            raise _fail("adapt.self_training_iterations", f"needs method bigl (method is {adapt['method']}): self-training "
+                        "pseudo-labels the unlabelled target scans", "set adapt.self_training_iterations=0")
+        if adapt["self_training_rounds"] > adapt["self_training_iterations"]:
+            raise _fail("adapt.self_training_rounds", f"{adapt['self_training_rounds']} rounds need at least as many iterations "
+                        f"(adapt.self_training_iterations is {adapt['self_training_iterations']})", "use fewer rounds or more iterations")
+    if not 0.0 < adapt["pseudo_threshold"] < 1.0:
+        raise _fail("adapt.pseudo_threshold", f"must be in (0, 1), got {adapt['pseudo_threshold']}", "0.9 keeps voxels predicted with >= 90 % probability")
+    if not 0.0 <= adapt["pseudo_class_fraction"] <= 1.0:
+        raise _fail("adapt.pseudo_class_fraction", f"must be in [0, 1], got {adapt['pseudo_class_fraction']}",
+                    "0.5 keeps at least the more confident half of each class's predicted voxels")
     if adapt["finetune_translator"] and adapt["method"] != "bigl":
         raise _fail("adapt.finetune_translator", f"needs method bigl (method is {adapt['method']})", "set adapt.finetune_translator=false")
 

@@ -93,7 +93,7 @@ def _select(cases: list, names: list[str] | None, exclude: list[str], max_cases:
         if absent:
             raise ConfigError(
                 f"data.{key}: case(s) not found: {', '.join(absent[:5])}{' ...' if len(absent) > 5 else ''}",
-                f"the folder has {len(cases)} usable case(s), e.g. {', '.join(sorted(by_name)[:3])}",
+                f"the data has {len(cases)} usable case(s), e.g. {', '.join(sorted(by_name)[:3])}",
             )
         cases = [by_name[name] for name in names]
     excluded = set(exclude)
@@ -103,7 +103,8 @@ def _select(cases: list, names: list[str] | None, exclude: list[str], max_cases:
     return cases
 
 
-def _find(folder: str | None, key: str, modality: str, require_labels: bool) -> list:
+def _find(folder: str | list[str] | None, key: str, modality: str, require_labels: bool) -> list:
+    """Cases of one domain: ``folder`` is one data folder or a list of them."""
     from bigl.data.brats import find_cases
 
     if not folder:
@@ -135,7 +136,8 @@ def find_training_cases(config: dict, *, need_source: bool, need_target: bool, l
     if labelled_role is not None:
         unlabelled = [case.name for case in found[labelled_role] if case.labels is None]
         if unlabelled:
-            folder = data[f"{labelled_role}_dir"]
+            folders = data[f"{labelled_role}_dir"]
+            folder = folders if isinstance(folders, str) else ", ".join(folders)
             if labelled_role == "target":
                 raise ConfigError(
                     f"method target-only trains on target labels, but {len(unlabelled)} target case(s) in {folder} have none "

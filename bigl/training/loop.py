@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 import time
@@ -50,14 +51,39 @@ class RunContext:
 
     @property
     def amp(self) -> bool:
-        """Mixed precision: asked for and on CUDA (it is never used on the CPU)."""
+        """float16 mixed precision with gradient scaling: asked for (``run.amp``) and on CUDA."""
         return bool(self.config["run"]["amp"]) and self.device.type == "cuda"
 
+    @property
+    def cpu_bf16(self) -> bool:
+        """bfloat16 autocast on the CPU: asked for (``run.cpu_bf16``) and the CPU computes bfloat16
+        natively (weights, optimiser state and losses stay float32; no gradient scaling is needed)."""
+        return bool(self.config["run"]["cpu_bf16"]) and self.device.type == "cpu" and cpu_supports_bf16()
+
+    @property
+    def precision(self) -> str:
+        """What the forward passes compute in: "float16", "bfloat16" or "float32"."""
+        return "float16" if self.amp else "bfloat16" if self.cpu_bf16 else "float32"
+
     def autocast(self):
+        if self.cpu_bf16:
+            return torch.autocast(device_type="cpu", dtype=torch.bfloat16)
         return torch.autocast(device_type=self.device.type, dtype=torch.float16, enabled=self.amp)
 
     def grad_scaler(self) -> torch.amp.GradScaler:
         return torch.amp.GradScaler("cuda", enabled=self.amp)
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_supports_bf16() -> bool:
+    """True on CPUs with native bfloat16 arithmetic (x86 AVX512-BF16 or AMX, read from
+    /proc/cpuinfo). Elsewhere bfloat16 would be emulated and slower than float32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
+    words = set(flags.split())
+    return bool(words & {"avx512_bf16", "amx_bf16"})
 
 
 def load_scaler_states(scalers: dict[str, torch.amp.GradScaler], states: dict[str, dict]) -> None:
@@ -207,7 +233,7 @@ class StageTrainer:
             ctx.dist.barrier()
             return output
         ctx.log.write("start", stage=self.stage, total=self.total, step=start, resumed=start > 0,
-                      world_size=ctx.dist.world_size, device=str(ctx.device))
+                      world_size=ctx.dist.world_size, device=str(ctx.device), precision=ctx.precision)
         bar = _progress_bar(ctx.progress and ctx.dist.is_main, self.total, start, self.stage)
         sums: dict[str, torch.Tensor] = {}
         count = 0

@@ -198,7 +198,7 @@ class TrainingRun:
 
         ctx = self.ctx
         config = ctx.config
-        total = iterations_for(config["adapt"], len(ctx.data.labelled))
+        total = iterations_for(config["adapt"], len(ctx.data.labelled)) + config["adapt"]["self_training_iterations"]
         kwargs: dict[str, Any] = {}
         if config["adapt"]["method"] == "bigl":
             translators, discriminators, metadata = load_translator(self._translator_file(config), config, ctx.device)

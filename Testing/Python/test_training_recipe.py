@@ -1,0 +1,271 @@
+"""Recipe switches beyond the paper: augmentation, self-training with pseudo-labels, CPU bfloat16,
+several data folders per domain."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from bigl.data.brats import find_cases
+from bigl.errors import ConfigError, InputError
+from bigl.losses import IGNORE_INDEX, segmentation_loss
+from bigl.training import augment, load_config, run_training
+from bigl.training.adapt_stage import AdaptTrainer
+from bigl.training.events import read_events
+from bigl.training.loop import RunContext
+from bigl.training.runner import TrainingRun
+
+from test_training_resume import SimulatedCrash, assert_same_weights
+
+SELF_TRAINING = ["adapt.iterations=4", "adapt.self_training_iterations=4", "adapt.self_training_rounds=2",
+                 "translator_training.iterations=3", "run.checkpoint_every=1", "run.threads=1"]
+
+
+def smoke(data, *overrides: str) -> dict:
+    folders = data if isinstance(data, (str, Path)) else json.dumps([str(d) for d in data])
+    return load_config("smoke", [f"data.source_dir={folders}", f"data.target_dir={folders}", *overrides])
+
+
+# ------------------------------------------------------------------------------------------
+# several data folders
+
+
+@pytest.fixture(scope="module")
+def two_folders(phantom_cohort, tmp_path_factory) -> list[Path]:
+    """The phantom cohort split into two data folders (two cases each)."""
+    root = tmp_path_factory.mktemp("folders")
+    cases = sorted(p for p in phantom_cohort.iterdir() if p.is_dir())
+    folders = [root / "site_a", root / "site_b"]
+    for i, case in enumerate(cases):
+        shutil.copytree(case, folders[i % 2] / case.name)
+    return folders
+
+
+def test_find_cases_reads_several_folders_as_one_data_set(two_folders, phantom_cohort):
+    together = find_cases(two_folders, modalities=("t1",))
+    assert [c.name for c in together] == [c.name for c in find_cases(phantom_cohort, modalities=("t1",))]
+    assert {c.folder.parent for c in together} == set(two_folders)
+
+
+def test_a_case_in_two_folders_is_refused_naming_both(two_folders, tmp_path):
+    twin = tmp_path / "twin"
+    first = sorted(p for p in two_folders[0].iterdir())[0]
+    shutil.copytree(first, twin / first.name)
+    with pytest.raises(InputError, match=first.name) as info:
+        find_cases([two_folders[0], twin])
+    assert str(twin) in info.value.message and str(two_folders[0]) in info.value.message
+
+
+def test_a_missing_folder_in_the_list_is_named(two_folders, tmp_path):
+    with pytest.raises(InputError, match="not found: .*absent"):
+        find_cases([two_folders[0], tmp_path / "absent"])
+
+
+def test_config_takes_a_list_of_folders_and_refuses_bad_lists(two_folders):
+    config = smoke(two_folders)
+    assert config["data"]["source_dir"] == [str(d) for d in two_folders]
+    for bad in ("[]", "[1, 2]", '["", "x"]'):
+        with pytest.raises(ConfigError, match="data.source_dir"):
+            load_config("smoke", [f"data.source_dir={bad}"])
+
+
+def test_bigl_train_repeats_data_folders_into_a_list(two_folders, tmp_path):
+    out = tmp_path / "run"
+    argv = [sys.executable, "-m", "bigl", "train", "--config", "smoke", "--out", str(out), "--no-progress",
+            "--data", str(two_folders[0]), "--data", str(two_folders[1]), "adapt.iterations=2", "translator_training.iterations=2"]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    config = json.loads((out / "config.json").read_text())
+    assert config["data"]["source_dir"] == [str(d) for d in two_folders]
+    data = next(e for e in read_events(out / "events.jsonl") if e["event"] == "data")
+    assert len(data["labelled"]["case_names"]) == 4
+
+
+# ------------------------------------------------------------------------------------------
+# augmentation
+
+
+def brain_batch(n: int = 6, size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Slices with a bright disc of 'brain' (with a gradient) and a label square inside it."""
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    disc = ((yy - size / 2) ** 2 + (xx - size / 2) ** 2) < (size / 3) ** 2
+    image = torch.where(disc, 0.2 + 0.5 * xx / size, torch.tensor(-1.0))
+    labels = torch.zeros(size, size, dtype=torch.long)
+    labels[size // 2 - 3:size // 2 + 3, size // 2 - 3:size // 2 + 3] = 2
+    return image.expand(n, 1, size, size).clone(), labels.expand(n, size, size).clone()
+
+
+def test_spatial_augmentation_is_reproducible_and_keeps_labels_with_the_image():
+    images, labels = brain_batch()
+    a = augment.spatial(images, labels, np.random.default_rng(3))
+    b = augment.spatial(images, labels, np.random.default_rng(3))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    warped, moved = a
+    assert not torch.equal(warped, images)  # some slice was transformed
+    assert set(moved.unique().tolist()) <= {0, 2}  # nearest-neighbour labels stay labels
+    # labels stay on brain: every labelled pixel is inside the warped disc
+    assert bool((warped[:, 0][moved == 2] > -0.99).all())
+    assert float(warped.min()) >= -1.0 - 1e-6 and float(warped[:, :, 0, 0].max()) == pytest.approx(-1.0)
+
+
+def test_intensity_augmentation_changes_brain_only():
+    images, _ = brain_batch()
+    out = augment.intensity(images, np.random.default_rng(5))
+    background = images == -1.0
+    assert torch.equal(out[background], images[background])
+    assert bool((out[~background] > -1.0).all()) and float(out.max()) <= 1.0
+    assert not torch.allclose(out[~background], images[~background])
+    assert torch.equal(out, augment.intensity(images, np.random.default_rng(5)))
+
+
+def test_augmented_training_step_uses_the_switches(phantom_cohort, tmp_path, monkeypatch):
+    calls = {"spatial": 0, "intensity": 0}
+    for name in calls:
+        original = getattr(augment, name)
+
+        def counting(*args, _name=name, _original=original, **kwargs):
+            calls[_name] += 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(augment, name, counting)
+    run_training(smoke(phantom_cohort, "adapt.iterations=2", "translator_training.iterations=2", "run.threads=1",
+                       "data.augment_spatial=true", "data.augment_intensity=true"), tmp_path / "run", progress=False)
+    assert calls["spatial"] == 2  # source batch of each adaptation step
+    assert calls["intensity"] == 4  # source batch and translated source of each step
+
+
+# ------------------------------------------------------------------------------------------
+# pseudo-label loss
+
+
+def test_ignored_voxels_take_no_part_in_the_segmentation_loss():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 4, 8, 8)
+    target = torch.randint(0, 4, (2, 8, 8))
+    target[:, :4] = IGNORE_INDEX
+    changed = logits.clone()
+    changed[:, :, :4] = torch.randn(2, 4, 4, 8) * 5  # only where the target is ignored
+    a = segmentation_loss(logits, target, ignore_index=IGNORE_INDEX)
+    b = segmentation_loss(changed, target, ignore_index=IGNORE_INDEX)
+    assert float(a) == pytest.approx(float(b), rel=1e-5)
+    everything_ignored = torch.full_like(target, IGNORE_INDEX)
+    logits.requires_grad_(True)
+    loss = segmentation_loss(logits, everything_ignored, ignore_index=IGNORE_INDEX)
+    loss.backward()
+    assert float(loss.detach()) == 0.0 and float(logits.grad.abs().sum()) == 0.0
+    with pytest.raises(ValueError, match="class indices"):
+        segmentation_loss(logits, everything_ignored)  # without ignore_index, 255 is no class
+
+
+# ------------------------------------------------------------------------------------------
+# self-training
+
+
+def test_self_training_config_is_checked(phantom_cohort):
+    with pytest.raises(ConfigError, match="needs method bigl"):
+        smoke(phantom_cohort, "adapt.method=source-only", "adapt.self_training_iterations=5")
+    with pytest.raises(ConfigError, match="rounds"):
+        smoke(phantom_cohort, "adapt.self_training_iterations=2", "adapt.self_training_rounds=3")
+    with pytest.raises(ConfigError, match="pseudo_threshold"):
+        smoke(phantom_cohort, "adapt.pseudo_threshold=1.0")
+
+
+def test_pseudo_labels_keep_confident_voxels_and_the_most_confident_share_of_each_class(phantom_cohort, tmp_path):
+    run = TrainingRun(smoke(phantom_cohort, *SELF_TRAINING, "adapt.pseudo_threshold=0.99",
+                            "adapt.pseudo_class_fraction=0.25"), tmp_path / "run", progress=False)
+    run.prepare()
+    run.translator_trainer().finish()
+    trainer: AdaptTrainer = run.adapt_trainer()
+    trainer.make_pseudo_labels(0)
+    pseudo, unlabelled = trainer.pseudo, run.ctx.data.unlabelled
+    assert pseudo.shape == unlabelled.images.shape and pseudo.dtype == np.uint8
+    assert set(np.unique(pseudo).tolist()) <= {0, 1, 2, 3, IGNORE_INDEX}
+    event = [e for e in read_events(tmp_path / "run" / "events.jsonl") if e["event"] == "pseudo_labels"][-1]
+    # an untrained network is nowhere 99 % sure: each class keeps about its most confident quarter
+    for share in event["kept_per_class"].values():
+        assert 0.2 <= share <= 0.3
+    assert event["ignored"] == pytest.approx(float((pseudo == IGNORE_INDEX).mean()), abs=1e-4)
+
+
+def test_self_training_phase_trains_on_pseudo_labels_without_adversarial_terms(phantom_cohort, tmp_path):
+    out = tmp_path / "run"
+    bundle = run_training(smoke(phantom_cohort, *SELF_TRAINING), out, progress=False)
+    events = read_events(out / "events.jsonl")
+    rounds = [e["round"] for e in events if e["event"] == "pseudo_labels"]
+    assert rounds == [0, 1]
+    steps = {e["step"]: e for e in events if e["event"] == "step" and e["stage"] == "adapt"}
+    assert "seg_pseudo" not in steps[4]["losses"] and "adv_feature" in steps[4]["losses"]
+    assert "seg_pseudo" in steps[5]["losses"] and "adv_feature" not in steps[5]["losses"]
+    assert steps[5]["lr"]["segmenter"] == pytest.approx(5e-4)
+    from bigl.bundle import load_bundle
+
+    training = load_bundle(bundle).metadata["training"]
+    assert training["iterations"] == {"adapt": 4, "self_training": 4, "translator": 3}
+    assert training["self_training"]["self_training_rounds"] == 2
+
+
+def test_resume_inside_self_training_reproduces_the_uninterrupted_run(phantom_cohort, tmp_path, monkeypatch):
+    config = smoke(phantom_cohort, *SELF_TRAINING)
+    reference = tmp_path / "reference"
+    run_training(config, reference, progress=False)
+    out = tmp_path / "run"
+    original = AdaptTrainer.train_step
+
+    def crashing(self, step):
+        if step == 7:  # second self-training round, its pseudo-labels made at step 6
+            raise SimulatedCrash("power cut")
+        return original(self, step)
+
+    monkeypatch.setattr(AdaptTrainer, "train_step", crashing)
+    with pytest.raises(SimulatedCrash):
+        run_training(config, out, progress=False)
+    monkeypatch.setattr(AdaptTrainer, "train_step", original)
+    run_training(config, out, resume=True, progress=False)
+    rounds = [e["round"] for e in read_events(out / "events.jsonl") if e["event"] == "pseudo_labels"]
+    assert rounds == [0, 1]  # the resumed run took round 1's pseudo-labels from the checkpoint
+    assert_same_weights(out / "model.safetensors", reference / "model.safetensors")
+
+
+# ------------------------------------------------------------------------------------------
+# CPU bfloat16
+
+
+def test_cpu_bfloat16_autocast_follows_the_setting_and_the_cpu(phantom_cohort, tmp_path, monkeypatch):
+    import bigl.training.loop as loop
+
+    run = TrainingRun(smoke(phantom_cohort, "run.threads=1"), tmp_path / "run", progress=False)
+    ctx: RunContext = run.prepare()
+    monkeypatch.setattr(loop, "cpu_supports_bf16", lambda: True)
+    assert ctx.precision == "bfloat16"
+    conv = torch.nn.Conv2d(1, 2, 3)
+    with ctx.autocast():
+        assert conv(torch.randn(1, 1, 8, 8)).dtype == torch.bfloat16
+    ctx.config["run"]["cpu_bf16"] = False
+    assert ctx.precision == "float32"
+    ctx.config["run"]["cpu_bf16"] = True
+    monkeypatch.setattr(loop, "cpu_supports_bf16", lambda: False)
+    assert ctx.precision == "float32"
+    with ctx.autocast():
+        assert conv(torch.randn(1, 1, 8, 8)).dtype == torch.float32
+
+
+def test_a_bfloat16_run_trains_with_float32_weights(phantom_cohort, tmp_path, monkeypatch):
+    import bigl.training.loop as loop
+
+    monkeypatch.setattr(loop, "cpu_supports_bf16", lambda: True)
+    out = tmp_path / "run"
+    bundle = run_training(smoke(phantom_cohort, "adapt.iterations=2", "translator_training.iterations=2", "run.threads=1"),
+                          out, progress=False)
+    starts = [e for e in read_events(out / "events.jsonl") if e["event"] == "start"]
+    assert {e["precision"] for e in starts} == {"bfloat16"}
+    from safetensors import safe_open
+
+    with safe_open(str(bundle), framework="pt") as handle:
+        assert {handle.get_tensor(k).dtype for k in handle.keys()} == {torch.float32}

@@ -1,0 +1,207 @@
+#!/usr/bin/env python3
+"""Measuring protocol for recipe choices: several settings x several seeds on a fixed split.
+
+    python benchmarks/protocol.py --out runs/protocol --mode quick --seeds 0 1 2 \\
+        --data ../shared/data/brats18 --data ../shared/data/brats-extra \\
+        --setting paper= --setting augment=data.augment_spatial=true,data.augment_intensity=true
+
+Splits (fixed here, before any run):
+- the five REPORT_CASES are never trained on and are scored only with ``--split report`` (the
+  final table);
+- ``--split dev`` (the default, for every choice) trains on all other cases except the
+  DEVELOPMENT_CASES and scores those;
+- ``--split report`` trains on all non-report cases (development cases included) and scores the
+  report cases.
+
+Modes: ``quick`` = the ``cpu`` config (64 px, minutes per run on 2 cores) for screening, ``full`` =
+the ``reference`` config (96 px) for the final table; ``--config`` picks another. Each setting is
+``name=key=value,key=value`` (an empty override list is the config as it is). Settings that leave
+stage 1 alone share one translator per seed (trained once, ``adapt.translator_bundle``), so they
+differ only in what they change. ``--baselines`` adds source-only and the no-learning
+invert + histogram-match baseline (source-only model on the inverted T2) for each seed.
+
+Every run is ``bigl train`` + ``bigl evaluate`` (commands in ``OUT/commands.txt``); a finished run
+is not run again, an interrupted one continues with ``--resume``. The table (``OUT/table.md``,
+``OUT/table.json``) gives per setting the Dice of WT / TC / ET and their mean as
+mean +- std over seeds (of the per-seed case means) and mean +- std over all case x seed scores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPORT_CASES = ["Brats18_2013_2_1", "Brats18_CBICA_AQN_1", "Brats18_TCIA01_425_1", "Brats18_TCIA02_606_1", "Brats18_TCIA10_639_1"]
+#: Development cases (scored for choices): the three of the earlier translator study and two of the
+#: extra BraTS 2019/2021 cases, fixed before any run of this protocol.
+DEVELOPMENT_CASES = ["Brats18_2013_11_1", "Brats18_CBICA_ABM_1", "Brats18_TCIA01_201_1", "BraTS2021_00005", "BraTS19_CBICA_ASK_1"]
+MODES = {"quick": "cpu", "full": "reference"}
+REGIONS = ("WT", "TC", "ET")
+#: Override prefixes that change stage 1 (such a setting trains its own translator).
+_STAGE1_PREFIXES = ("translator.", "translator_training.", "preprocessing.", "data.")
+_STAGE2_DATA_KEYS = ("data.augment_spatial", "data.augment_intensity", "data.tumour_fraction", "data.flip", "data.workers")
+
+
+def parse_setting(text: str) -> tuple[str, list[str]]:
+    name, sep, rest = text.partition("=")
+    if not sep or not name:
+        raise SystemExit(f"--setting {text!r}: write NAME=key=value,key=value (or NAME= for no override)")
+    return name, [item for item in rest.split(",") if item]
+
+
+def own_translator(overrides: list[str]) -> bool:
+    keys = [item.split("=", 1)[0] for item in overrides]
+    return any(key.startswith(_STAGE1_PREFIXES) and key not in _STAGE2_DATA_KEYS for key in keys)
+
+
+class Protocol:
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.out = Path(args.out).resolve()
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.config = args.config or MODES[args.mode]
+        self.bigl = [sys.executable, "-m", "bigl"]
+        report = args.split == "report"
+        self.excluded = REPORT_CASES if report else REPORT_CASES + DEVELOPMENT_CASES
+        self.scored = REPORT_CASES if report else DEVELOPMENT_CASES
+        folders = [str(Path(d).resolve()) for d in args.data]
+        self.data_overrides = [
+            f"data.source_dir={json.dumps(folders)}", f"data.target_dir={json.dumps(folders)}",
+            "data.source_modality=t1", "data.target_modality=t2", f"data.exclude={json.dumps(self.excluded)}",
+            f"run.threads={args.threads}", "run.progress=false", "run.sample_every=0",
+        ]
+        self.folders = folders
+
+    def command(self, argv: list[str], log: Path) -> None:
+        with open(self.out / "commands.txt", "a", encoding="utf-8") as handle:
+            handle.write(" ".join(shlex.quote(a) for a in ["bigl", *argv[3:]]) + "\n")
+        log.parent.mkdir(parents=True, exist_ok=True)
+        started = time.time()
+        with open(log, "a", encoding="utf-8") as handle:
+            result = subprocess.run(argv, stdout=handle, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        print(f"  {time.time() - started:7.1f} s  {' '.join(argv[3:5])} -> {log.parent.name} (exit {result.returncode})", flush=True)
+        if result.returncode:
+            raise SystemExit(f"command failed (exit {result.returncode}); see {log}")
+
+    def train(self, folder: Path, overrides: list[str], stage: str = "all") -> Path:
+        stage_file = "translator.safetensors" if stage == "translator" else "model.safetensors"
+        if (folder / stage_file).exists():
+            return folder / stage_file
+        resume = ["--resume"] if (folder / "config.json").exists() else []
+        argv = [*self.bigl, "train", "--config", self.config, "--out", str(folder), "--stage", stage, *resume,
+                *self.data_overrides, *overrides]
+        self.command(argv, folder.parent / f"{folder.name}.log")
+        return folder / stage_file
+
+    def evaluate(self, model: Path, folder: Path, extra: list[str] = ()) -> dict:
+        summary = folder / "summary.json"
+        if not summary.exists():
+            argv = [*self.bigl, "evaluate", "--model", str(model), *sum((["--data", d] for d in self.folders), []),
+                    "--modality", "t2", "--cases", ",".join(self.scored), "--out", str(folder), "--no-save-predictions",
+                    "--figure-cases", "0", "--threads", str(self.args.threads), *extra]
+            self.command(argv, folder.parent / f"{folder.name}.log")
+        return json.loads(summary.read_text(encoding="utf-8"))
+
+    def run(self) -> dict:
+        results: dict[str, dict[int, dict]] = {}
+        seeds = self.args.seeds
+        settings = [parse_setting(text) for text in self.args.setting]
+        for seed in seeds:
+            seed_overrides = [f"run.seed={seed}"]
+            translator = None
+            if any(not own_translator(o) for _, o in settings):
+                print(f"seed {seed}: shared translator", flush=True)
+                translator = self.train(self.out / "translators" / f"seed{seed}", seed_overrides, stage="translator")
+            for name, overrides in settings:
+                print(f"seed {seed}: {name} {' '.join(overrides)}", flush=True)
+                run_dir = self.out / name / f"seed{seed}"
+                shared = [] if own_translator(overrides) else [f"adapt.translator_bundle={translator}"]
+                model = self.train(run_dir, seed_overrides + shared + overrides, stage="all" if not shared else "adapt")
+                results.setdefault(name, {})[seed] = self.evaluate(model, self.out / name / f"eval-seed{seed}")
+            if self.args.baselines:
+                run_dir = self.out / "source-only" / f"seed{seed}"
+                model = self.train(run_dir, seed_overrides + ["adapt.method=source-only"], stage="adapt")
+                results.setdefault("source-only", {})[seed] = self.evaluate(model, self.out / "source-only" / f"eval-seed{seed}")
+                reference = self.out / "invert-histmatch" / "reference.json"
+                reference_args = (["--reference-data", str(reference)] if reference.exists() else
+                                  ["--reference-data", self.folders[0], "--reference-modality", "t1",
+                                   "--reference-exclude", ",".join(self.excluded)])
+                results.setdefault("invert-histmatch", {})[seed] = self.evaluate(
+                    model, self.out / "invert-histmatch" / f"eval-seed{seed}", ["--baseline", "invert-histmatch", *reference_args])
+                if not reference.exists():
+                    found = self.out / "invert-histmatch" / f"eval-seed{seed}" / "reference.json"
+                    if found.exists():
+                        reference.write_bytes(found.read_bytes())
+        table = summarise(results)
+        (self.out / "table.json").write_text(json.dumps(table, indent=1) + "\n", encoding="utf-8")
+        (self.out / "table.md").write_text(format_table(table, self), encoding="utf-8")
+        return table
+
+
+def summarise(results: dict[str, dict[int, dict]]) -> dict:
+    """Per setting and region: mean +- std over seeds (of case means) and over case x seed scores."""
+    table = {}
+    for name, by_seed in results.items():
+        entry: dict = {"seeds": sorted(by_seed), "regions": {}}
+        for region in (*REGIONS, "mean"):
+            per_seed, per_case = [], []
+            for seed, result in sorted(by_seed.items()):
+                scores = []
+                for case, regions in result["cases"].items():
+                    value = np.mean([regions[r]["dice"] for r in REGIONS]) if region == "mean" else regions[region]["dice"]
+                    scores.append(100.0 * float(value))
+                per_case += scores
+                per_seed.append(float(np.mean(scores)))
+            entry["regions"][region] = {
+                "seed_mean": float(np.mean(per_seed)), "seed_std": float(np.std(per_seed)),
+                "case_mean": float(np.mean(per_case)), "case_std": float(np.std(per_case)),
+                "per_seed": [round(v, 2) for v in per_seed],
+            }
+        table[name] = entry
+    return table
+
+
+def format_table(table: dict, protocol: Protocol) -> str:
+    args = protocol.args
+    lines = [
+        f"Protocol: split {args.split} (scored: {', '.join(protocol.scored)}), config {protocol.config}, seeds {args.seeds}",
+        "",
+        "Dice % on T2: mean ± std over seeds (of the per-seed case means) / over all case x seed scores; per-seed means",
+        "",
+        "| setting | WT | TC | ET | mean | WT per seed |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
+    for name, entry in table.items():
+        cells = [f"{r['seed_mean']:.1f} ± {r['seed_std']:.1f} / ± {r['case_std']:.1f}" for r in (entry["regions"][k] for k in (*REGIONS, "mean"))]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {', '.join(f'{v:.1f}' for v in entry['regions']['WT']['per_seed'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--data", action="append", required=True, help="data folder (repeat for several)")
+    parser.add_argument("--mode", choices=sorted(MODES), default="quick")
+    parser.add_argument("--config", help="a ready config or JSON file instead of the mode's")
+    parser.add_argument("--split", choices=("dev", "report"), default="dev")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--setting", action="append", required=True, help="NAME=key=value,key=value")
+    parser.add_argument("--baselines", action="store_true", help="also source-only and invert + histogram match")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    protocol = Protocol(args)
+    protocol.run()
+    print((protocol.out / "table.md").read_text(encoding="utf-8"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,102 @@
+"""Batch augmentation of labelled slices (beyond the paper; off in the paper's config).
+
+Two independent switches, both applied to a batch of slices in [-1, 1] with background -1:
+
+- spatial (``data.augment_spatial``): per slice, with probability 1/2, a rotation of up to
+  ``MAX_ROTATION_DEGREES`` and a scaling by a factor in ``SCALE_RANGE`` about the slice centre; the
+  label map follows with nearest-neighbour sampling. Applied to source slices before translation,
+  so x_s and x_s->t show the same warped anatomy.
+- intensity (``data.augment_intensity``): per slice, each with probability 1/2, a gamma curve, a
+  contrast scale, a brightness shift, a smooth multiplicative bias field and Gaussian noise, all
+  inside the brain only (the background stays -1, as the preprocessing makes it for every scan).
+  Applied to x_s and, drawn anew, to x_s->t: scans from other sites differ in exactly these ways.
+
+Parameters come from the sampler's generator for ``(seed, stage, step)``: a resumed run draws
+the same augmentations. Written on whole tensors rather than with MONAI's per-sample dictionary transforms: one call
+warps a [B, 1, S, S] batch and its labels with parameters from the caller's generator.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from bigl.data.preprocess import BACKGROUND
+
+MAX_ROTATION_DEGREES = 15.0
+SCALE_RANGE = (0.85, 1.15)
+GAMMA_RANGE = (0.7, 1.5)
+CONTRAST_RANGE = (0.85, 1.15)
+SHIFT_RANGE = (-0.1, 0.1)  # on the [0, 1] brain intensity scale
+BIAS_STRENGTH = 0.3  # log-amplitude of the bias field
+BIAS_GRID = 4  # control points per side of the bias field
+NOISE_STD_MAX = 0.04
+PROBABILITY = 0.5
+#: Pixels above this value are brain (background is exactly -1 after preprocessing).
+_BRAIN = BACKGROUND + 1e-3
+
+
+def spatial(images: torch.Tensor, labels: torch.Tensor | None, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Random rotation + scaling of each slice (probability 1/2 each slice); labels follow."""
+    n = images.shape[0]
+    active = rng.random(n) < PROBABILITY
+    angles = np.radians(rng.uniform(-MAX_ROTATION_DEGREES, MAX_ROTATION_DEGREES, n))
+    scales = rng.uniform(*SCALE_RANGE, n)
+    if not active.any():
+        return images, labels
+    angles, scales = np.where(active, angles, 0.0), np.where(active, scales, 1.0)
+    cos, sin = np.cos(angles) / scales, np.sin(angles) / scales
+    theta = np.stack([np.stack([cos, -sin, np.zeros(n)], 1), np.stack([sin, cos, np.zeros(n)], 1)], 1)
+    theta = torch.as_tensor(theta, dtype=torch.float32, device=images.device)
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    # sample (x + 1) with zero padding so that what comes in from outside is background (-1)
+    warped = F.grid_sample(images.float() - BACKGROUND, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + BACKGROUND
+    warped = warped.to(images.dtype)
+    if labels is not None:
+        moved = F.grid_sample(labels[:, None].float(), grid, mode="nearest", padding_mode="zeros", align_corners=False)
+        labels = moved[:, 0].round().to(labels.dtype)
+    return warped, labels
+
+
+def intensity(images: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    """Gamma, contrast, shift, bias field and noise inside the brain of each slice."""
+    n, _, height, width = images.shape
+    x = images.float()
+    brain = x > _BRAIN
+    u = ((x - BACKGROUND) / 2.0).clamp(0.0, 1.0)  # brain intensities on [0, 1]
+
+    def draw(low: float, high: float, neutral: float) -> torch.Tensor:
+        values = np.where(rng.random(n) < PROBABILITY, rng.uniform(low, high, n), neutral)
+        return torch.as_tensor(values, dtype=torch.float32, device=x.device).view(n, 1, 1, 1)
+
+    gamma = draw(*GAMMA_RANGE, 1.0)
+    contrast = draw(*CONTRAST_RANGE, 1.0)
+    shift = draw(*SHIFT_RANGE, 0.0)
+    noise = draw(0.0, NOISE_STD_MAX, 0.0)
+    use_bias = rng.random(n) < PROBABILITY
+    coarse = rng.normal(0.0, BIAS_STRENGTH, (n, 1, BIAS_GRID, BIAS_GRID)) * use_bias[:, None, None, None]
+    bias = torch.exp(F.interpolate(torch.as_tensor(coarse, dtype=torch.float32, device=x.device), size=(height, width),
+                                   mode="bicubic", align_corners=True))
+    generator = torch.Generator(device="cpu").manual_seed(int(rng.integers(0, 2**31 - 1)))
+    gaussian = torch.randn(x.shape, generator=generator).to(x.device)
+    # a brain voxel of intensity 0 stays > 0 after the shift, so it is never mistaken for background
+    u = u.clamp_min(1e-6).pow(gamma) * contrast * bias + shift + noise * gaussian
+    u = u.clamp(1e-3, 1.0)
+    out = torch.where(brain, 2.0 * u + BACKGROUND, torch.full_like(x, BACKGROUND))
+    return out.to(images.dtype)
+
+
+def describe() -> dict[str, object]:
+    """The fixed augmentation ranges, for the bundle's training metadata."""
+    return {
+        "probability": PROBABILITY,
+        "rotation_degrees": MAX_ROTATION_DEGREES,
+        "scale": list(SCALE_RANGE),
+        "gamma": list(GAMMA_RANGE),
+        "contrast": list(CONTRAST_RANGE),
+        "shift": list(SHIFT_RANGE),
+        "bias_strength": BIAS_STRENGTH,
+        "noise_std_max": NOISE_STD_MAX,
+    }
+
