@@ -533,10 +533,13 @@ def annotate_bundle(
     metrics: dict | None = None,
     training: dict | None = None,
     description: str | None = None,
+    inference: dict | None = None,
 ) -> Path:
     """Copy a bundle with its ``metrics`` replaced, ``training`` merged into its training record and
-    (when given) a new description; the weights are copied byte for byte. Used to record what was
-    measured on a model after training (e.g. the shipped reference model's report table)."""
+    (when given) a new description and ``inference`` defaults (``{"flip": bool, "postprocess": bool}``,
+    what :class:`bigl.inference.BiGLPredictor` does unless told otherwise); the weights are copied
+    byte for byte. Used to record what was measured on a model after training (e.g. the shipped
+    reference model's report table) and how it is best run."""
     from safetensors import safe_open
     from safetensors.torch import save as safetensors_bytes
 
@@ -550,6 +553,12 @@ def annotate_bundle(
         metadata["training"] = {**(metadata.get("training") or {}), **training}
     if description is not None:
         metadata["description"] = description
+    if inference is not None:
+        unknown = sorted(set(inference) - {"flip", "postprocess"})
+        if unknown or not all(isinstance(value, bool) for value in inference.values()):
+            raise ConfigError(f"inference defaults take flip and postprocess (true/false), got {inference}",
+                              'e.g. {"flip": true, "postprocess": true}')
+        metadata["inference"] = dict(inference)
     metadata = _check_metadata(metadata, None)
     destination = Path(destination).expanduser()
     atomic_write_bytes(destination, safetensors_bytes(tensors, metadata=_metadata_header(metadata)))

@@ -74,7 +74,7 @@ class BiGLPredictor:
     """
 
     def __init__(self, bundle: Bundle, device: str | torch.device = "auto", batch_size: int = 16,
-                 num_threads: int | None = None):
+                 num_threads: int | None = None, *, flip: bool | None = None, postprocess: bool | None = None):
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ConfigError(f"batch size must be a whole number >= 1, got {batch_size!r}", "use e.g. --batch-size 16")
         if num_threads is not None:
@@ -84,16 +84,23 @@ class BiGLPredictor:
         self.device = resolve_device(device)
         self.bundle = bundle.to(self.device)
         self.batch_size = batch_size
+        defaults = bundle.metadata.get("inference") or {}
+        #: Test-time flips: average the class probabilities of each slice and its left-right mirror.
+        self.flip = bool(defaults.get("flip", False)) if flip is None else bool(flip)
+        #: bigl.postprocess rules on the label map (the probabilities are left as predicted).
+        self.postprocess = bool(defaults.get("postprocess", False)) if postprocess is None else bool(postprocess)
         for network in bundle.networks().values():
             network.eval()
 
     @classmethod
     def from_path(cls, path: str | os.PathLike | None = None, device: str | torch.device = "auto",
-                  batch_size: int = 16, num_threads: int | None = None) -> BiGLPredictor:
-        """Load a bundle file (``None``: the shipped default model) and wrap it."""
+                  batch_size: int = 16, num_threads: int | None = None, *, flip: bool | None = None,
+                  postprocess: bool | None = None) -> BiGLPredictor:
+        """Load a bundle file (``None``: the shipped default model) and wrap it. ``flip`` and
+        ``postprocess`` left at None take the bundle's ``inference`` metadata (default off)."""
         target = resolve_device(device)
         bundle = load_bundle(default_bundle_path() if path is None else path, device=target)
-        return cls(bundle, device=target, batch_size=batch_size, num_threads=num_threads)
+        return cls(bundle, device=target, batch_size=batch_size, num_threads=num_threads, flip=flip, postprocess=postprocess)
 
     # ----------------------------------------------------------------------------------------
 
@@ -150,14 +157,16 @@ class BiGLPredictor:
 
     def _predict(self, data: np.ndarray, affine: np.ndarray, *, probabilities: bool, attention: bool,
                  translated: bool, progress: ProgressCallback | None) -> Prediction:
-        from bigl.data.preprocess import prepare_volume
+        from bigl.data.preprocess import left_right_axis, prepare_volume
 
-        prepared = prepare_volume(data, self.bundle.preprocessing)
+        preprocessing = self.bundle.preprocessing
+        prepared = prepare_volume(data, preprocessing)
         slices, geometry = prepared.slices, prepared.geometry
         passes = 2 if translated else 1
         batches = passes * _ceil_div(len(slices), self.batch_size)
+        flip_axis = left_right_axis(affine, preprocessing.slice_axis) if self.flip else 0
         with _Progress(progress, total=passes * len(slices), batches=batches) as report:
-            maps = self._segment_slices(slices, attention, report)
+            maps = self._segment_slices(slices, attention, report, flip_axis=flip_axis)
             source_image = self._translate_slices(slices, report) if translated else None
 
         class_maps = maps.pop("probabilities")
@@ -168,6 +177,10 @@ class BiGLPredictor:
         np.clip(restored, 0.0, 1.0, out=restored)
         restored /= restored.sum(axis=0, keepdims=True)
         labels = classes_to_labels(np.argmax(restored, axis=0)).astype(np.uint8)
+        if self.postprocess:
+            from bigl.postprocess import postprocess_labels
+
+            labels = postprocess_labels(labels, np.linalg.norm(affine[:3, :3], axis=0))
 
         attention_maps = None
         if attention:
@@ -200,8 +213,10 @@ class BiGLPredictor:
             yield start, batch.to(self.device)
 
     @torch.inference_mode()
-    def _segment_slices(self, slices: np.ndarray, attention: bool, report: ProgressCallback) -> dict[str, np.ndarray]:
-        """Softmax maps [n, K, S, S] and, when asked, raw attention summaries [n, S, S]."""
+    def _segment_slices(self, slices: np.ndarray, attention: bool, report: ProgressCallback,
+                        flip_axis: int = 0) -> dict[str, np.ndarray]:
+        """Softmax maps [n, K, S, S] and, when asked, raw attention summaries [n, S, S]; with a
+        ``flip_axis`` (-2 or -1) the softmax maps average each slice and its mirror image."""
         segmenter = self.bundle.segmenter
         config = self.bundle.segmenter_config
         count, size = len(slices), slices.shape[-1]
@@ -213,7 +228,11 @@ class BiGLPredictor:
             stop = start + len(batch)
             result = segmenter(batch, return_aux=attention)
             logits = result.logits if attention else result
-            out["probabilities"][start:stop] = _crop(torch.softmax(logits.float(), dim=1), size)
+            probabilities = torch.softmax(logits.float(), dim=1)
+            if flip_axis:
+                mirrored = segmenter(batch.flip(flip_axis))
+                probabilities = 0.5 * (probabilities + torch.softmax(mirrored.float(), dim=1).flip(flip_axis))
+            out["probabilities"][start:stop] = _crop(probabilities, size)
             if attention:
                 grid = result.features.shape[-2:]
                 padded = batch.shape[-2:]

@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from bigl.cli import add_inference_options
+
 DESCRIPTION = """\
 Segment the given modality of every case in a BraTS-style folder that has labels, and score it:
 Dice and HD95 (mm) for the whole tumour (WT), tumour core (TC) and enhancing tumour (ET), mean ±
@@ -41,6 +43,7 @@ def register(subparsers) -> None:
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="where to run the networks (default: auto, the GPU when there is one)")
     parser.add_argument("--batch-size", type=int, default=16, metavar="N", help="slices per forward pass (default 16)")
+    add_inference_options(parser)
     parser.add_argument("--threads", type=int, metavar="N", help="CPU threads for PyTorch (default: PyTorch's choice)")
     parser.add_argument("--no-save-predictions", dest="save_predictions", action="store_false",
                         help="do not write predictions/<case>_seg.nii.gz")
@@ -77,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("--reference-data / --reference-modality / --reference-exclude are only used with --baseline",
                          "add --baseline invert-histmatch, or leave them out")
     predictor = BiGLPredictor.from_path(args.model, device=args.device, batch_size=args.batch_size,
-                                        num_threads=args.threads)
+                                        num_threads=args.threads, flip=args.flip, postprocess=args.postprocess)
     transform = reference_file = None
     if args.baseline is not None:
         transform = _baseline_transform(args, predictor.bundle.source_modality)

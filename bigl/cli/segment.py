@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from bigl.cli import add_inference_options
 from bigl.data.naming import case_name, is_nifti_path, is_output_name, output_path
 
 #: Short names of the tumour labels in the one-line summaries.
@@ -39,6 +40,7 @@ def register(subparsers) -> None:
     parser.add_argument("--probabilities-out", type=Path, metavar="FILE",
                         help="also write the 4D class probabilities (float32; a folder in folder mode)")
     parser.add_argument("--batch-size", type=int, default=16, metavar="N", help="slices per forward pass (default 16)")
+    add_inference_options(parser)
     parser.add_argument("--threads", type=int, metavar="N", help="CPU threads for PyTorch (default: PyTorch's choice)")
     parser.add_argument("--modality", metavar="NAME",
                         help="modality of the scans (t1, t1ce, t2, flair); checked against the model "
@@ -122,7 +124,7 @@ def _run(args: argparse.Namespace, reporter: Reporter) -> int:
             raise InputError(f"--output {args.output} is a file name, but --input is a folder",
                              "give an output folder; each scan's labels go to <folder>/<case>_seg.nii.gz")
     predictor = BiGLPredictor.from_path(args.model, device=args.device, batch_size=args.batch_size,
-                                        num_threads=args.threads)
+                                        num_threads=args.threads, flip=args.flip, postprocess=args.postprocess)
     reporter.say(_model_line(predictor.bundle, shipped=args.model is None))
     if source.is_dir():
         return _segment_folder(args, scans, predictor, reporter)

@@ -319,3 +319,17 @@ def restore_labels(classes: np.ndarray, geometry: SliceGeometry) -> np.ndarray:
         raise ValueError(f"class indices must be 0..{NUM_CLASSES - 1}, got {classes.min()}..{classes.max()}")
     stack = _resize_planes(classes.astype(np.uint8), geometry.square, order=0).astype(np.uint8)
     return _from_slices(classes_to_labels(stack), geometry, 0, np.uint8)
+
+
+def left_right_axis(affine: np.ndarray, slice_axis: int) -> int:
+    """The axis of a slice (-2 or -1) along which the patient's left-right runs, 0 when it runs
+    through the slices (sagittal slices): flips (training augmentation, test-time flips) mirror
+    left and right only, the one symmetry of a brain."""
+    import nibabel as nib
+
+    codes = nib.aff2axcodes(affine)
+    in_plane = [axis for axis in range(3) if axis != slice_axis]
+    for position, axis in enumerate(in_plane):
+        if codes[axis] in ("L", "R"):
+            return position - 2
+    return 0

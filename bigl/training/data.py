@@ -165,7 +165,7 @@ def _prepare_case(jobs: dict[str, tuple[Any, str, bool]], preprocessing) -> dict
     Roles on one grid share one brain mask, so their slices line up.
     """
     from bigl.data.io import check_same_grid
-    from bigl.data.preprocess import brain_mask, prepare_labels, prepare_volume
+    from bigl.data.preprocess import brain_mask, left_right_axis, prepare_labels, prepare_volume
 
     volumes = {role: case.load_image(modality) for role, (case, modality, _) in jobs.items()}
     shared_mask = None
@@ -181,21 +181,8 @@ def _prepare_case(jobs: dict[str, tuple[Any, str, bool]], preprocessing) -> dict
             label_volume = case.load_labels()
             check_same_grid({f"{case.name} {modality}": volumes[role], f"{case.name} labels": label_volume})
             labels = prepare_labels(label_volume.data, prepared.geometry)
-        result[role] = (prepared.slices.astype(np.float16), labels, _left_right_axis(volumes[role].affine, preprocessing.slice_axis))
+        result[role] = (prepared.slices.astype(np.float16), labels, left_right_axis(volumes[role].affine, preprocessing.slice_axis))
     return result
-
-
-def _left_right_axis(affine: np.ndarray, slice_axis: int) -> int:
-    """The axis of a slice (-2 or -1) along which the patient's left-right runs, 0 when it runs
-    through the slices (sagittal slices): flips for augmentation mirror left and right only."""
-    import nibabel as nib
-
-    codes = nib.aff2axcodes(affine)
-    in_plane = [axis for axis in range(3) if axis != slice_axis]
-    for position, axis in enumerate(in_plane):
-        if codes[axis] in ("L", "R"):
-            return position - 2
-    return 0
 
 
 def load_training_data(

@@ -1,0 +1,63 @@
+"""Post-processing of label maps and the test-time flips of inference."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from bigl.bundle import annotate_bundle, load_bundle
+from bigl.errors import ConfigError
+from bigl.inference import BiGLPredictor
+from bigl.postprocess import postprocess_labels
+
+
+def test_specks_far_from_the_tumour_are_removed_and_the_tumour_kept():
+    labels = np.zeros((40, 40, 40), np.uint8)
+    labels[10:20, 10:20, 10:20] = 2  # oedema, 1000 voxels
+    labels[13:17, 13:17, 13:17] = 4  # enhancing core, 64 voxels = 0.064 mL at 1 mm
+    labels[30:33, 30:33, 30:33] = 2  # 27 voxels: under 10 % of the largest component
+    labels[2:8, 30:38, 2:8] = 1  # 288 voxels: a second component above 10 %
+    out = postprocess_labels(labels, (1.0, 1.0, 1.0))
+    assert not out[30:33, 30:33, 30:33].any()
+    assert (out[2:8, 30:38, 2:8] == 1).all()
+    assert (out[10:20, 10:20, 10:20] > 0).all()
+    # the ET (0.064 mL < 0.5 mL) becomes core; with 2 mm voxels it is 0.5 mL and stays
+    assert (out[13:17, 13:17, 13:17] == 1).all()
+    kept = postprocess_labels(labels, (2.0, 2.0, 2.0))
+    assert (kept[13:17, 13:17, 13:17] == 4).all()
+    assert labels[30, 30, 30] == 2  # the input is left as it was
+
+
+def test_an_empty_prediction_stays_empty():
+    assert not postprocess_labels(np.zeros((8, 8, 8), np.uint8), (1, 1, 1)).any()
+
+
+def scan(size: int = 40) -> np.ndarray:
+    rng = np.random.default_rng(0)
+    zz, yy, xx = np.meshgrid(*[np.arange(size)] * 3, indexing="ij")
+    head = ((zz - 20) ** 2 / 1.2 + (yy - 20) ** 2 + (xx - 18) ** 2) < 15**2
+    return (head * (100 + 50 * rng.random((size,) * 3) + 2.0 * zz)).astype(np.float32)
+
+
+def test_test_time_flips_are_mirror_equivariant(tiny_bundle):
+    """With flips the prediction of the mirrored scan is the mirror of the prediction (RAS axis 0 is left-right)."""
+    predictor = BiGLPredictor.from_path(tiny_bundle, device="cpu", flip=True)
+    volume = scan()
+    straight = predictor.predict(volume, np.eye(4), probabilities=True).probabilities
+    mirrored = predictor.predict(volume[::-1].copy(), np.eye(4), probabilities=True).probabilities
+    assert np.abs(mirrored[:, ::-1] - straight).max() < 1e-4
+    plain = BiGLPredictor.from_path(tiny_bundle, device="cpu", flip=False)
+    unflipped = plain.predict(volume, np.eye(4), probabilities=True).probabilities
+    assert np.abs(unflipped - straight).max() > 1e-4  # the flips do change the prediction
+
+
+def test_inference_defaults_come_from_the_bundle_and_yield_to_the_caller(tiny_bundle, tmp_path):
+    annotated = annotate_bundle(tiny_bundle, tmp_path / "m.safetensors", inference={"flip": True, "postprocess": True})
+    assert load_bundle(annotated).metadata["inference"] == {"flip": True, "postprocess": True}
+    default = BiGLPredictor.from_path(annotated, device="cpu")
+    assert default.flip and default.postprocess
+    told = BiGLPredictor.from_path(annotated, device="cpu", flip=False, postprocess=False)
+    assert not told.flip and not told.postprocess
+    assert not BiGLPredictor.from_path(tiny_bundle, device="cpu").flip
+    with pytest.raises(ConfigError, match="inference defaults"):
+        annotate_bundle(tiny_bundle, tmp_path / "bad.safetensors", inference={"tta": True})
