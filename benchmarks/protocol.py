@@ -17,7 +17,8 @@ Modes: ``quick`` = the ``cpu`` config (64 px, minutes per run on 2 cores) for sc
 the ``reference`` config (96 px) for the final table; ``--config`` picks another. Each setting is
 ``name=key=value,key=value`` (an empty override list is the config as it is). Settings that leave
 stage 1 alone share one translator per seed (trained once, ``adapt.translator_bundle``), so they
-differ only in what they change. ``--baselines`` adds source-only and the no-learning
+differ only in what they change. ``--inference NAME=--flip,--postprocess`` scores the same models
+again with inference options (rows ``setting + NAME``). ``--baselines`` adds source-only and the no-learning
 invert + histogram-match baseline (source-only model on the inverted T2) for each seed.
 
 Every run is ``bigl train`` + ``bigl evaluate`` (commands in ``OUT/commands.txt``); a finished run
@@ -126,6 +127,9 @@ class Protocol:
                 shared = [] if own_translator(overrides) else [f"adapt.translator_bundle={translator}"]
                 model = self.train(run_dir, seed_overrides + shared + overrides, stage="all" if not shared else "adapt")
                 results.setdefault(name, {})[seed] = self.evaluate(model, self.out / name / f"eval-seed{seed}")
+                for variant, flags in (parse_setting(text) for text in self.args.inference):
+                    results.setdefault(f"{name} + {variant}", {})[seed] = self.evaluate(
+                        model, self.out / name / f"eval-{variant}-seed{seed}", flags)
             if self.args.baselines:
                 run_dir = self.out / "source-only" / f"seed{seed}"
                 model = self.train(run_dir, seed_overrides + ["adapt.method=source-only"], stage="adapt")
@@ -195,6 +199,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--setting", action="append", required=True, help="NAME=key=value,key=value")
     parser.add_argument("--baselines", action="store_true", help="also source-only and invert + histogram match")
+    parser.add_argument("--inference", action="append", default=[],
+                        help="NAME=--flag,--flag: also score every setting's models with these bigl evaluate flags "
+                             "(e.g. tta+post=--flip,--postprocess)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     protocol = Protocol(args)
