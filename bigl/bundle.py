@@ -24,7 +24,6 @@ import json
 import math
 import os
 import struct
-import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -32,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from bigl import __version__
 from bigl.errors import BundleError, ConfigError
+from bigl.files import atomic_write_bytes
 from bigl.labels import CLASS_NAMES, LABELS
 
 FORMAT = "bigl-bundle"
@@ -554,33 +554,6 @@ def annotate_bundle(
     destination = Path(destination).expanduser()
     atomic_write_bytes(destination, safetensors_bytes(tensors, metadata=_metadata_header(metadata)))
     return destination
-
-
-def atomic_write_bytes(path: str | os.PathLike, payload: bytes) -> None:
-    """Write a file so that readers see the old or the new content, never a partial one
-    (temporary file in the same folder, fsync, rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as stream:
-            stream.write(payload)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    try:  # make the rename itself durable where the platform allows it
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)
 
 
 def load_bundle(path: str | os.PathLike, device: str | torch.device = "cpu") -> Bundle:

@@ -97,7 +97,10 @@ def run(args: argparse.Namespace) -> int:
         config = load_config(args.config, _overrides(args))
     except BiGLError as exc:
         if out_dir is not None and int(os.environ.get("RANK", "0") or 0) == 0:
-            EventLog(Path(out_dir) / EVENTS_FILE).write("error", message=exc.message, hint=exc.hint)
+            try:
+                EventLog(Path(out_dir) / EVENTS_FILE).write("error", message=exc.message, hint=exc.hint)
+            except OSError:
+                pass  # an unusable --out: the error itself says so on the terminal
         raise
     _stop_on_sigterm()
     if int(os.environ.get("RANK", "0") or 0) == 0:

@@ -24,8 +24,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
-from bigl.bundle import atomic_write_bytes
 from bigl.errors import ConfigError
+from bigl.files import atomic_write_bytes
 
 FORMAT = "bigl-checkpoint"
 FORMAT_VERSION = 1

@@ -29,8 +29,8 @@ from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from bigl import __version__
-from bigl.bundle import atomic_write_bytes
 from bigl.errors import ConfigError
+from bigl.files import atomic_write_bytes
 from bigl.losses import adversarial_loss
 from bigl.models import PatchDiscriminator, ResnetGenerator, TranslatorConfig
 from bigl.training.checkpoint import prefixed
