@@ -131,6 +131,7 @@ def evaluate_bundle(
         predictor = BiGLPredictor.from_path(model, device=device, batch_size=batch_size, num_threads=num_threads)
     metadata = predictor.bundle.metadata
     modality = normalise_modality(modality or predictor.bundle.modality)
+    predictor.check_modality(modality, source=" (the modality to evaluate)")
     selection = select_cases(data_dir, modality, cases)
     if selection.unlabelled:
         log(f"skipped {len(selection.unlabelled)} case(s) without labels: {', '.join(selection.unlabelled)}")
@@ -159,7 +160,9 @@ def evaluate_bundle(
             truth = case.load_labels()
             check_same_grid({f"{case.name} {modality}": image, f"{case.name} labels": truth})
             data = image.data if transform is None else _transformed(transform, image.data, case.name)
-            prediction = predictor.predict(data, image.affine, name=image.name, progress=_quiet)
+            prediction = predictor.predict(data, image.affine, name=image.name, progress=_quiet, modality=modality)
+            for warning in prediction.warnings:
+                log(f"warning: {warning}")
             scores[case.name] = score_case(prediction.labels, truth.data, truth.spacing)
             if prediction_dir is not None:
                 prediction_files[case.name] = save_volume(prediction_dir / f"{case.name}_seg.nii.gz", prediction.labels,

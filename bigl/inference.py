@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -62,6 +62,7 @@ class Prediction:
     probabilities: np.ndarray | None = None  # float32 [4, X, Y, Z]
     attention: dict[str, np.ndarray] | None = None  # "position", "channel": float32 [X, Y, Z]
     translated: np.ndarray | None = None  # float32 [X, Y, Z], source-modality image in [-1, 1]
+    warnings: list[str] = field(default_factory=list)  # why the result may mean little (bigl.plausibility)
 
 
 class BiGLPredictor:
@@ -116,10 +117,13 @@ class BiGLPredictor:
                 modality: str | None = None, name: str | None = None) -> Prediction:
         """Segment a 3D volume; see the module docstring for the optional outputs.
 
-        ``modality``: the scan's modality when known (checked against the model's). ``name``: used
-        in error messages. ``progress(done, total)`` is called after every batch, counting slices
-        (twice the slice count when the translation is requested).
+        ``modality``: the scan's modality when known (checked against the model's; when None, the
+        prediction carries a warning that it could not be checked). ``name``: used in messages.
+        ``progress(done, total)`` is called after every batch, counting slices (twice the slice
+        count when the translation is requested). ``Prediction.warnings`` lists what makes the
+        result unlikely to mean anything (:mod:`bigl.plausibility`); it is computed anyway.
         """
+        from bigl import plausibility
         from bigl.data.io import check_scan
 
         name = name or "the image"
@@ -138,14 +142,20 @@ class BiGLPredictor:
             raise InputError(f"the affine of {name} must be a 4x4 matrix, got shape {affine.shape}",
                              "pass the affine of the NIfTI file (nibabel image.affine)")
 
+        warnings = plausibility.scan_warnings(data.shape, affine, name=name)
+        unchecked = plausibility.modality_warning(modality, self.bundle.modality, name=name)
+        warnings += [unchecked] if unchecked else []
         try:
-            return self._predict(data, affine, probabilities=probabilities, attention=attention,
-                                 translated=translated, progress=progress)
+            prediction = self._predict(data, affine, probabilities=probabilities, attention=attention,
+                                       translated=translated, progress=progress)
         except (MemoryError, RuntimeError) as exc:
             error = out_of_memory_error(exc, name=name, batch_size=self.batch_size)
             if error is None:
                 raise
             raise error from None
+        too_large = plausibility.tumour_warning(prediction.labels, affine, name=name)
+        prediction.warnings = warnings + ([too_large] if too_large else [])
+        return prediction
 
     def _predict(self, data: np.ndarray, affine: np.ndarray, *, probabilities: bool, attention: bool,
                  translated: bool, progress: ProgressCallback | None) -> Prediction:
@@ -412,7 +422,7 @@ def segment_file(
         raise
     prediction = predictor.predict(
         scan.data, scan.affine, probabilities=probabilities_out is not None, attention=attention_out is not None,
-        translated=translated_out is not None, progress=progress, name=source.name,
+        translated=translated_out is not None, progress=progress, name=source.name, modality=modality,
     )
     volumes = {"labels": prediction.labels}
     if prediction.attention is not None:

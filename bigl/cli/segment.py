@@ -68,6 +68,12 @@ class Reporter:
         # JSON mode keeps stdout for events only
         print(text, file=sys.stderr if self.mode == "json" else sys.stdout, flush=True)
 
+    def warn(self, message: str, **context) -> None:
+        """A plausibility warning: on stderr, and as a ``warning`` event in JSON mode."""
+        print(f"bigl segment: warning: {message}", file=sys.stderr, flush=True)
+        if self.mode == "json":
+            self.emit("warning", message=message, **context)
+
     def error(self, exc, event: str = "error", **context) -> None:
         if self.mode == "json":
             self.emit(event, message=getattr(exc, "message", str(exc)), hint=getattr(exc, "hint", None), **context)
@@ -175,10 +181,13 @@ def _segment_one(args, source: Path, predictor, reporter: Reporter, context=None
     from bigl.inference import segment_file
 
     outputs = _file_outputs(args, source, folder_mode=folder_mode)
-    return segment_file(
+    prediction = segment_file(
         source, outputs.pop("output"), model=predictor, attention_out=args.attention_out, modality=args.modality,
         progress=reporter.progress_callback(**(context or {})), **outputs,
     )
+    for warning in prediction.warnings:
+        reporter.warn(warning, input=str(source))
+    return prediction
 
 
 def _segment_folder(args, scans: list[Path], predictor, reporter: Reporter) -> int:
