@@ -9,7 +9,9 @@ the training method and, when known, the training config and measured metrics.
 Loading reads the header and raw tensors with :mod:`safetensors` only; nothing is ever unpickled, so
 a bundle from an untrusted source cannot run code. Every way a file can be wrong (missing, not a
 safetensors file, truncated, made by another tool, made by a newer BiGL, weights that do not fit the
-architecture it declares) raises :class:`~bigl.errors.BundleError` with a fix.
+architecture it declares, weights damaged since they were written or NaN) raises
+:class:`~bigl.errors.BundleError` with a fix. Bundles are written with the SHA-256 of their tensor
+data in the header (:mod:`bigl.tensorfile`), which loading verifies.
 
 The header-only functions (:func:`read_metadata`, :func:`parameter_counts`, :func:`list_bundles`)
 need neither PyTorch nor :mod:`safetensors`: they read the header (an 8-byte little-endian length,
@@ -23,15 +25,14 @@ import dataclasses
 import json
 import math
 import os
-import struct
-import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from bigl import __version__
+from bigl import __version__, tensorfile
 from bigl.errors import BundleError, ConfigError
+from bigl.files import atomic_write_bytes
 from bigl.labels import CLASS_NAMES, LABELS
 
 FORMAT = "bigl-bundle"
@@ -47,13 +48,8 @@ DEFAULT_BUNDLE_PATH = Path(__file__).resolve().parent / "resources" / "default_m
 _BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
 _REQUIRED_KEYS = ("format", "format_version", "method", "modality", "segmenter", "preprocessing")
 _REBUILD_HINT = "the file does not fit its own description; re-create it with `bigl train` or use another bundle"
-#: Bytes per element of the safetensors dtypes BiGL reads (all but the sub-byte ones).
-_DTYPE_SIZES = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
-    "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
-}  # fmt: skip
-#: The largest header safetensors itself accepts.
-_MAX_HEADER_BYTES = 100_000_000
+_DAMAGED_HINT = ("the file changed after BiGL wrote it (a bad copy, download or disk): copy it again from "
+                 "where it came from, or re-create it with `bigl train`")
 
 if TYPE_CHECKING:
     import torch
@@ -273,53 +269,6 @@ def _check_metadata(metadata: Any, path: Path | None) -> dict:
     return metadata
 
 
-def _safetensors_header(path: Path) -> tuple[dict[str, str], dict[str, tuple[int, ...]]]:
-    """(metadata strings, tensor shapes) of a safetensors file, checked as safetensors checks them.
-
-    ValueError (with the reason) for a malformed or truncated file, OSError when it cannot be read.
-    """
-    with open(path, "rb") as stream:
-        prefix = stream.read(8)
-        if len(prefix) < 8:
-            raise ValueError("shorter than a safetensors header")
-        (length,) = struct.unpack("<Q", prefix)
-        data_bytes = path.stat().st_size - 8 - length
-        if length > _MAX_HEADER_BYTES or data_bytes < 0:
-            raise ValueError(f"the header length {length} does not fit the file")
-        raw = stream.read(length)
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise ValueError(f"the header is not JSON ({exc})") from None
-    if not isinstance(header, dict):
-        raise ValueError("the header is not a JSON object")
-    metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-        raise ValueError("the header metadata is not a map of strings")
-    shapes: dict[str, tuple[int, ...]] = {}
-    spans = []
-    for name, info in header.items():
-        try:
-            dtype, shape, (start, stop) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
-            valid = (dtype in _DTYPE_SIZES and all(isinstance(n, int) and n >= 0 for n in shape)
-                     and isinstance(start, int) and isinstance(stop, int)
-                     and stop - start == math.prod(shape) * _DTYPE_SIZES[dtype])
-        except (KeyError, TypeError, ValueError):
-            valid = False
-        if not valid:
-            raise ValueError(f"the entry of tensor {name!r} is invalid")
-        shapes[name] = shape
-        spans.append((start, stop))
-    end = 0
-    for start, stop in sorted(spans):
-        if start != end:
-            raise ValueError("the tensor data offsets overlap or leave gaps")
-        end = stop
-    if end != data_bytes:
-        raise ValueError(f"the tensors need {end} bytes of data but the file holds {data_bytes}")
-    return metadata, shapes
-
-
 def _read_header(path: str | os.PathLike) -> tuple[Path, dict, dict[str, tuple[int, ...]]]:
     """Read and validate the header: (path, metadata, tensor shapes). Loads no tensor data."""
     path = Path(path).expanduser()
@@ -331,7 +280,7 @@ def _read_header(path: str | os.PathLike) -> tuple[Path, dict, dict[str, tuple[i
     if path.is_dir():
         raise BundleError(f"{path} is a folder, not a model file", "give the .safetensors bundle file inside it")
     try:
-        raw, shapes = _safetensors_header(path)
+        raw, shapes = tensorfile.read_header(path)
     except (OSError, ValueError) as exc:
         reason, hint = _describe_bad_file(path, exc)
         raise BundleError(f"{path} is not a readable model bundle: {reason}", hint) from None
@@ -362,6 +311,18 @@ def _describe_bad_file(path: Path, exc: Exception) -> tuple[str, str]:
     if not head:
         return "the file is empty", recopy
     return f"not a valid safetensors file, or truncated ({exc})", recopy
+
+
+def verify_checksum(path: str | os.PathLike) -> bool:
+    """True when the bundle's weights match the checksum recorded in its header, False when it has
+    none (written by an older BiGL); BundleError when they do not match. Standard library only."""
+    path, _, _ = _read_header(path)
+    try:
+        return tensorfile.verify_digest(path)
+    except tensorfile.DamagedFile as exc:
+        raise BundleError(f"{path} is damaged: {exc}", _DAMAGED_HINT) from None
+    except (OSError, ValueError) as exc:
+        raise BundleError(f"{path}: the weights cannot be read ({exc})", _DAMAGED_HINT) from None
 
 
 def read_metadata(path: str | os.PathLike) -> dict:
@@ -513,9 +474,7 @@ def save_bundle(
         _check_weights(part, fresh[part], {name: tuple(t.shape) for name, t in state.items()}, None)
         for name, tensor in state.items():
             tensors[f"{part}.{name}"] = tensor.detach().to("cpu").contiguous().clone()
-    from safetensors.torch import save as safetensors_bytes
-
-    atomic_write_bytes(path, safetensors_bytes(tensors, metadata=_metadata_header(metadata)))
+    atomic_write_bytes(path, tensorfile.encode(tensors, _metadata_header(metadata)))
     return path
 
 
@@ -540,12 +499,8 @@ def annotate_bundle(
     what :class:`bigl.inference.BiGLPredictor` does unless told otherwise); the weights are copied
     byte for byte. Used to record what was measured on a model after training (e.g. the shipped
     reference model's report table) and how it is best run."""
-    from safetensors import safe_open
-    from safetensors.torch import save as safetensors_bytes
-
     path, metadata, _ = _read_header(source)
-    with safe_open(str(path), framework="pt", device="cpu") as handle:
-        tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    tensors = _read_tensors(path)
     metadata = dict(metadata)
     if metrics is not None:
         metadata["metrics"] = metrics
@@ -561,41 +516,25 @@ def annotate_bundle(
         metadata["inference"] = dict(inference)
     metadata = _check_metadata(metadata, None)
     destination = Path(destination).expanduser()
-    atomic_write_bytes(destination, safetensors_bytes(tensors, metadata=_metadata_header(metadata)))
+    atomic_write_bytes(destination, tensorfile.encode(tensors, _metadata_header(metadata)))
     return destination
 
 
-def atomic_write_bytes(path: str | os.PathLike, payload: bytes) -> None:
-    """Write a file so that readers see the old or the new content, never a partial one
-    (temporary file in the same folder, fsync, rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a bundle, verified (digest, finite values); BundleError saying it is damaged."""
     try:
-        with os.fdopen(fd, "wb") as stream:
-            stream.write(payload)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    try:  # make the rename itself durable where the platform allows it
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)
+        return tensorfile.read_tensors(path)[1]
+    except tensorfile.DamagedFile as exc:
+        raise BundleError(f"{path} is damaged: {exc}", _DAMAGED_HINT) from None
+    except (OSError, ValueError) as exc:
+        raise BundleError(f"{path}: the weights cannot be read ({exc})", _DAMAGED_HINT) from None
 
 
 def load_bundle(path: str | os.PathLike, device: str | torch.device = "cpu") -> Bundle:
-    """Load a bundle (never unpickles) onto ``device``; networks in eval mode without gradients."""
-    from safetensors import safe_open
+    """Load a bundle (never unpickles) onto ``device``; networks in eval mode without gradients.
 
+    The weights are verified first: against the digest in the header when the file has one, and
+    for NaN or infinite values always (:mod:`bigl.tensorfile`)."""
     path, metadata, shapes = _read_header(path)
     target = resolve_device(device)
     grouped = _split_parts(shapes, path)
@@ -603,15 +542,10 @@ def load_bundle(path: str | os.PathLike, device: str | torch.device = "cpu") -> 
         raise BundleError(f"{path}: the bundle holds no segmenter weights", _REBUILD_HINT)
     networks = _fresh_networks(metadata, path, [part for part in PARTS if part in grouped])
     for part, network in networks.items():
-        names = grouped[part]
-        _check_weights(part, network, {inner: shapes[full] for inner, full in names.items()}, path)
-        try:
-            with safe_open(str(path), framework="pt", device="cpu") as handle:
-                state = {inner: handle.get_tensor(full) for inner, full in names.items()}
-        except Exception as exc:
-            raise BundleError(f"{path}: the {part} weights cannot be read ({exc})",
-                              "copy the file again (it may be damaged)") from None
-        network.load_state_dict(state, strict=True)
+        _check_weights(part, network, {inner: shapes[full] for inner, full in grouped[part].items()}, path)
+    tensors = _read_tensors(path)
+    for part, network in networks.items():
+        network.load_state_dict({inner: tensors[full] for inner, full in grouped[part].items()}, strict=True)
         network.eval()
         network.requires_grad_(False)
         network.to(target)

@@ -14,7 +14,8 @@
 
 Everything goes under one output folder: ``data/{train,test}``, ``runs/<method>`` (training runs),
 ``eval/<method>`` (evaluation tables, figures, predictions), ``results.json``, ``results.md`` and
-``comparison.png``.
+``comparison.png``. A rerun replaces those subfolders, so the demo only works in a folder that is
+new, holds none of them, or is marked as a demo folder (:data:`MARKER`, written on the first run).
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-from bigl.errors import ConfigError
+from bigl.errors import ConfigError, InputError
+from bigl.files import atomic_write_text, make_folder
 
 SOURCE_MODALITY = "t1"
 TARGET_MODALITY = "t2"
@@ -41,6 +43,9 @@ METHODS: dict[str, str] = {
 }
 #: Seed of the test cohort, far from the training seed so no case is shared.
 TEST_SEED_OFFSET = 1000
+#: File that marks a folder as the demo's own: its subfolders below are the demo's to replace.
+MARKER = ".bigl-demo"
+REPLACED = ("data", "runs", "eval")
 
 
 @dataclass(frozen=True)
@@ -184,8 +189,7 @@ def run_demo(
     from bigl.inference import BiGLPredictor
 
     settings = DemoSettings.for_mode(quick, train_cases, test_cases, seed)
-    out = Path(out_dir).expanduser()
-    out.mkdir(parents=True, exist_ok=True)
+    out = claim_folder(Path(out_dir).expanduser())
     seconds: dict[str, float] = {}
     started = clock = time.perf_counter()
 
@@ -238,12 +242,29 @@ def run_demo(
             "bundles": {method: str(path) for method, path in bundles.items()},
         },
     }
-    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
-    (out / "results.md").write_text(
+    atomic_write_text(out / "results.json", json.dumps(results, indent=1) + "\n")
+    atomic_write_text(
+        out / "results.md",
         f"# BiGL demo: {SOURCE_MODALITY.upper()} -> {TARGET_MODALITY.upper()} on phantoms\n\n"
-        f"{settings.test_cases} test case(s); mean ± std over cases.\n\n{format_results(evaluations)}\n",
-        encoding="utf-8")
+        f"{settings.test_cases} test case(s); mean ± std over cases.\n\n{format_results(evaluations)}\n")
     return results
+
+
+def claim_folder(out: Path) -> Path:
+    """Make ``out`` the demo's folder; InputError when it holds a data/, runs/ or eval/ folder the
+    demo did not write (a rerun replaces those: the user's own must never be)."""
+    if out.is_dir() and not (out / MARKER).exists() and not (out / "results.json").exists():
+        foreign = [name for name in REPLACED if (out / name).exists()]
+        if foreign:
+            raise InputError(
+                f"--out {out} holds {', '.join(f'{name}/' for name in foreign)} that a BiGL demo did not write; "
+                "the demo replaces its data/, runs/ and eval/ subfolders, so it does not run there",
+                "choose a new or empty folder for the demo (the default is ./bigl-demo)",
+            )
+    make_folder(out)
+    if not (out / MARKER).exists():
+        atomic_write_text(out / MARKER, "Written by `bigl demo`: its data/, runs/ and eval/ are replaced by a rerun.\n")
+    return out
 
 
 @contextlib.contextmanager

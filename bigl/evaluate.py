@@ -118,6 +118,7 @@ def evaluate_bundle(
     from bigl.bundle import Bundle
     from bigl.data.brats import normalise_modality
     from bigl.data.io import check_same_grid, save_volume
+    from bigl.files import atomic_write_text
     from bigl.inference import BiGLPredictor
     from bigl.metrics import score_case, summarise, write_cases_csv
 
@@ -131,6 +132,7 @@ def evaluate_bundle(
         predictor = BiGLPredictor.from_path(model, device=device, batch_size=batch_size, num_threads=num_threads)
     metadata = predictor.bundle.metadata
     modality = normalise_modality(modality or predictor.bundle.modality)
+    predictor.check_modality(modality, source=" (the modality to evaluate)")
     selection = select_cases(data_dir, modality, cases)
     if selection.unlabelled:
         log(f"skipped {len(selection.unlabelled)} case(s) without labels: {', '.join(selection.unlabelled)}")
@@ -139,6 +141,9 @@ def evaluate_bundle(
             f"{', '.join(selection.missing_modality)}")
 
     out = Path(out_dir).expanduser() if out_dir is not None else None
+    if out is not None:
+        _check_outputs(out, selection.evaluable, modality, predictor, save_predictions=save_predictions,
+                       figure=figure and figure_cases > 0)
     scratch = None
     if out is not None and save_predictions:
         prediction_dir = out / "predictions"
@@ -156,11 +161,13 @@ def evaluate_bundle(
             truth = case.load_labels()
             check_same_grid({f"{case.name} {modality}": image, f"{case.name} labels": truth})
             data = image.data if transform is None else _transformed(transform, image.data, case.name)
-            prediction = predictor.predict(data, image.affine, name=image.name, progress=_quiet)
+            prediction = predictor.predict(data, image.affine, name=image.name, progress=_quiet, modality=modality)
+            for warning in prediction.warnings:
+                log(f"warning: {warning}")
             scores[case.name] = score_case(prediction.labels, truth.data, truth.spacing)
             if prediction_dir is not None:
                 prediction_files[case.name] = save_volume(prediction_dir / f"{case.name}_seg.nii.gz", prediction.labels,
-                                                          image.affine, dtype=np.uint8, like=image.path)
+                                                          image.affine, dtype=np.uint8, like=image.path, output=True)
 
         result = {
             "method": name or method_label(metadata, transform),
@@ -190,13 +197,31 @@ def evaluate_bundle(
             outputs["markdown"] = str(out / "summary.md")
             outputs["json"] = str(out / "summary.json")
             result["seconds"] = round(time.perf_counter() - started, 3)
-            (out / "summary.md").write_text(format_report_markdown(result), encoding="utf-8")
-            (out / "summary.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+            atomic_write_text(out / "summary.md", format_report_markdown(result))
+            atomic_write_text(out / "summary.json", json.dumps(result, indent=1) + "\n")
         result["seconds"] = round(time.perf_counter() - started, 3)
         return result
     finally:
         if scratch is not None:
             scratch.cleanup()
+
+
+#: The files of ``out_dir`` (besides ``predictions/``), by what they are.
+OUTPUT_FILES = {"case table": "cases.csv", "summary": "summary.md", "JSON summary": "summary.json", "figure": "cases.png"}
+
+
+def _check_outputs(out: Path, cases: list, modality: str, predictor, *, save_predictions: bool, figure: bool) -> None:
+    """The output folder takes files, and no output is a file the evaluation reads
+    (:func:`bigl.files.check_outputs`); checked before the first case is segmented."""
+    from bigl.files import check_outputs, check_writable_folder
+
+    outputs = {what: out / name for what, name in OUTPUT_FILES.items() if figure or name != "cases.png"}
+    if save_predictions:
+        outputs.update({f"prediction of {case.name}": out / "predictions" / f"{case.name}_seg.nii.gz" for case in cases})
+    read = [path for case in cases for path in (case.images[modality], case.labels)]
+    check_outputs(outputs, [*read, predictor.bundle.path], case_folders={case.folder for case in cases},
+                  hint="choose an --out folder of its own, outside the case folders")
+    check_writable_folder(out)
 
 
 def _transformed(transform: Transform, data: np.ndarray, case: str) -> np.ndarray:

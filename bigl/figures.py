@@ -18,6 +18,7 @@ from typing import Sequence
 
 import numpy as np
 
+from bigl.files import atomic_output
 from bigl.labels import REGION_COLORS, REGIONS, region_mask
 
 #: Planes in display order: name -> the RAS axis the plane is perpendicular to.
@@ -155,6 +156,6 @@ def save_case_figure(
         figure.suptitle(title, fontsize=10)
     figure.tight_layout(rect=(0, 0.03, 1, 0.97 if title else 1))
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=dpi)
+    with atomic_output(path) as tmp:
+        figure.savefig(tmp, dpi=dpi)
     return path

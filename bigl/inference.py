@@ -32,8 +32,7 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -63,6 +62,7 @@ class Prediction:
     probabilities: np.ndarray | None = None  # float32 [4, X, Y, Z]
     attention: dict[str, np.ndarray] | None = None  # "position", "channel": float32 [X, Y, Z]
     translated: np.ndarray | None = None  # float32 [X, Y, Z], source-modality image in [-1, 1]
+    warnings: list[str] = field(default_factory=list)  # why the result may mean little (bigl.plausibility)
 
 
 class BiGLPredictor:
@@ -124,10 +124,13 @@ class BiGLPredictor:
                 modality: str | None = None, name: str | None = None) -> Prediction:
         """Segment a 3D volume; see the module docstring for the optional outputs.
 
-        ``modality``: the scan's modality when known (checked against the model's). ``name``: used
-        in error messages. ``progress(done, total)`` is called after every batch, counting slices
-        (twice the slice count when the translation is requested).
+        ``modality``: the scan's modality when known (checked against the model's; when None, the
+        prediction carries a warning that it could not be checked). ``name``: used in messages.
+        ``progress(done, total)`` is called after every batch, counting slices (twice the slice
+        count when the translation is requested). ``Prediction.warnings`` lists what makes the
+        result unlikely to mean anything (:mod:`bigl.plausibility`); it is computed anyway.
         """
+        from bigl import plausibility
         from bigl.data.io import check_scan
 
         name = name or "the image"
@@ -146,14 +149,20 @@ class BiGLPredictor:
             raise InputError(f"the affine of {name} must be a 4x4 matrix, got shape {affine.shape}",
                              "pass the affine of the NIfTI file (nibabel image.affine)")
 
+        warnings = plausibility.scan_warnings(data.shape, affine, name=name)
+        unchecked = plausibility.modality_warning(modality, self.bundle.modality, name=name)
+        warnings += [unchecked] if unchecked else []
         try:
-            return self._predict(data, affine, probabilities=probabilities, attention=attention,
-                                 translated=translated, progress=progress)
+            prediction = self._predict(data, affine, probabilities=probabilities, attention=attention,
+                                       translated=translated, progress=progress)
         except (MemoryError, RuntimeError) as exc:
             error = out_of_memory_error(exc, name=name, batch_size=self.batch_size)
             if error is None:
                 raise
             raise error from None
+        too_large = plausibility.tumour_warning(prediction.labels, affine, name=name)
+        prediction.warnings = warnings + ([too_large] if too_large else [])
+        return prediction
 
     def _predict(self, data: np.ndarray, affine: np.ndarray, *, probabilities: bool, attention: bool,
                  translated: bool, progress: ProgressCallback | None) -> Prediction:
@@ -406,21 +415,17 @@ def segment_file(
     ``model``: a bundle path, a loaded :class:`Bundle` or :class:`BiGLPredictor` (reused across
     files), or None for the shipped default model. Outputs are written on the input's exact grid
     (its header, qform and sform are copied) and only after everything was computed, each through
-    a temporary file, so a failure leaves no half-written output; the input is never overwritten.
+    a temporary file, so a failure leaves no half-written output. The outputs follow
+    :func:`bigl.files.check_outputs`: never the input or the model, and beside the input never a
+    file BiGL did not write (a label map of the case survives); they are marked as BiGL outputs.
     ``modality`` defaults to the one a BraTS-style file name states (``..._t1.nii.gz``).
     """
     from bigl.data.io import load_volume
 
     source = Path(input).expanduser()
-    case = case_name(source)
-    targets: dict[str, Path] = {"labels": Path(output).expanduser()}
-    if attention_out is not None:
-        targets.update({f"attention_{k}": p for k, p in attention_paths(attention_out, case).items()})
-    if translated_out is not None:
-        targets["translated"] = Path(translated_out).expanduser()
-    if probabilities_out is not None:
-        targets["probabilities"] = Path(probabilities_out).expanduser()
-    _check_targets(source, targets)
+    targets = output_targets(source, output, attention_out=attention_out, translated_out=translated_out,
+                             probabilities_out=probabilities_out)
+    check_targets(source, targets, inputs=[_model_path(model)])
 
     scan = load_volume(source, kind="image")
     predictor = _predictor_for(model, device, batch_size, num_threads)
@@ -436,7 +441,7 @@ def segment_file(
         raise
     prediction = predictor.predict(
         scan.data, scan.affine, probabilities=probabilities_out is not None, attention=attention_out is not None,
-        translated=translated_out is not None, progress=progress, name=source.name,
+        translated=translated_out is not None, progress=progress, name=source.name, modality=modality,
     )
     volumes = {"labels": prediction.labels}
     if prediction.attention is not None:
@@ -457,52 +462,59 @@ def _predictor_for(model, device, batch_size, num_threads) -> BiGLPredictor:
     return BiGLPredictor.from_path(model, device=device, batch_size=batch_size, num_threads=num_threads)
 
 
-def _check_targets(source: Path, targets: dict[str, Path]) -> None:
-    seen: dict[Path, str] = {}
+def output_targets(source: str | os.PathLike, output: str | os.PathLike, *, attention_out=None,
+                   translated_out=None, probabilities_out=None) -> dict[str, Path]:
+    """The files :func:`segment_file` writes for ``source``: ``{output kind: path}``."""
+    case = case_name(source)
+    targets: dict[str, Path] = {"labels": Path(output).expanduser()}
+    if attention_out is not None:
+        targets.update({f"attention_{k}": p for k, p in attention_paths(attention_out, case).items()})
+    if translated_out is not None:
+        targets["translated"] = Path(translated_out).expanduser()
+    if probabilities_out is not None:
+        targets["probabilities"] = Path(probabilities_out).expanduser()
+    return targets
+
+
+#: Output kinds as messages name them.
+_OUTPUT_NAMES = {"labels": "label map", "translated": "translated image", "probabilities": "class probabilities",
+                 "attention_position": "position attention map", "attention_channel": "channel attention map"}
+
+
+def check_targets(source: Path, targets: dict[str, Path], *, inputs=(), case_folders=None) -> None:
+    """InputError unless every target is a NIfTI name that :func:`bigl.files.check_outputs`
+    allows; the source, ``inputs`` (the model) and, by default, the source's folder are protected."""
+    from bigl.files import check_outputs
+
     for key, path in targets.items():
         if not is_nifti_path(path):
             raise InputError(f"cannot write the {key.replace('_', ' ')} to {path}: the name must end in .nii or .nii.gz",
                              "choose an output name like out.nii.gz")
-        resolved = path.resolve()
-        if source.exists() and resolved == source.resolve():
-            raise InputError(f"the {key.replace('_', ' ')} output {path} is the input file; BiGL never overwrites its input",
-                             "choose another output name, e.g. <case>_seg.nii.gz")
-        if resolved in seen:
-            raise InputError(f"the {seen[resolved]} and {key} outputs would both be written to {path}",
-                             "give each output its own file name")
-        seen[resolved] = key.replace("_", " ")
-        if path.is_dir():
-            raise InputError(f"cannot write to {path}: it is a folder", "give a file name ending in .nii.gz")
+    check_outputs({f"{_OUTPUT_NAMES.get(key, key)} of {source.name}": path for key, path in targets.items()},
+                  [source, *inputs], case_folders=[source.parent] if case_folders is None else case_folders,
+                  hint="choose another output name or folder, e.g. <case>_seg.nii.gz in a folder of its own")
+
+
+def _model_path(model) -> Path | None:
+    """The bundle file a ``model`` argument reads (None: a loaded model without a file, or the default)."""
+    if isinstance(model, BiGLPredictor):
+        model = model.bundle
+    if isinstance(model, Bundle):
+        return model.path
+    if model is None:
+        from bigl import bundle
+
+        return bundle.DEFAULT_BUNDLE_PATH
+    return Path(model).expanduser()
 
 
 def _write_on_grid_of(reference: Path, affine: np.ndarray, volumes: dict[Path, np.ndarray]) -> None:
-    """Write arrays with the reference file's header (same grid, qform and sform), all or nothing.
-
-    Every volume is first written to a temporary file beside its target; only when all succeeded
-    are they renamed into place.
-    """
+    """Write arrays with the reference file's header (same grid, qform and sform), all or nothing,
+    marked as BiGL outputs: every volume goes to a temporary file beside its target, and only when
+    all succeeded are they renamed into place (:func:`bigl.files.atomic_outputs`)."""
     from bigl.data.io import save_volume
+    from bigl.files import atomic_outputs
 
-    written: list[tuple[Path, Path]] = []
-    try:
-        for target, data in volumes.items():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            suffix = ".nii.gz" if target.name.lower().endswith(".gz") else ".nii"
-            fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".tmp{suffix}", dir=target.parent)
-            os.close(fd)
-            written.append((Path(tmp_name), target))
-            save_volume(tmp_name, data, affine, like=reference)
-        for tmp, target in written:
-            os.replace(tmp, target)
-    except OSError as exc:
-        _remove(tmp for tmp, _ in written)
-        raise InputError(f"cannot write the outputs of {reference.name}: {exc}",
-                         "check that the output folder is writable and the disk is not full") from None
-    except BaseException:
-        _remove(tmp for tmp, _ in written)
-        raise
-
-
-def _remove(paths) -> None:
-    for path in paths:
-        Path(path).unlink(missing_ok=True)
+    with atomic_outputs(list(volumes)) as temporaries:
+        for tmp, data in zip(temporaries, volumes.values()):
+            save_volume(tmp, data, affine, like=reference, output=True)

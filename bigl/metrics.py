@@ -31,6 +31,7 @@ distance transforms, so a 240 x 240 x 155 pair scores all three regions in a fra
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -380,19 +381,18 @@ def write_cases_csv(
     cases: Mapping[str, RegionScores],
     pairs: Mapping[str, tuple[Path, Path]] | None = None,
 ) -> Path:
-    """One row per case: ``case``, Dice (0-1) and HD95 (mm) per region, and the files when ``pairs`` is given."""
+    """One row per case: ``case``, Dice (0-1) and HD95 (mm) per region, and the files when ``pairs`` is given.
+    Written atomically (:func:`bigl.files.atomic_write_text`); InputError when it cannot be written."""
+    from bigl.files import atomic_write_text
+
     path = Path(path).expanduser()
     header = ["case", *CSV_COLUMNS] + (["prediction", "reference"] if pairs is not None else [])
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("w", newline="", encoding="utf-8") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(header)
-            for name, scores in cases.items():
-                row = [name] + [f"{scores[r][m]:.8g}" for r in REGIONS for m in METRICS]
-                if pairs is not None:
-                    row += [str(p) for p in pairs[name]]
-                writer.writerow(row)
-    except OSError as exc:
-        raise InputError(f"cannot write {path}: {exc.strerror or exc}", "choose a writable .csv file path") from None
-    return path
+    table = io.StringIO(newline="")
+    writer = csv.writer(table)
+    writer.writerow(header)
+    for name, scores in cases.items():
+        row = [name] + [f"{scores[r][m]:.8g}" for r in REGIONS for m in METRICS]
+        if pairs is not None:
+            row += [str(p) for p in pairs[name]]
+        writer.writerow(row)
+    return atomic_write_text(path, table.getvalue())

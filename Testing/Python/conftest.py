@@ -38,3 +38,51 @@ def brats_dir() -> Path:
     if not BRATS_DIR.is_dir():
         pytest.skip(f"real BraTS data not found at {BRATS_DIR} (optional; only for data checks)")
     return BRATS_DIR
+
+
+def _mount_tmpfs(folder: Path, options: str) -> bool:
+    import shutil
+    import subprocess
+
+    if shutil.which("mount") is None:
+        return False
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True)
+    return done.returncode == 0
+
+
+def _unmount(folder: Path) -> None:
+    import subprocess
+
+    subprocess.run(["umount", str(folder)], capture_output=True)
+
+
+@pytest.fixture()
+def read_only_folder(tmp_path) -> Path:
+    """A small folder nothing can be written in: a read-only 1 MB tmpfs when the tests run as root
+    (root ignores permission bits), else a folder of mode 0555. Skips where neither works."""
+    import os
+
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        yield folder
+        folder.chmod(0o755)
+    elif _mount_tmpfs(folder, "ro,size=1m"):
+        yield folder
+        _unmount(folder)
+    else:
+        pytest.skip("cannot make a read-only folder here (root without the right to mount)")
+
+
+@pytest.fixture()
+def full_disk(tmp_path) -> Path:
+    """A writable folder on a 256 kB tmpfs, which a model bundle or a scan fills (root only; skips otherwise)."""
+    import os
+
+    folder = tmp_path / "full"
+    folder.mkdir()
+    if os.geteuid() != 0 or not _mount_tmpfs(folder, "size=256k"):
+        pytest.skip("cannot mount a small file system here (needs root)")
+    yield folder
+    _unmount(folder)

@@ -150,7 +150,7 @@ def test_save_is_atomic(saved, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(bundle_module.os, "replace", failing_replace)
-    with pytest.raises(OSError):
+    with pytest.raises(InputError, match="cannot write .*disk full"):  # a message, not a traceback
         save_bundle(path, metadata=_metadata(description="new"), **networks)
     assert path.read_bytes() == before
     assert sorted(p.name for p in path.parent.iterdir()) == [path.name]  # no temporary file left

@@ -3,7 +3,9 @@
 Each sub-command lives in its own module of this package with a ``register(subparsers)`` function
 that adds its parser and sets ``func`` (a callable taking the parsed arguments and returning an exit
 status). Heavy imports (torch) happen inside ``func`` so that ``bigl --help`` stays fast.
-User errors (:class:`bigl.errors.BiGLError`) are printed with their fix and exit with status 2.
+User errors (:class:`bigl.errors.BiGLError`) are printed with their fix and exit with status 2; so
+is any ``OSError`` that escapes a command (a write the helpers of :mod:`bigl.files` did not cover),
+worded by :func:`bigl.files.write_error`.
 """
 
 from __future__ import annotations
@@ -57,6 +59,11 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except BiGLError as exc:
         print(f"bigl {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        from bigl.files import write_error
+
+        print(f"bigl {args.command}: error: {write_error(exc, known_write=False)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"bigl {args.command}: interrupted", file=sys.stderr)

@@ -71,6 +71,7 @@ def _baseline_names() -> tuple[str, ...]:
 def run(args: argparse.Namespace) -> int:
     from bigl.errors import InputError
     from bigl.evaluate import evaluate_bundle, format_summary_text
+    from bigl.files import same_file
     from bigl.inference import BiGLPredictor
 
     cases = [name.strip() for name in args.cases.split(",") if name.strip()] if args.cases else None
@@ -85,7 +86,9 @@ def run(args: argparse.Namespace) -> int:
     if args.baseline is not None:
         transform = _baseline_transform(args, predictor.bundle.source_modality)
         if args.out is not None:  # reusable later as --reference-data OUT/reference.json
-            reference_file = transform.reference.save(args.out / "reference.json")
+            reference_file = args.out / "reference.json"
+            if not same_file(reference_file, args.reference_data):  # never rewrite the file this run reads
+                transform.reference.save(reference_file)
 
     result = evaluate_bundle(
         predictor, args.data[0] if len(args.data) == 1 else args.data, args.modality, args.out, cases=cases, transform=transform,

@@ -1,4 +1,4 @@
-"""``bigl info``: describe a model bundle (reads only its header, never the weights)."""
+"""``bigl info``: describe a model bundle (reads its header, and checks the weights' checksum)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "info",
         help="show what a model bundle is: method, modalities, architecture, metrics",
-        description="Print the description stored in a BiGL model bundle (.safetensors) without loading its weights.",
+        description="Print the description stored in a BiGL model bundle (.safetensors) without loading its "
+                    "weights, and check them against the checksum recorded when the bundle was written.",
     )
     parser.add_argument("bundle", type=Path, metavar="BUNDLE", help="model bundle (.safetensors)")
     parser.add_argument("--json", action="store_true", help="print the metadata as JSON (with parameter counts)")
@@ -25,12 +26,13 @@ def register(subparsers) -> None:
 
 
 def describe(path: Path) -> dict:
-    """The bundle's metadata plus its path, file size and parameter count per network."""
-    from bigl.bundle import parameter_counts, read_metadata
+    """The bundle's metadata plus its path, file size, parameter count per network and whether its
+    checksum verified (``"checksum": "verified"`` or ``"none"`` for bundles written without one)."""
+    from bigl.bundle import parameter_counts, read_metadata, verify_checksum
 
     metadata = read_metadata(path)
     return {**metadata, "path": str(path), "file_size_bytes": path.stat().st_size,
-            "parameters": parameter_counts(path)}
+            "parameters": parameter_counts(path), "checksum": "verified" if verify_checksum(path) else "none"}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -78,6 +80,8 @@ def format_info(info: dict) -> str:
         lines.extend(f"    {key}: {value}" for key, value in _flatten(info["training"]))
     row("created", f"{info.get('created', '?')} with bigl {info.get('bigl_version', '?')} "
                    f"(bundle format {info.get('format_version')})")
+    row("checksum", "verified: the weights are as written" if info.get("checksum") == "verified"
+        else "none recorded (written by an older BiGL); loading still refuses NaN weights")
     if info.get("description"):
         row("description", info["description"])
     return "\n".join(lines)

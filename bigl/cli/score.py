@@ -34,10 +34,19 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from bigl.data.naming import is_nifti_path
+    from bigl.errors import InputError
+    from bigl.files import check_outputs
     from bigl.metrics import format_case_table, format_summary_markdown, score_paths, write_cases_csv
 
+    if args.csv is not None and is_nifti_path(args.csv):
+        raise InputError(f"--csv {args.csv} has a NIfTI name (.nii/.nii.gz), not a table's",
+                         "give the table a .csv name, e.g. --csv scores.csv")
     with _Progress() as progress:
         result = score_paths(args.pred, args.ref, progress=progress)
+    if args.csv is not None:
+        read = [args.pred, args.ref, *(path for pair in result.pairs.values() for path in pair)]
+        check_outputs({"--csv table": args.csv}, read, hint="give the table a new name, e.g. --csv scores.csv")
     summary = result.summary()
     _warn_unmatched("reference case(s) without a prediction", result.missing_predictions)
     _warn_unmatched("prediction(s) without a reference case", result.extra_predictions)

@@ -70,6 +70,12 @@ class Reporter:
         # JSON mode keeps stdout for events only
         print(text, file=sys.stderr if self.mode == "json" else sys.stdout, flush=True)
 
+    def warn(self, message: str, **context) -> None:
+        """A plausibility warning: on stderr, and as a ``warning`` event in JSON mode."""
+        print(f"bigl segment: warning: {message}", file=sys.stderr, flush=True)
+        if self.mode == "json":
+            self.emit("warning", message=message, **context)
+
     def error(self, exc, event: str = "error", **context) -> None:
         if self.mode == "json":
             self.emit(event, message=getattr(exc, "message", str(exc)), hint=getattr(exc, "hint", None), **context)
@@ -96,11 +102,15 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _user_error(exc: Exception, args: argparse.Namespace):
-    """``exc`` as a BiGLError the user can act on (itself, or running out of memory), else None."""
+    """``exc`` as a BiGLError the user can act on (itself, a failed write, running out of memory), else None."""
     from bigl.errors import BiGLError
 
     if isinstance(exc, BiGLError):
         return exc
+    if isinstance(exc, OSError):
+        from bigl.files import write_error
+
+        return write_error(exc, known_write=False)
     if isinstance(exc, (MemoryError, RuntimeError)):
         from bigl.inference import out_of_memory_error
 
@@ -123,42 +133,73 @@ def _run(args: argparse.Namespace, reporter: Reporter) -> int:
         if is_nifti_path(args.output):
             raise InputError(f"--output {args.output} is a file name, but --input is a folder",
                              "give an output folder; each scan's labels go to <folder>/<case>_seg.nii.gz")
+        if args.output.expanduser().exists() and not args.output.expanduser().is_dir():
+            raise InputError(f"--output {args.output} is a file, but --input is a folder",
+                             "give an output folder (new or existing); each scan's labels go to <folder>/<case>_seg.nii.gz")
+    _check_outputs(args, scans if source.is_dir() else [source], folder_mode=source.is_dir())
     predictor = BiGLPredictor.from_path(args.model, device=args.device, batch_size=args.batch_size,
                                         num_threads=args.threads, flip=args.flip, postprocess=args.postprocess)
     reporter.say(_model_line(predictor.bundle, shipped=args.model is None))
     if source.is_dir():
         return _segment_folder(args, scans, predictor, reporter)
-    prediction = _segment_one(args, source, args.output, predictor, reporter,
-                              translated_out=args.translated_out, probabilities_out=args.probabilities_out)
+    prediction = _segment_one(args, source, predictor, reporter, folder_mode=False)
     reporter.say(_summary(source, args.output, prediction))
     if reporter.mode == "json":
         reporter.emit("done", output=str(args.output))
     return 0
 
 
-def _segment_one(args, source: Path, output: Path, predictor, reporter: Reporter, context=None, **extra_outputs):
+def _file_outputs(args, scan: Path, *, folder_mode: bool) -> dict[str, Path | None]:
+    """``output``, ``translated_out`` and ``probabilities_out`` of one scan, as segment_file takes them."""
+    if not folder_mode:
+        return {"output": args.output, "translated_out": args.translated_out, "probabilities_out": args.probabilities_out}
+    case = case_name(scan)
+    return {
+        "output": output_path(args.output, case, "labels"),
+        "translated_out": None if args.translated_out is None else output_path(args.translated_out, case, "translated"),
+        "probabilities_out": None if args.probabilities_out is None else output_path(args.probabilities_out, case, "probabilities"),
+    }
+
+
+def _check_outputs(args, scans: list[Path], *, folder_mode: bool) -> None:
+    """Every output of the run checked before anything is computed (:func:`bigl.files.check_outputs`):
+    no input scan, model or file BiGL did not write beside the scans is replaced, and no two scans
+    write one file (``P.nii`` and ``P.nii.gz``)."""
+    from bigl import bundle
+    from bigl.files import check_outputs
+    from bigl.inference import check_targets, output_targets
+
+    model = args.model.expanduser() if args.model is not None else bundle.DEFAULT_BUNDLE_PATH
+    everything = {}
+    for scan in scans:
+        outputs = _file_outputs(args, scan, folder_mode=folder_mode)
+        targets = output_targets(scan, outputs.pop("output"), attention_out=args.attention_out, **outputs)
+        check_targets(scan, targets, inputs=[model])
+        everything.update({f"{key} output of {scan.name}": path for key, path in targets.items()})
+    check_outputs(everything, scans)
+
+
+def _segment_one(args, source: Path, predictor, reporter: Reporter, context=None, *, folder_mode: bool):
     from bigl.inference import segment_file
 
-    return segment_file(
-        source, output, model=predictor, attention_out=args.attention_out, modality=args.modality,
-        progress=reporter.progress_callback(**(context or {})), **extra_outputs,
+    outputs = _file_outputs(args, source, folder_mode=folder_mode)
+    prediction = segment_file(
+        source, outputs.pop("output"), model=predictor, attention_out=args.attention_out, modality=args.modality,
+        progress=reporter.progress_callback(**(context or {})), **outputs,
     )
+    for warning in prediction.warnings:
+        reporter.warn(warning, input=str(source))
+    return prediction
 
 
 def _segment_folder(args, scans: list[Path], predictor, reporter: Reporter) -> int:
     out_dir = args.output.expanduser()
     failed = []
     for index, scan in enumerate(scans, start=1):
-        case = case_name(scan)
-        output = output_path(out_dir, case, "labels")
-        extra = {}
-        if args.translated_out is not None:
-            extra["translated_out"] = output_path(args.translated_out, case, "translated")
-        if args.probabilities_out is not None:
-            extra["probabilities_out"] = output_path(args.probabilities_out, case, "probabilities")
+        output = output_path(out_dir, case_name(scan), "labels")
         try:
             context = {"file": scan.name, "index": index, "files": len(scans)}
-            prediction = _segment_one(args, scan, output, predictor, reporter, context, **extra)
+            prediction = _segment_one(args, scan, predictor, reporter, context, folder_mode=True)
         except Exception as exc:  # one broken file must not stop the others
             failed.append(scan)
             error = _user_error(exc, args)

@@ -108,12 +108,26 @@ def run(args: argparse.Namespace) -> int:
         config = load_config(args.config, _overrides(args))
     except BiGLError as exc:
         if out_dir is not None and int(os.environ.get("RANK", "0") or 0) == 0:
-            EventLog(Path(out_dir) / EVENTS_FILE).write("error", message=exc.message, hint=exc.hint)
+            try:
+                EventLog(Path(out_dir) / EVENTS_FILE).write("error", message=exc.message, hint=exc.hint)
+            except OSError:
+                pass  # an unusable --out: the error itself says so on the terminal
         raise
     _stop_on_sigterm()
-    if int(os.environ.get("RANK", "0") or 0) == 0:
+    main_process = int(os.environ.get("RANK", "0") or 0) == 0
+    if main_process:
         print(f"bigl train: run folder {out_dir} (events in {out_dir / 'events.jsonl'})", file=sys.stderr, flush=True)
-    result = run_training(config, out_dir, stage=args.stage, resume=args.resume, progress=not args.no_progress)
-    if int(os.environ.get("RANK", "0") or 0) == 0:
+    try:
+        result = run_training(config, out_dir, stage=args.stage, resume=args.resume, progress=not args.no_progress)
+    except KeyboardInterrupt:
+        if main_process:
+            if args.resume:
+                again = "again"
+            else:
+                again = "with --resume" + ("" if args.out is not None else f" --out {out_dir}")
+            print(f"\nbigl train: stopped; to continue from the last checkpoint in {out_dir / 'checkpoints'}, "
+                  f"run the same command {again}", file=sys.stderr, flush=True)
+        raise
+    if main_process:
         print(f"bigl train: wrote {result}")
     return 0

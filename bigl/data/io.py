@@ -18,14 +18,19 @@ import nibabel as nib
 import numpy as np
 from nibabel.filebasedimages import ImageFileError
 
+from bigl import __version__
 from bigl.data.naming import NIFTI_SUFFIXES, is_nifti_path  # noqa: F401 (both part of this module's API)
 from bigl.errors import InputError
+from bigl.files import atomic_output
 
 PathLike = Union[str, Path]
 #: Values a label map may hold (BraTS 0/1/2/4, and 3 for enhancing tumour in BraTS 2023+ files).
 LABEL_LIKE_VALUES = frozenset({0, 1, 2, 3, 4})
 
 _READ_ERRORS = (ImageFileError, OSError, EOFError, ValueError, zlib.error)
+#: Start of the NIfTI header description (``descrip``) of the results BiGL writes: how
+#: :func:`is_bigl_output` tells an output of an earlier run (replaceable) from a user's file.
+OUTPUT_DESCRIPTION = "BiGL output"
 
 
 @dataclass
@@ -170,9 +175,15 @@ def _as_label_map(path: Path, data: np.ndarray) -> np.ndarray:
 
 
 def save_volume(
-    path: PathLike, data: np.ndarray, affine: np.ndarray, *, dtype=None, like: PathLike | None = None
+    path: PathLike, data: np.ndarray, affine: np.ndarray, *, dtype=None, like: PathLike | None = None,
+    output: bool = False,
 ) -> Path:
     """Write a 3D (or 4D) array as NIfTI (``.nii`` or ``.nii.gz``), creating the parent folder.
+
+    The file is written atomically (:func:`bigl.files.atomic_output`: an existing file is replaced
+    whole, never written through a link) with the umask's permissions; a failed write is an
+    InputError. ``output``: mark the file as a BiGL result (:data:`OUTPUT_DESCRIPTION` in the
+    header description), which later runs may replace beside the input scans.
 
     ``dtype`` defaults to the array's type, with bool stored as uint8, float64 as float32 and
     int64 as int32 (all NIfTI readers understand those). qform and sform are both set to the
@@ -203,9 +214,20 @@ def save_volume(
         image.header.set_xyzt_units("mm", "sec")
     else:
         image = _image_like(like, data, affine)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(image, str(path))
+    if output:
+        image.header["descrip"] = f"{OUTPUT_DESCRIPTION} (bigl {__version__})".encode("ascii")
+    with atomic_output(path) as tmp:
+        nib.save(image, str(tmp))
     return path
+
+
+def is_bigl_output(path: PathLike) -> bool:
+    """True when ``path`` is a NIfTI file BiGL wrote as a result (``save_volume(..., output=True)``)."""
+    try:
+        header = nib.load(str(Path(path).expanduser())).header
+    except _READ_ERRORS:
+        return False
+    return np.asarray(header["descrip"]).tobytes().startswith(OUTPUT_DESCRIPTION.encode("ascii"))
 
 
 def _image_like(reference: PathLike, data: np.ndarray, affine: np.ndarray) -> nib.Nifti1Image:

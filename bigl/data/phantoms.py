@@ -34,6 +34,7 @@ from scipy import ndimage as ndi
 
 from bigl.data.brats import MODALITIES, NAMINGS, SEPARATORS, case_file_name, normalise_modalities
 from bigl.data.io import PathLike, save_volume
+from bigl.files import make_folder
 from bigl.errors import ConfigError
 
 # Tissue codes of the phantom's anatomy map.
@@ -51,6 +52,10 @@ CONTRASTS: dict[str, tuple[float, ...]] = {
     "flair": (0.0, 0.14, 0.72, 0.55, 1.40, 0.85, 1.00),
 }  # fmt: skip
 MIN_SIZE = 16
+#: Largest phantom (voxels per side): generation holds about BYTES_PER_VOXEL bytes per voxel
+#: (measured: images of four modalities, tissue maps, smooth fields), so this one needs ~1.1 GB.
+MAX_SIZE = 256
+BYTES_PER_VOXEL = 70
 #: Tumours drawn (random site, size and shape) before a grid counts as too coarse for one.
 _TUMOUR_DRAWS = 50
 _DRAWS_BEFORE_GROWTH = 10
@@ -320,7 +325,19 @@ def make_phantom(
 def _check_size(size: int) -> int:
     if not isinstance(size, (int, np.integer)) or size < MIN_SIZE:
         raise ConfigError(f"phantom size must be an integer >= {MIN_SIZE}, not {size!r}", "use e.g. 64")
+    if size > MAX_SIZE:
+        raise ConfigError(
+            f"phantom size {size} is too large: a phantom of {size}^3 voxels needs about "
+            f"{_memory_text(size)} of memory while it is generated; the limit is {MAX_SIZE} voxels per side "
+            f"(about {_memory_text(MAX_SIZE)})",
+            f"use a size up to {MAX_SIZE} (64 is the default; BraTS scans are 240 x 240 x 155)",
+        )
     return int(size)
+
+
+def _memory_text(size: int) -> str:
+    gib = size**3 * BYTES_PER_VOXEL / 2**30
+    return f"{gib:,.1f} GB" if gib < 1024 else f"{gib / 1024:,.0f} TB"
 
 
 def _check_spacing(spacing: Sequence[float]) -> tuple[float, float, float]:
@@ -357,7 +374,7 @@ def write_cohort(
     wanted = normalise_modalities(modalities)
     spacing = _check_spacing(spacing)
     _check_size(size)
-    out = Path(out).expanduser()
+    out = make_folder(out)
     folders = []
     for index in range(int(cases)):
         images, labels = make_phantom(size, np.random.default_rng([int(seed), index]), wanted, spacing=spacing)

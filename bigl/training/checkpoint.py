@@ -6,26 +6,26 @@ tensors such as the image pool (``extra.``) and the random generator states as u
 (``rng.torch``, ``rng.cuda.<i>``). Everything that is not a tensor (step, optimiser hyper-parameters,
 numpy and Python generator states, the config) is a JSON document in the safetensors header, so
 a checkpoint is one file: it is written to a temporary file, fsynced and renamed over its final
-name, and a crash while saving leaves the previous checkpoints intact.
+name, and a crash while saving leaves the previous checkpoints intact. The header also holds the
+SHA-256 of the tensor data (:mod:`bigl.tensorfile`): a checkpoint damaged later does not verify,
+and resuming uses the newest one that does (:func:`resume_checkpoint`).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors import safe_open
-from safetensors.torch import save as safetensors_bytes
-
-from bigl.bundle import atomic_write_bytes
+from bigl import tensorfile
 from bigl.errors import ConfigError
+from bigl.files import atomic_write_bytes
 
 FORMAT = "bigl-checkpoint"
 FORMAT_VERSION = 1
@@ -105,20 +105,20 @@ def save_checkpoint(
         "rng_python": json.loads(json.dumps(random.getstate())),
         "extra": extra or {},
     }
-    payload = safetensors_bytes(tensors, metadata={METADATA_KEY: json.dumps(meta)})
-    atomic_write_bytes(Path(path), payload)
+    atomic_write_bytes(Path(path), tensorfile.encode(tensors, {METADATA_KEY: json.dumps(meta)}))
     return Path(path)
 
 
 def read_checkpoint(path: Path) -> Checkpoint:
-    """Load a checkpoint (tensors on the CPU); ConfigError when the file is not a valid one."""
+    """Load a checkpoint (tensors on the CPU), verified; ConfigError when the file is not a valid one."""
     path = Path(path)
     try:
-        with safe_open(str(path), framework="pt", device="cpu") as handle:
-            raw = (handle.metadata() or {}).get(METADATA_KEY)
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+        metadata, tensors = tensorfile.read_tensors(path)
+        raw = metadata.get(METADATA_KEY)
         meta = json.loads(raw) if raw else None
-    except Exception as exc:  # safetensors has its own error types for every malformed file
+    except tensorfile.DamagedFile as exc:
+        raise ConfigError(f"checkpoint {path} is damaged: {exc}", "delete it; --resume then uses the previous one") from None
+    except Exception as exc:  # malformed, truncated, unreadable, or safetensors' own errors
         raise ConfigError(f"checkpoint {path} cannot be read ({exc})", "delete it; --resume then uses the previous one") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ConfigError(f"{path} is not a BiGL training checkpoint", "remove foreign files from the checkpoints folder")
@@ -140,13 +140,49 @@ def list_checkpoints(folder: Path, stage: str) -> list[Path]:
 
 
 def latest_checkpoint(folder: Path, stage: str) -> Checkpoint | None:
-    """The newest checkpoint of a stage that reads back; unreadable ones are skipped."""
+    """The newest checkpoint of a stage that reads back and verifies; the others are skipped."""
+    return resume_checkpoint(folder, stage)[0]
+
+
+def resume_checkpoint(folder: Path, stage: str) -> tuple[Checkpoint | None, list[ConfigError]]:
+    """(the newest checkpoint of a stage that reads back and verifies, the errors of the newer
+    ones that did not), so that a resume can say which checkpoint it used and why."""
+    skipped: list[ConfigError] = []
     for path in list_checkpoints(folder, stage):
         try:
-            return read_checkpoint(path)
-        except ConfigError:
-            continue
-    return None
+            return read_checkpoint(path), skipped
+        except ConfigError as exc:
+            skipped.append(exc)
+    return None, skipped
+
+
+def announce_resume(log, stage: str, found: tuple[Checkpoint | None, list[ConfigError]], *, root: Path,
+                    echo: bool = True) -> Checkpoint | None:
+    """Say which checkpoint a resume uses, and which newer ones it skipped and why: a ``resume``
+    event in the log and, when ``echo``, lines on stderr. Returns the checkpoint (None: none)."""
+    checkpoint, skipped = found
+    if checkpoint is None and not skipped:
+        return None  # the stage never wrote a checkpoint: nothing to say
+
+    def relative(path: Path) -> str:
+        try:
+            return str(Path(path).relative_to(root))
+        except ValueError:
+            return str(path)
+
+    log.write("resume", stage=stage, step=checkpoint.step if checkpoint else 0,
+              checkpoint=relative(checkpoint.path) if checkpoint else None,
+              skipped=[{"message": exc.message} for exc in skipped])
+    if echo:
+        for exc in skipped:
+            print(f"bigl train: warning: skipped {exc.message}", file=sys.stderr, flush=True)
+        if checkpoint is not None:
+            print(f"bigl train: resuming stage {stage} at step {checkpoint.step} from {relative(checkpoint.path)}",
+                  file=sys.stderr, flush=True)
+        else:
+            print(f"bigl train: warning: no {stage} checkpoint reads back intact; stage {stage} starts again at step 0",
+                  file=sys.stderr, flush=True)
+    return checkpoint
 
 
 def prune_checkpoints(folder: Path, stage: str, keep: int) -> None:

@@ -45,6 +45,7 @@ RUN_CONTROL_KEYS = frozenset(
         "run.threads",
         "run.progress",
         "data.workers",
+        "data.allow_same_modality",  # a permission, not a setting (and absent from older runs)
     }
 )
 
@@ -93,6 +94,7 @@ def default_config() -> dict[str, Any]:
             "augment_spatial": False,
             "augment_intensity": False,
             "workers": 2,
+            "allow_same_modality": False,
         },
         "preprocessing": models["preprocessing"],
         "segmenter": models["segmenter"],
@@ -365,6 +367,7 @@ def validate_config(config: dict[str, Any]) -> dict[str, Any]:
     _validate_data(config)
     _validate_models(config)
     _validate_training(config)
+    _validate_domains(config)
     return config
 
 
@@ -502,6 +505,33 @@ def _validate_training(config: dict[str, Any]) -> None:
     if device not in ("auto", "cpu", "cuda") and not (device.startswith("cuda:") and device[5:].isdigit()):
         raise _fail("run.device", f"unknown device {json.dumps(run['device'])}", "use auto, cpu, cuda or cuda:N")
     run["device"] = device
+
+
+def _folder_set(value: Any) -> frozenset[Path]:
+    """The resolved folders of a data.*_dir value (one folder, or a list of them)."""
+    values = [value] if isinstance(value, (str, Path)) else list(value or [])
+    return frozenset(Path(str(v)).expanduser().resolve() for v in values)
+
+
+def _validate_domains(config: dict[str, Any]) -> None:
+    """BiGL adapts across a domain gap: the same modality from the same scans has none."""
+    data = config["data"]
+    if config["adapt"]["method"] != "bigl" or data["allow_same_modality"]:
+        return
+    if data["source_modality"] != data["target_modality"]:
+        return
+    source, target = _folder_set(data["source_dir"]), _folder_set(data["target_dir"])
+    if not source or source != target:
+        return  # separate folders: e.g. one scanner to another, a real adaptation
+    modality = data["source_modality"].upper()
+    raise ConfigError(
+        f"config data: source and target are both {modality} from the same folder(s) "
+        f"({', '.join(sorted(map(str, source)))}): there is no domain gap to adapt across, "
+        f"the translator would learn {modality} -> {modality}",
+        "set data.target_modality (--target-modality) to the modality to segment, e.g. t2 with a t1 source; "
+        "to adapt between scanners of one modality, give separate source and target folders; "
+        "if this is meant, set data.allow_same_modality=true",
+    )
 
 
 def active_levels(adapt: dict[str, Any]) -> tuple[str, ...]:

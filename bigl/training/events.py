@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bigl.files import atomic_output
+
 EVENTS_FILE = "events.jsonl"
 
 
@@ -106,7 +108,6 @@ def plot_losses(events_path: str | os.PathLike, out_path: str | os.PathLike) -> 
         axis.legend(fontsize=7, ncol=2)
     figure.tight_layout()
     out_path = Path(out_path)
-    tmp = out_path.with_name(f".{out_path.name}.tmp.png")
-    figure.savefig(tmp, dpi=100)
-    os.replace(tmp, out_path)
+    with atomic_output(out_path) as tmp:
+        figure.savefig(tmp, dpi=100)
     return out_path

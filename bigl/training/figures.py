@@ -8,13 +8,13 @@ are shown transposed (for BraTS-like axial slices: anterior up). Matplotlib's ob
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Mapping
 
 import numpy as np
 
 from bigl.figures import region_overlay
+from bigl.files import atomic_output
 from bigl.labels import classes_to_labels
 
 
@@ -52,8 +52,6 @@ def sample_grid(
         figure.suptitle(title, fontsize=9)
     figure.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    figure.savefig(tmp, dpi=80)
-    os.replace(tmp, path)
+    with atomic_output(path) as tmp:
+        figure.savefig(tmp, dpi=80)
     return path

@@ -18,10 +18,11 @@ from torch import nn
 from bigl.errors import ConfigError
 from bigl.losses import adversarial_loss
 from bigl.training.checkpoint import (
+    announce_resume,
     checkpoint_path,
-    latest_checkpoint,
     prune_checkpoints,
     restore_checkpoint,
+    resume_checkpoint,
     save_checkpoint,
 )
 from bigl.training.data import STAGE_CODES, StepSampler, TrainingData
@@ -205,7 +206,8 @@ class StageTrainer:
 
     def resume(self) -> int:
         """Restore the newest checkpoint of the stage; returns the steps it had completed (0: none)."""
-        checkpoint = latest_checkpoint(self.checkpoint_dir, self.stage)
+        checkpoint = announce_resume(self.ctx.log, self.stage, resume_checkpoint(self.checkpoint_dir, self.stage),
+                                     root=self.ctx.out_dir, echo=self.ctx.dist.is_main)
         if checkpoint is None:
             return 0
         if checkpoint.meta["extra"].get("total") != self.total:

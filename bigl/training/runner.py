@@ -27,6 +27,7 @@ import torch
 
 from bigl.bundle import resolve_device
 from bigl.errors import BiGLError, ConfigError
+from bigl.files import atomic_write_text, check_writable_folder
 from bigl.training.config import config_differences, validate_config
 from bigl.training.data import StepSampler, find_training_cases, iterations_for, load_training_data
 from bigl.training.distributed import DistributedContext, env_int, init_distributed
@@ -109,10 +110,9 @@ class TrainingRun:
         return Path(given).expanduser() if given else self.out_dir / TRANSLATOR_FILE
 
     def _check_disk(self, config: dict, stages: list[str]) -> None:
+        check_writable_folder(self.out_dir)  # a read-only place is that, not "too little space"
         needed = estimate_disk_bytes(config, stages)
         folder = self.out_dir
-        while not folder.exists():
-            folder = folder.parent
         free = shutil.disk_usage(folder).free
         if free < needed:
             raise ConfigError(
@@ -242,13 +242,12 @@ class TrainingRun:
         """Write config.json once the run is certain to start: from then on the folder holds a run."""
         path = self.out_dir / CONFIG_FILE
         if self.dist.is_main and not path.exists():
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(self.config, indent=2) + "\n", encoding="utf-8")
+            atomic_write_text(path, json.dumps(self.config, indent=2) + "\n")
 
     def _log_error(self, message: str, hint: str | None) -> None:
         try:
             self.log.write("error", message=message, hint=hint)
-        except OSError:
+        except (OSError, BiGLError):
             pass  # the folder itself is unusable; the CLI still prints the error
 
 

@@ -24,13 +24,11 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
-from bigl import __version__
-from bigl.bundle import atomic_write_bytes
+from bigl import __version__, tensorfile
 from bigl.errors import ConfigError
+from bigl.files import atomic_write_bytes
 from bigl.losses import adversarial_loss
 from bigl.models import PatchDiscriminator, ResnetGenerator, TranslatorConfig
 from bigl.training.checkpoint import prefixed
@@ -354,7 +352,7 @@ def save_translator(
             "n_layers": config["translator_training"]["discriminator_layers"],
         },
     }
-    atomic_write_bytes(Path(path), safetensors_bytes(tensors, metadata={"bigl": json.dumps(metadata)}))
+    atomic_write_bytes(Path(path), tensorfile.encode(tensors, {"bigl": json.dumps(metadata)}))
     return Path(path)
 
 
@@ -368,9 +366,11 @@ def load_translator(path: Path, config: dict, device: torch.device) -> tuple[Tra
             "train it first (bigl train --stage translator, or --stage all), or set adapt.translator_bundle",
         )
     try:
-        with safe_open(str(path), framework="pt", device="cpu") as handle:
-            metadata = json.loads((handle.metadata() or {}).get("bigl", "null"))
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+        raw, tensors = tensorfile.read_tensors(path)
+        metadata = json.loads(raw.get("bigl", "null"))
+    except tensorfile.DamagedFile as exc:
+        raise ConfigError(f"the translator file {path} is damaged: {exc}",
+                          "train the translator again (bigl train --stage translator)") from None
     except Exception as exc:
         raise ConfigError(f"{path} cannot be read as a translator file ({exc})", "train the translator again") from None
     if not isinstance(metadata, dict) or metadata.get("format") != TRANSLATOR_FORMAT:

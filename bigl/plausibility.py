@@ -1,0 +1,65 @@
+"""Plausibility of a scan and of its segmentation: warnings, never refusals.
+
+A file can be a valid 3D NIfTI volume and still not be the brain MR scan a model can make sense
+of: a header with wrong voxel sizes, a small crop or a test volume, a scan of another modality
+than the model's. The network answers anyway, so :func:`scan_warnings` and
+:func:`tumour_warning` say when a result is unlikely to mean anything. They only warn: the user
+may know better (an unusual protocol, a phantom), and the result is still written.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+#: Voxel sizes (mm) of brain MR scans, from sub-millimetre research scans to thick clinical slices.
+VOXEL_RANGE_MM = (0.2, 8.0)
+#: A head is 140-200 mm across. A field of view that spans less than this (mm) along two of its
+#: axes holds at most a small part of one (lenient, so that small phantoms pass).
+HEAD_EXTENT_MM = 40.0
+#: An adult brain is about 1,100-1,500 mL; no real tumour is larger than this.
+BRAIN_VOLUME_ML = 2000.0
+
+
+def _size(values: Sequence[float], unit: str) -> str:
+    return " x ".join(f"{v:.3g}" for v in values) + f" {unit}"
+
+
+def scan_warnings(shape: Sequence[int], affine: np.ndarray, *, name: str = "the scan") -> list[str]:
+    """Warnings about a scan's voxel sizes and field of view (empty when both look like a head MR)."""
+    affine = np.asarray(affine, dtype=np.float64)
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    extent = np.asarray(shape[:3], dtype=np.float64) * spacing
+    warnings = []
+    low, high = VOXEL_RANGE_MM
+    if spacing.min() < low or spacing.max() > high:
+        warnings.append(
+            f"{name} has voxels of {_size(spacing, 'mm')}, far from brain MR scans ({low:g} to {high:g} mm): "
+            "the voxel sizes in its header are probably wrong, and so would be the result and its volumes in mL"
+        )
+    if np.count_nonzero(extent >= HEAD_EXTENT_MM) < 2:
+        warnings.append(
+            f"{name} covers only {_size(extent, 'mm')} ({_size(shape[:3], 'voxels')}), too small to hold a head "
+            "(a brain is about 140 x 170 x 120 mm): give the whole head scan; a result on this is unlikely to mean anything"
+        )
+    return warnings
+
+
+def modality_warning(modality: str | None, expected: str, *, name: str = "the scan") -> str | None:
+    """A warning when the scan's modality is unknown, so it cannot be checked against the model's."""
+    if modality is not None:
+        return None
+    return (f"the modality of {name} cannot be checked: neither its name (like *_{expected}.nii.gz) nor the "
+            f"command states it; the model segments {expected.upper()} scans, and on another modality its result "
+            f"means little (state it with --modality {expected})")
+
+
+def tumour_warning(labels: np.ndarray, affine: np.ndarray, *, name: str = "the scan") -> str | None:
+    """A warning when the segmented tumour is larger than a whole brain."""
+    voxel_ml = abs(float(np.linalg.det(np.asarray(affine, dtype=np.float64)[:3, :3]))) / 1000.0
+    tumour_ml = float(np.count_nonzero(labels)) * voxel_ml
+    if tumour_ml <= BRAIN_VOLUME_ML:
+        return None
+    return (f"the tumour found in {name} measures {tumour_ml:,.0f} mL, more than a whole brain "
+            f"(about 1,100-1,500 mL): the voxel sizes or the scan are wrong; do not use this result")
