@@ -23,6 +23,7 @@ from bigl.training.checkpoint import latest_checkpoint, read_checkpoint, save_ch
 from bigl.training.events import read_events
 
 from test_cli_segment import write_scan
+from test_training_resume import _toy as toy_adapt_checkpoint
 
 
 def header(path: Path) -> tuple[int, dict]:
@@ -149,12 +150,7 @@ def test_a_damaged_translator_file_is_refused(phantom_cohort, tmp_path):
 
 
 def toy_checkpoint(folder: Path, step: int) -> Path:
-    model = torch.nn.Linear(3, 2)
-    optimizer = torch.optim.Adam(model.parameters())
-    model(torch.ones(1, 3)).sum().backward()
-    optimizer.step()
-    return save_checkpoint(folder / f"adapt_{step:08d}.safetensors", stage="adapt", step=step,
-                           modules={"segmenter": model}, optimizers={"segmenter": optimizer})
+    return toy_adapt_checkpoint(step, folder)
 
 
 @pytest.mark.parametrize("fill", [None, 0xFF], ids=["flipped-bits", "nan"])

@@ -165,11 +165,8 @@ def test_refusals_happen_before_anything_starts(phantom_cases, tmp_path, fake_tr
     assert not logic.busy
 
 
-def test_cases_the_check_leaves_out_are_excluded_from_the_run(phantom_cases, tmp_path, monkeypatch):
-    import shutil
-
-    cases = Path(shutil.copytree(phantom_cases, tmp_path / "cases"))
-    (cases / "Phantom_002" / "Phantom_002_seg.nii.gz").unlink()
+def capture_train_command(monkeypatch) -> dict:
+    """Replace the trainer's command line with a no-op; the dict receives the settings it was built from."""
     captured = {}
 
     def command(settings, **kwargs):
@@ -177,6 +174,15 @@ def test_cases_the_check_leaves_out_are_excluded_from_the_run(phantom_cases, tmp
         return [sys.executable, "-c", "pass"]
 
     monkeypatch.setattr(logic_module, "train_command", command)
+    return captured
+
+
+def test_cases_the_check_leaves_out_are_excluded_from_the_run(phantom_cases, tmp_path, monkeypatch):
+    import shutil
+
+    cases = Path(shutil.copytree(phantom_cases, tmp_path / "cases"))
+    (cases / "Phantom_002" / "Phantom_002_seg.nii.gz").unlink()
+    captured = capture_train_command(monkeypatch)
     logic = TrainingLogic()
     logic.start(settings_for(cases, tmp_path / "run"))
     logic.wait(timeout=30)
@@ -194,13 +200,7 @@ def test_several_data_folders_reach_the_run_as_one_data_set(phantom_cases, tmp_p
     second = tmp_path / "second"
     write_cohort(second, cases=2, size=32, seed=1, modalities=("t1", "t2"), prefix="More")
     (second / "More_001" / "More_001_seg.nii.gz").unlink()
-    captured = {}
-
-    def command(settings, **kwargs):
-        captured["settings"] = settings
-        return [sys.executable, "-c", "pass"]
-
-    monkeypatch.setattr(logic_module, "train_command", command)
+    captured = capture_train_command(monkeypatch)
     logic = TrainingLogic()
     folders = [str(first), str(second)]
     report = logic.check_data(settings_for(first, tmp_path / "run", source_dir=folders, target_dir=folders))
