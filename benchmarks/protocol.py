@@ -3,7 +3,7 @@
 
     python benchmarks/protocol.py --out runs/protocol --mode quick --seeds 0 1 2 \\
         --data ../shared/data/brats18 --data ../shared/data/brats-extra \\
-        --setting paper= --setting augment=data.augment_spatial=true,data.augment_intensity=true
+        --setting paper= --setting augment="data.augment_spatial=true;data.augment_intensity=true"
 
 Splits (fixed here, before any run):
 - the five REPORT_CASES are never trained on and are scored only with ``--split report`` (the
@@ -15,11 +15,12 @@ Splits (fixed here, before any run):
 
 Modes: ``quick`` = the ``cpu`` config (64 px, minutes per run on 2 cores) for screening, ``full`` =
 the ``reference`` config (96 px) for the final table; ``--config`` picks another. Each setting is
-``name=key=value,key=value`` (an empty override list is the config as it is). Settings that leave
+``name=key=value;key=value`` (an empty override list is the config as it is). Settings that leave
 stage 1 alone share one translator per seed (trained once, ``adapt.translator_bundle``), so they
-differ only in what they change. ``--inference NAME=--flip,--postprocess`` scores the same models
+differ only in what they change. ``--inference "NAME=--flip;--postprocess"`` scores the same models
 again with inference options (rows ``setting + NAME``). ``--baselines`` adds source-only and the no-learning
-invert + histogram-match baseline (source-only model on the inverted T2) for each seed.
+invert + histogram-match baseline (source-only model on the inverted T2) for each seed; its T1
+reference histogram comes from the training cases of the first ``--data`` folder.
 
 Every run is ``bigl train`` + ``bigl evaluate`` (commands in ``OUT/commands.txt``); a finished run
 is not run again, an interrupted one continues with ``--resume``. The table (``OUT/table.md``,
@@ -48,14 +49,14 @@ MODES = {"quick": "cpu", "full": "reference"}
 REGIONS = ("WT", "TC", "ET")
 #: Override prefixes that change stage 1 (such a setting trains its own translator).
 _STAGE1_PREFIXES = ("translator.", "translator_training.", "preprocessing.", "data.")
-_STAGE2_DATA_KEYS = ("data.augment_spatial", "data.augment_intensity", "data.tumour_fraction", "data.flip", "data.workers")
+_STAGE2_DATA_KEYS = ("data.augment_spatial", "data.augment_intensity", "data.tumour_fraction", "data.workers")
 
 
 def parse_setting(text: str) -> tuple[str, list[str]]:
     name, sep, rest = text.partition("=")
     if not sep or not name:
-        raise SystemExit(f"--setting {text!r}: write NAME=key=value,key=value (or NAME= for no override)")
-    return name, [item for item in rest.split(",") if item]
+        raise SystemExit(f"--setting {text!r}: write NAME=key=value;key=value (or NAME= for no override)")
+    return name, [item for item in rest.split(";") if item]
 
 
 def own_translator(overrides: list[str]) -> bool:
@@ -80,6 +81,21 @@ class Protocol:
             f"run.threads={args.threads}", "run.progress=false", "run.sample_every=0",
         ]
         self.folders = folders
+        self._check_manifest()
+
+    def _check_manifest(self) -> None:
+        """One output folder holds one protocol: the same split, config and data every time, so
+        that finished runs found there are reused only when they belong to it."""
+        manifest = {"split": self.args.split, "config": self.config, "data": self.folders,
+                    "excluded": self.excluded, "scored": self.scored}
+        path = self.out / "manifest.json"
+        if path.exists():
+            old = json.loads(path.read_text(encoding="utf-8"))
+            if old != manifest:
+                changed = ", ".join(key for key in manifest if old.get(key) != manifest[key])
+                raise SystemExit(f"{self.out} holds a protocol with another {changed}; use another --out")
+        else:
+            path.write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
 
     def command(self, argv: list[str], log: Path) -> None:
         with open(self.out / "commands.txt", "a", encoding="utf-8") as handle:
@@ -165,12 +181,17 @@ def summarise(results: dict[str, dict[int, dict]]) -> dict:
                 per_case += scores
                 per_seed.append(float(np.mean(scores)))
             entry["regions"][region] = {
-                "seed_mean": float(np.mean(per_seed)), "seed_std": float(np.std(per_seed)),
-                "case_mean": float(np.mean(per_case)), "case_std": float(np.std(per_case)),
+                "seed_mean": float(np.mean(per_seed)), "seed_std": _sample_std(per_seed),
+                "case_mean": float(np.mean(per_case)), "case_std": _sample_std(per_case),
                 "per_seed": [round(v, 2) for v in per_seed],
             }
         table[name] = entry
     return table
+
+
+def _sample_std(values: list[float]) -> float:
+    """Sample standard deviation (ddof=1); 0 for a single value."""
+    return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
 
 
 def format_table(table: dict, protocol: Protocol) -> str:
@@ -178,7 +199,8 @@ def format_table(table: dict, protocol: Protocol) -> str:
     lines = [
         f"Protocol: split {args.split} (scored: {', '.join(protocol.scored)}), config {protocol.config}, seeds {args.seeds}",
         "",
-        "Dice % on T2: mean ± std over seeds (of the per-seed case means) / over all case x seed scores; per-seed means",
+        "Dice % on T2: mean ± sample std over seeds (of the per-seed case means) / ± sample std over all case x seed "
+        "scores; per-seed means",
         "",
         "| setting | WT | TC | ET | mean | WT per seed |",
         "|---|---:|---:|---:|---:|---|",
@@ -197,11 +219,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", help="a ready config or JSON file instead of the mode's")
     parser.add_argument("--split", choices=("dev", "report"), default="dev")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--setting", action="append", required=True, help="NAME=key=value,key=value")
+    parser.add_argument("--setting", action="append", required=True, help="NAME=key=value;key=value")
     parser.add_argument("--baselines", action="store_true", help="also source-only and invert + histogram match")
     parser.add_argument("--inference", action="append", default=[],
-                        help="NAME=--flag,--flag: also score every setting's models with these bigl evaluate flags "
-                             "(e.g. tta+post=--flip,--postprocess)")
+                        help="NAME=--flag;--flag: also score every setting's models with these bigl evaluate flags "
+                             "(e.g. 'tta+post=--flip;--postprocess')")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     protocol = Protocol(args)

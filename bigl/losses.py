@@ -111,14 +111,14 @@ def segmentation_loss(
     voxels labelled ``ignore_index`` (e.g. :data:`IGNORE_INDEX`) take no part in either term."""
     target = _check_segmentation_inputs(logits, target, ignore_index)
     if class_weights is not None:
-        class_weights = torch.as_tensor(class_weights, dtype=logits.dtype, device=logits.device)
+        class_weights = torch.as_tensor(class_weights, dtype=torch.float32, device=logits.device)
         if class_weights.shape != (logits.shape[1],):
             raise ValueError(
                 f"class_weights must have one value per class ({logits.shape[1]}), got {tuple(class_weights.shape)}"
             )
     if ignore_index is not None and not bool((target != ignore_index).any()):
         return logits.sum() * 0.0  # nothing confident to learn from in this batch
-    cross_entropy = F.cross_entropy(logits, target, weight=class_weights, ignore_index=-100 if ignore_index is None else ignore_index)
+    cross_entropy = F.cross_entropy(logits.float(), target, weight=class_weights, ignore_index=-100 if ignore_index is None else ignore_index)
     dice = generalized_dice_loss(logits, target, eps=eps, weight_power=weight_power, ignore_index=ignore_index)
     return ce_weight * cross_entropy + dice_weight * dice
 
@@ -148,5 +148,5 @@ def output_consistency_loss(logits_a: torch.Tensor, logits_b: torch.Tensor) -> t
             f"output consistency needs two logit maps of the same shape [B, K, ...], got {tuple(logits_a.shape)} "
             f"and {tuple(logits_b.shape)}"
         )
-    difference = torch.softmax(logits_a, dim=1) - torch.softmax(logits_b, dim=1)
+    difference = torch.softmax(logits_a.float(), dim=1) - torch.softmax(logits_b.float(), dim=1)  # float32 under autocast too
     return difference.pow(2).sum(dim=1).mean()

@@ -61,3 +61,11 @@ def test_inference_defaults_come_from_the_bundle_and_yield_to_the_caller(tiny_bu
     assert not BiGLPredictor.from_path(tiny_bundle, device="cpu").flip
     with pytest.raises(ConfigError, match="inference defaults"):
         annotate_bundle(tiny_bundle, tmp_path / "bad.safetensors", inference={"tta": True})
+
+
+def test_evaluation_records_the_inference_options(tiny_bundle, phantom_cohort):
+    from bigl.evaluate import evaluate_bundle
+
+    predictor = BiGLPredictor.from_path(tiny_bundle, device="cpu", flip=True, postprocess=False)
+    result = evaluate_bundle(predictor, phantom_cohort, "t2", cases=["Phantom_001"], progress=False)
+    assert result["inference"] == {"flip": True, "postprocess": False}

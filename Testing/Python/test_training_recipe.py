@@ -138,7 +138,43 @@ def test_augmented_training_step_uses_the_switches(phantom_cohort, tmp_path, mon
     run_training(smoke(phantom_cohort, "adapt.iterations=2", "translator_training.iterations=2", "run.threads=1",
                        "data.augment_spatial=true", "data.augment_intensity=true"), tmp_path / "run", progress=False)
     assert calls["spatial"] == 2  # source batch of each adaptation step
-    assert calls["intensity"] == 4  # source batch and translated source of each step
+    assert calls["intensity"] == 4  # x_s and x_s->t as the segmenter sees them, each step
+
+
+def test_the_translator_gets_the_unaugmented_source_and_its_output_keeps_the_source_background(phantom_cohort, tmp_path, monkeypatch):
+    from bigl.training.adapt_stage import AdaptNetwork
+
+    seen = {}
+    original_forward = AdaptNetwork.forward
+
+    def spying(self, x_labelled, x_target=None, translator_batch=None, augment_labelled=None, augment_translated=None):
+        seen["translator_input"] = x_labelled.detach().clone()
+        seen["segmenter_input"] = augment_labelled(x_labelled).detach()
+        fake = self.translators.s2t(x_labelled).detach()
+        seen["translated"] = augment_translated(fake)
+        return original_forward(self, x_labelled, x_target, translator_batch, augment_labelled, augment_translated)
+
+    monkeypatch.setattr(AdaptNetwork, "forward", spying)
+    run = TrainingRun(smoke(phantom_cohort, "run.threads=1", "data.augment_intensity=true"), tmp_path / "run", progress=False)
+    run.prepare()
+    run.translator_trainer().finish()
+    trainer = run.adapt_trainer()
+    batch = trainer.batch(0)
+    trainer.segmenter_step(batch)
+    assert torch.equal(seen["translator_input"], batch["x"])  # no intensity change before translation
+    background = ~augment.brain_of(batch["x"])
+    assert bool((seen["translated"][background] == -1.0).all())
+    assert not torch.equal(seen["segmenter_input"], batch["x"])
+
+
+def test_augmentation_of_a_shard_equals_that_part_of_the_global_batch():
+    images, labels = brain_batch(n=4)
+    whole, whole_labels = augment.spatial(images, labels, np.random.default_rng(1))
+    half, half_labels = augment.spatial(images[2:], labels[2:], np.random.default_rng(1), batch=4, rows=slice(2, 4))
+    assert torch.allclose(half, whole[2:]) and torch.equal(half_labels, whole_labels[2:])
+    bright = augment.intensity(images, np.random.default_rng(2))
+    part = augment.intensity(images[2:], np.random.default_rng(2), batch=4, rows=slice(2, 4))
+    assert torch.allclose(part, bright[2:])
 
 
 # ------------------------------------------------------------------------------------------
@@ -173,6 +209,8 @@ def test_self_training_config_is_checked(phantom_cohort):
         smoke(phantom_cohort, "adapt.method=source-only", "adapt.self_training_iterations=5")
     with pytest.raises(ConfigError, match="rounds"):
         smoke(phantom_cohort, "adapt.self_training_iterations=2", "adapt.self_training_rounds=3")
+    with pytest.raises(ConfigError, match="translator frozen"):
+        smoke(phantom_cohort, "adapt.self_training_iterations=5", "adapt.finetune_translator=true")
     with pytest.raises(ConfigError, match="pseudo_threshold"):
         smoke(phantom_cohort, "adapt.pseudo_threshold=1.0")
 
@@ -209,6 +247,13 @@ def test_self_training_phase_trains_on_pseudo_labels_without_adversarial_terms(p
     training = load_bundle(bundle).metadata["training"]
     assert training["iterations"] == {"adapt": 4, "self_training": 4, "translator": 3}
     assert training["self_training"]["self_training_rounds"] == 2
+
+
+def test_every_asked_round_happens_when_rounds_do_not_divide_the_steps(phantom_cohort, tmp_path):
+    out = tmp_path / "run"
+    run_training(smoke(phantom_cohort, "adapt.iterations=2", "adapt.self_training_iterations=5", "adapt.self_training_rounds=4",
+                       "translator_training.iterations=2", "run.threads=1", "run.checkpoint_every=10"), out, progress=False)
+    assert [e["round"] for e in read_events(out / "events.jsonl") if e["event"] == "pseudo_labels"] == [0, 1, 2, 3]
 
 
 def test_resume_inside_self_training_reproduces_the_uninterrupted_run(phantom_cohort, tmp_path, monkeypatch):

@@ -29,8 +29,9 @@ L_seg(x_s) + synthetic_weight * L_seg(x_s->t) + L_seg(x_t, pseudo-labels) [+ lam
 without the adversarial terms. With ``self_training_rounds`` > 1 the pseudo-labels are made anew
 at the start of each round. The pseudo-labels travel in the checkpoints, so resume is exact.
 
-Augmentation (``data.augment_spatial``, ``data.augment_intensity``; :mod:`bigl.training.augment`)
-applies to the labelled slices and, for intensity, to x_s->t as well.
+Augmentation (``data.augment_spatial``, ``data.augment_intensity``; :mod:`bigl.training.augment`):
+spatial to x_s with y_s before translation (and to the pseudo-labelled x_t in self-training),
+intensity to x_s and x_s->t as the segmenter sees them (the translator gets x_s un-augmented).
 """
 
 from __future__ import annotations
@@ -97,11 +98,14 @@ class AdaptNetwork(nn.Module):
         x_labelled: torch.Tensor,
         x_target: torch.Tensor | None = None,
         translator_batch: dict[str, torch.Tensor] | None = None,
-        translated_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        augment_labelled: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        augment_translated: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:
-        """``translated_transform`` (augmentation) is applied to x_s->t before the segmenter sees it."""
+        """The augmentations (intensity) apply to x_s and x_s->t as the segmenter sees them; the
+        translator gets x_s as it is."""
+        seg_labelled = x_labelled if augment_labelled is None else augment_labelled(x_labelled)
         if self.translators is None:
-            return {"logits": self.segmenter(x_labelled)}
+            return {"logits": self.segmenter(seg_labelled)}
         out: dict[str, torch.Tensor] = {}
         if self.finetune:
             fake_t, fake_s = self.translators.s2t(x_labelled), self.translators.t2s(x_target)
@@ -110,9 +114,9 @@ class AdaptNetwork(nn.Module):
         else:
             with torch.no_grad():
                 fake_t, fake_s = self.translators.s2t(x_labelled), self.translators.t2s(x_target)
-        if translated_transform is not None:
-            fake_t = translated_transform(fake_t)
-        aux = self.segmenter(torch.cat([x_labelled, fake_t, x_target, fake_s]), return_aux=True)
+        if augment_translated is not None:
+            fake_t = augment_translated(fake_t)
+        aux = self.segmenter(torch.cat([seg_labelled, fake_t, x_target, fake_s]), return_aux=True)
         out.update(
             logits=aux.logits,
             features=aux.features,
@@ -159,7 +163,6 @@ class AdaptTrainer(StageTrainer):
         self.finetune = bool(adapt["finetune_translator"])
         self.self_steps = int(adapt["self_training_iterations"]) if self.method == "bigl" else 0
         self.adapt_steps = self.total - self.self_steps
-        self.round_steps = -(-self.self_steps // int(adapt["self_training_rounds"])) if self.self_steps else 0
         self.pseudo: np.ndarray | None = None  # uint8 [n, S, S] pseudo-labels of the unlabelled slices
         self.pseudo_round = -1
         self.translator_mode = translator_mode
@@ -261,23 +264,24 @@ class AdaptTrainer(StageTrainer):
         drawn = ctx.sampler.unpaired(self.stage, step, size)
         shard = ctx.dist.shard(size)
         x, y = to_tensors(ctx.data.labelled, drawn.labelled[shard], drawn.flip_labelled[shard], ctx.device, with_labels=True)
-        rng = ctx.sampler.rng(self.stage, step, stream=2)  # augmentation parameters
+        rng = ctx.sampler.rng(self.stage, step, stream=2)  # augmentation parameters (global batch)
+        rows = {"batch": size, "rows": shard}
         if data["augment_spatial"]:
-            x, y = augment.spatial(x, y, rng)
-        if data["augment_intensity"]:
-            x = augment.intensity(x, rng)
+            x, y = augment.spatial(x, y, rng, **rows)
         batch: dict[str, Any] = {"x": x, "y": y}
+        if data["augment_intensity"]:
+            seeds = [int(value) for value in rng.integers(0, 2**63 - 1, 2)]
+            batch["augment_labelled"] = lambda t: augment.intensity(t, np.random.default_rng(seeds[0]), **rows)
+            brain = augment.brain_of(x)
+            batch["augment_translated"] = lambda t: augment.intensity(t, np.random.default_rng(seeds[1]), brain=brain, **rows)
         if self.method == "bigl":
             if self.self_training(step):
-                rows = self.pseudo_rows(step, size)
-                batch["x_t"], batch["y_t"] = self.pseudo_batch(rows[shard], drawn.flip_unlabelled[shard])
+                picked = self.pseudo_rows(step, size)
+                batch["x_t"], batch["y_t"] = self.pseudo_batch(picked[shard], drawn.flip_unlabelled[shard])
                 if data["augment_spatial"]:
-                    batch["x_t"], batch["y_t"] = augment.spatial(batch["x_t"], batch["y_t"], rng)
+                    batch["x_t"], batch["y_t"] = augment.spatial(batch["x_t"], batch["y_t"], rng, **rows)
             else:
                 batch["x_t"], _ = to_tensors(ctx.data.unlabelled, drawn.unlabelled[shard], drawn.flip_unlabelled[shard], ctx.device)
-            if data["augment_intensity"]:
-                seed = int(rng.integers(0, 2**63 - 1))
-                batch["translated_transform"] = lambda t: augment.intensity(t, np.random.default_rng(seed))
         if self.finetune:
             batch["translator"] = translator_batch(ctx, self.translator_mode, self.stage, step, size, stream=1)
         return batch
@@ -399,7 +403,8 @@ class AdaptTrainer(StageTrainer):
         if self.bank is not None:
             set_requires_grad(self.bank, False)
         with ctx.autocast():
-            out = self.network_ddp(batch["x"], batch.get("x_t"), batch.get("translator"), batch.get("translated_transform"))
+            out = self.network_ddp(batch["x"], batch.get("x_t"), batch.get("translator"),
+                                   batch.get("augment_labelled"), batch.get("augment_translated"))
             losses = self.segmenter_losses(batch, out)
         for optimizer in optimizers:
             optimizer.zero_grad(set_to_none=True)
@@ -430,7 +435,7 @@ class AdaptTrainer(StageTrainer):
         for group in self.opt_seg.param_groups:
             group["lr"] = self.segmenter_lr(step)
         if self.self_training(step):
-            round_index = (step - self.adapt_steps) // self.round_steps
+            round_index = (step - self.adapt_steps) * int(self.adapt["self_training_rounds"]) // self.self_steps
             if round_index != self.pseudo_round:
                 self.make_pseudo_labels(round_index)
         batch = self.batch(step)
@@ -452,6 +457,7 @@ class AdaptTrainer(StageTrainer):
             "iterations": {"adapt": self.adapt_steps},
             "labelled": data.labelled.describe(),
             "model_selection": "last checkpoint (no target labels used)",
+            "precision": self.ctx.precision,
         }
         data_cfg = self.ctx.config["data"]
         if data_cfg["augment_spatial"] or data_cfg["augment_intensity"]:

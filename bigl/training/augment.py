@@ -9,7 +9,9 @@ Two independent switches, both applied to a batch of slices in [-1, 1] with back
 - intensity (``data.augment_intensity``): per slice, each with probability 1/2, a gamma curve, a
   contrast scale, a brightness shift, a smooth multiplicative bias field and Gaussian noise, all
   inside the brain only (the background stays -1, as the preprocessing makes it for every scan).
-  Applied to x_s and, drawn anew, to x_s->t: scans from other sites differ in exactly these ways.
+  Applied to the x_s the segmenter sees and, drawn anew, to x_s->t (inside x_s's brain); the
+  translator itself always gets the un-augmented x_s, as in stage 1: scans from other sites
+  differ in exactly these ways.
 
 Parameters come from the sampler's generator for ``(seed, stage, step)``: a resumed run draws
 the same augmentations. Written on whole tensors rather than with MONAI's per-sample dictionary transforms: one call
@@ -37,12 +39,23 @@ PROBABILITY = 0.5
 _BRAIN = BACKGROUND + 1e-3
 
 
-def spatial(images: torch.Tensor, labels: torch.Tensor | None, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Random rotation + scaling of each slice (probability 1/2 each slice); labels follow."""
+def _draw_rows(batch: int | None, n: int, rows: slice | None) -> tuple[int, slice]:
+    """Parameters are drawn for the whole global batch and then sliced to this rank's rows, so
+    that every slice of a distributed batch gets its own draw and results do not depend on the
+    number of processes."""
+    return (n if batch is None else int(batch)), (slice(0, n) if rows is None else rows)
+
+
+def spatial(images: torch.Tensor, labels: torch.Tensor | None, rng: np.random.Generator, *,
+            batch: int | None = None, rows: slice | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Random rotation + scaling of each slice (probability 1/2 each slice); labels follow.
+
+    ``batch`` / ``rows``: the global batch size and the rows of it that ``images`` holds (DDP)."""
+    total, rows = _draw_rows(batch, images.shape[0], rows)
+    active = (rng.random(total) < PROBABILITY)[rows]
+    angles = np.radians(rng.uniform(-MAX_ROTATION_DEGREES, MAX_ROTATION_DEGREES, total))[rows]
+    scales = rng.uniform(*SCALE_RANGE, total)[rows]
     n = images.shape[0]
-    active = rng.random(n) < PROBABILITY
-    angles = np.radians(rng.uniform(-MAX_ROTATION_DEGREES, MAX_ROTATION_DEGREES, n))
-    scales = rng.uniform(*SCALE_RANGE, n)
     if not active.any():
         return images, labels
     angles, scales = np.where(active, angles, 0.0), np.where(active, scales, 1.0)
@@ -59,27 +72,37 @@ def spatial(images: torch.Tensor, labels: torch.Tensor | None, rng: np.random.Ge
     return warped, labels
 
 
-def intensity(images: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
-    """Gamma, contrast, shift, bias field and noise inside the brain of each slice."""
+def brain_of(images: torch.Tensor) -> torch.Tensor:
+    """Pixels that are brain in preprocessed slices (background is exactly -1)."""
+    return images > _BRAIN
+
+
+def intensity(images: torch.Tensor, rng: np.random.Generator, *, brain: torch.Tensor | None = None,
+              batch: int | None = None, rows: slice | None = None) -> torch.Tensor:
+    """Gamma, contrast, shift, bias field and noise inside the brain of each slice; outside it the
+    result is background. ``brain`` (default :func:`brain_of` the images) gives the brain
+    explicitly, e.g. the source slice's brain for its translation, whose background the translator
+    only approximates. ``batch`` / ``rows`` as for :func:`spatial`."""
     n, _, height, width = images.shape
+    total, rows = _draw_rows(batch, n, rows)
     x = images.float()
-    brain = x > _BRAIN
+    brain = brain_of(x) if brain is None else brain.to(torch.bool)
     u = ((x - BACKGROUND) / 2.0).clamp(0.0, 1.0)  # brain intensities on [0, 1]
 
     def draw(low: float, high: float, neutral: float) -> torch.Tensor:
-        values = np.where(rng.random(n) < PROBABILITY, rng.uniform(low, high, n), neutral)
+        values = np.where(rng.random(total) < PROBABILITY, rng.uniform(low, high, total), neutral)[rows]
         return torch.as_tensor(values, dtype=torch.float32, device=x.device).view(n, 1, 1, 1)
 
     gamma = draw(*GAMMA_RANGE, 1.0)
     contrast = draw(*CONTRAST_RANGE, 1.0)
     shift = draw(*SHIFT_RANGE, 0.0)
     noise = draw(0.0, NOISE_STD_MAX, 0.0)
-    use_bias = rng.random(n) < PROBABILITY
-    coarse = rng.normal(0.0, BIAS_STRENGTH, (n, 1, BIAS_GRID, BIAS_GRID)) * use_bias[:, None, None, None]
+    use_bias = rng.random(total) < PROBABILITY
+    coarse = (rng.normal(0.0, BIAS_STRENGTH, (total, 1, BIAS_GRID, BIAS_GRID)) * use_bias[:, None, None, None])[rows]
     bias = torch.exp(F.interpolate(torch.as_tensor(coarse, dtype=torch.float32, device=x.device), size=(height, width),
                                    mode="bicubic", align_corners=True))
     generator = torch.Generator(device="cpu").manual_seed(int(rng.integers(0, 2**31 - 1)))
-    gaussian = torch.randn(x.shape, generator=generator).to(x.device)
+    gaussian = torch.randn((total, *x.shape[1:]), generator=generator)[rows].to(x.device)
     # a brain voxel of intensity 0 stays > 0 after the shift, so it is never mistaken for background
     u = u.clamp_min(1e-6).pow(gamma) * contrast * bias + shift + noise * gaussian
     u = u.clamp(1e-3, 1.0)

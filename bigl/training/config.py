@@ -485,6 +485,9 @@ def _validate_training(config: dict[str, Any]) -> None:
         if adapt["method"] != "bigl":
             raise _fail("adapt.self_training_iterations", f"needs method bigl (method is {adapt['method']}): self-training "
                         "pseudo-labels the unlabelled target scans", "set adapt.self_training_iterations=0")
+        if adapt["finetune_translator"]:
+            raise _fail("adapt.self_training_iterations", "self-training keeps the translator frozen, but adapt.finetune_translator is true "
+                        "(its image losses are not part of the self-training steps)", "set adapt.finetune_translator=false or self_training_iterations=0")
         if adapt["self_training_rounds"] > adapt["self_training_iterations"]:
             raise _fail("adapt.self_training_rounds", f"{adapt['self_training_rounds']} rounds need at least as many iterations "
                         f"(adapt.self_training_iterations is {adapt['self_training_iterations']})", "use fewer rounds or more iterations")
