@@ -47,8 +47,9 @@ REPORT_CASES = ["Brats18_2013_2_1", "Brats18_CBICA_AQN_1", "Brats18_TCIA01_425_1
 DEVELOPMENT_CASES = ["Brats18_2013_11_1", "Brats18_CBICA_ABM_1", "Brats18_TCIA01_201_1", "BraTS2021_00005", "BraTS19_CBICA_ASK_1"]
 MODES = {"quick": "cpu", "full": "reference"}
 REGIONS = ("WT", "TC", "ET")
-#: Override prefixes that change stage 1 (such a setting trains its own translator).
-_STAGE1_PREFIXES = ("translator.", "translator_training.", "preprocessing.", "data.")
+#: Override prefixes that change stage 1 (such a setting trains its own translator); precision
+#: changes both stages.
+_STAGE1_PREFIXES = ("translator.", "translator_training.", "preprocessing.", "data.", "run.cpu_bf16", "run.amp")
 _STAGE2_DATA_KEYS = ("data.augment_spatial", "data.augment_intensity", "data.tumour_fraction", "data.workers")
 
 

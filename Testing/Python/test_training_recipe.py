@@ -314,3 +314,72 @@ def test_a_bfloat16_run_trains_with_float32_weights(phantom_cohort, tmp_path, mo
 
     with safe_open(str(bundle), framework="pt") as handle:
         assert {handle.get_tensor(k).dtype for k in handle.keys()} == {torch.float32}
+
+
+# ------------------------------------------------------------------------------------------
+# weight averaging
+
+
+def test_weight_average_forgets_the_start_and_then_follows_with_the_decay():
+    from bigl.training.loop import weight_average
+
+    module = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        module.weight.fill_(100.0)  # the "initial" weights
+    average = weight_average(module, 0.9)
+    average.update_parameters(module)  # first update copies
+    with torch.no_grad():
+        module.weight.fill_(0.0)
+    for _ in range(60):
+        average.update_parameters(module)
+    # a plain decay-0.9 average would be at 100 * 0.9**60 = 0.18; the ramp forgets faster
+    assert float(average.module.weight.detach()) < 0.18
+    for n in (61, 200):  # then the rate is min(0.9, (1 + n) / (10 + n)), n = updates so far
+        while int(average.n_averaged) < n:
+            average.update_parameters(module)
+        before = float(average.module.weight.detach())
+        with torch.no_grad():
+            module.weight.fill_(1.0)
+        average.update_parameters(module)
+        rate = min(0.9, (1 + n) / (10 + n))
+        assert float(average.module.weight.detach()) == pytest.approx(before + (1.0 - before) * (1.0 - rate), rel=1e-5)
+
+
+def test_ema_decay_is_checked(phantom_cohort):
+    for bad in ("1.0", "-0.1", "true"):
+        with pytest.raises(ConfigError, match="adapt.ema_decay"):
+            smoke(phantom_cohort, f"adapt.ema_decay={bad}")
+
+
+def test_an_averaged_run_ships_the_average_and_resumes_exactly(phantom_cohort, tmp_path, monkeypatch):
+    from bigl.bundle import load_bundle
+
+    from test_training_resume import tensors
+
+    config = smoke(phantom_cohort, "adapt.iterations=6", "translator_training.iterations=2", "adapt.ema_decay=0.5",
+                   "run.checkpoint_every=2", "run.threads=1")
+    reference = tmp_path / "reference"
+    bundle = run_training(config, reference, progress=False)
+    assert "moving average" in load_bundle(bundle).metadata["training"]["model_selection"]
+    checkpoint = tensors(sorted((reference / "checkpoints").glob("adapt_*.safetensors"))[-1])
+    live = {k.split(".", 2)[-1]: v for k, v in checkpoint.items() if k.startswith("model.segmenter.")}
+    averaged = {k.split(".", 3)[-1]: v for k, v in checkpoint.items() if k.startswith("model.segmenter_ema.module.")}
+    shipped = {k.split(".", 1)[1]: v for k, v in tensors(bundle).items() if k.startswith("segmenter.")}
+    assert live and averaged.keys() == live.keys() and shipped.keys() == live.keys()
+    assert all(torch.equal(shipped[k], averaged[k]) for k in shipped)
+    assert not all(torch.equal(shipped[k], live[k]) for k in shipped)
+
+    out = tmp_path / "run"
+    original = AdaptTrainer.train_step
+
+    def crashing(self, step):
+        if step == 5:
+            raise SimulatedCrash("power cut")
+        return original(self, step)
+
+    monkeypatch.setattr(AdaptTrainer, "train_step", crashing)
+    with pytest.raises(SimulatedCrash):
+        run_training(config, out, progress=False)
+    monkeypatch.setattr(AdaptTrainer, "train_step", original)
+    run_training(config, out, resume=True, progress=False)
+    assert_same_weights(out / "model.safetensors", reference / "model.safetensors")

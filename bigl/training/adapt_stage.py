@@ -56,6 +56,7 @@ from bigl.training.loop import (
     discriminator_losses,
     load_scaler_states,
     set_requires_grad,
+    weight_average,
 )
 from bigl.training.translator_stage import (
     TranslatorPair,
@@ -180,6 +181,9 @@ class AdaptTrainer(StageTrainer):
             identity=config["translator_training"]["lambda_identity"] > 0,
         )
         self.network_ddp = ctx.dist.wrap(self.network)
+        #: exponential moving average of the segmenter's weights (adapt.ema_decay > 0): the
+        #: network that is shipped and that makes the pseudo-labels
+        self.ema = weight_average(self.segmenter, adapt["ema_decay"]) if adapt["ema_decay"] > 0 else None
 
         discriminators = level_discriminators(config, self.levels)
         if self.finetune:
@@ -206,6 +210,8 @@ class AdaptTrainer(StageTrainer):
     # -- checkpoint contents ------------------------------------------------------------------
     def checkpoint_modules(self) -> dict[str, nn.Module]:
         modules: dict[str, nn.Module] = {"segmenter": self.segmenter}
+        if self.ema is not None:
+            modules["segmenter_ema"] = self.ema
         if self.bank is not None:
             modules["discriminators"] = self.bank
         if self.finetune:
@@ -230,6 +236,11 @@ class AdaptTrainer(StageTrainer):
         if "pseudo_labels" in tensors:
             self.pseudo = tensors["pseudo_labels"].numpy().astype(np.uint8)
             self.pseudo_round = int(values.get("pseudo_round", 0))
+
+    @property
+    def final_segmenter(self) -> DualAttentionUNet:
+        """The segmenter that is shipped: the weight average when there is one, else the live network."""
+        return self.segmenter if self.ema is None else self.ema.module
 
     # -- schedule -----------------------------------------------------------------------------
     def self_training(self, step: int) -> bool:
@@ -323,17 +334,18 @@ class AdaptTrainer(StageTrainer):
         ctx, adapt = self.ctx, self.adapt
         unlabelled = ctx.data.unlabelled
         started = time.perf_counter()
-        self.segmenter.eval()
+        teacher = self.final_segmenter
+        teacher.eval()
         confidence = np.empty(unlabelled.images.shape, dtype=np.float16)
         predicted = np.empty(unlabelled.images.shape, dtype=np.uint8)
         for begin in range(0, len(unlabelled.images), chunk):
             x = torch.from_numpy(unlabelled.images[begin:begin + chunk].astype(np.float32)).unsqueeze(1).to(ctx.device)
             with ctx.autocast():
-                probabilities = torch.softmax(self.segmenter(x).float(), 1) + torch.softmax(self.segmenter(self.translators.t2s(x)).float(), 1)
+                probabilities = torch.softmax(teacher(x).float(), 1) + torch.softmax(teacher(self.translators.t2s(x)).float(), 1)
             best, classes = (probabilities / 2).max(1)
             confidence[begin:begin + chunk] = best.cpu().numpy()
             predicted[begin:begin + chunk] = classes.cpu().numpy()
-        self.segmenter.train()
+        teacher.train()
         labels = np.full(predicted.shape, IGNORE_INDEX, dtype=np.uint8)
         kept: dict[str, float] = {}
         for cls in range(int(predicted.max()) + 1):
@@ -440,6 +452,8 @@ class AdaptTrainer(StageTrainer):
                 self.make_pseudo_labels(round_index)
         batch = self.batch(step)
         losses, out = self.segmenter_step(batch)
+        if self.ema is not None:
+            self.ema.update_parameters(self.segmenter)
         result = {name: value.detach() for name, value in losses.items()}
         if self.bank is not None and not self.self_training(step):
             result.update(self.discriminator_step(batch, out))
@@ -456,7 +470,8 @@ class AdaptTrainer(StageTrainer):
             "method": self.method,
             "iterations": {"adapt": self.adapt_steps},
             "labelled": data.labelled.describe(),
-            "model_selection": "last checkpoint (no target labels used)",
+            "model_selection": ("last checkpoint (no target labels used)" if self.ema is None else
+                                f"exponential moving average of the weights, decay {self.adapt['ema_decay']} (no target labels used)"),
             "precision": self.ctx.precision,
         }
         data_cfg = self.ctx.config["data"]
@@ -496,7 +511,7 @@ class AdaptTrainer(StageTrainer):
         translators = self.translators if self.method == "bigl" else None
         return save_bundle(
             self.output_path(),
-            segmenter=self.segmenter,
+            segmenter=self.final_segmenter,
             metadata=metadata,
             translator_s2t=translators.s2t if translators is not None else None,
             translator_t2s=translators.t2s if translators is not None else None,
@@ -508,20 +523,23 @@ class AdaptTrainer(StageTrainer):
         ctx = self.ctx
         rows = sample_rows(ctx, 4)
         labelled, unlabelled = ctx.data.labelled, ctx.data.unlabelled
+        segmenter = self.final_segmenter
         self.network.eval()
+        segmenter.eval()
         with torch.no_grad():
             no_flip = np.zeros(len(rows["labelled"]), bool)
             x, y = to_tensors(labelled, rows["labelled"], no_flip, ctx.device, with_labels=True)
             images = {f"{labelled.modality} + labels": x, f"{labelled.modality} + prediction": x}
-            overlays = {f"{labelled.modality} + labels": y, f"{labelled.modality} + prediction": self.segmenter(x).argmax(1)}
+            overlays = {f"{labelled.modality} + labels": y, f"{labelled.modality} + prediction": segmenter(x).argmax(1)}
             if self.method == "bigl":
                 x_t, _ = to_tensors(unlabelled, rows["unlabelled"], no_flip, ctx.device)
                 x_t2s = self.translators.t2s(x_t)
                 images[f"{unlabelled.modality} + prediction"] = x_t
-                overlays[f"{unlabelled.modality} + prediction"] = self.segmenter(x_t).argmax(1)
+                overlays[f"{unlabelled.modality} + prediction"] = segmenter(x_t).argmax(1)
                 images[f"{unlabelled.modality}->{labelled.modality} + prediction"] = x_t2s
-                overlays[f"{unlabelled.modality}->{labelled.modality} + prediction"] = self.segmenter(x_t2s).argmax(1)
+                overlays[f"{unlabelled.modality}->{labelled.modality} + prediction"] = segmenter(x_t2s).argmax(1)
         self.network.train()
+        segmenter.train()
         sample_grid(
             path,
             {name: t[:, 0].float().cpu().numpy() for name, t in images.items()},

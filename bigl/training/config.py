@@ -146,6 +146,7 @@ def default_config() -> dict[str, Any]:
             "self_training_lr": 5e-4,
             "pseudo_threshold": 0.9,
             "pseudo_class_fraction": 0.5,
+            "ema_decay": 0.0,
         },
         "run": {
             "seed": 0,
@@ -496,6 +497,9 @@ def _validate_training(config: dict[str, Any]) -> None:
     if not 0.0 <= adapt["pseudo_class_fraction"] <= 1.0:
         raise _fail("adapt.pseudo_class_fraction", f"must be in [0, 1], got {adapt['pseudo_class_fraction']}",
                     "0.5 keeps at least the more confident half of each class's predicted voxels")
+    if isinstance(adapt["ema_decay"], bool) or not 0.0 <= adapt["ema_decay"] < 1.0:
+        raise _fail("adapt.ema_decay", f"must be in [0, 1), got {json.dumps(adapt['ema_decay'])}",
+                    "0 ships the last weights; 0.99 ships their exponential moving average over about the last 100 steps")
     if adapt["finetune_translator"] and adapt["method"] != "bigl":
         raise _fail("adapt.finetune_translator", f"needs method bigl (method is {adapt['method']})", "set adapt.finetune_translator=false")
 

@@ -94,6 +94,23 @@ def load_scaler_states(scalers: dict[str, torch.amp.GradScaler], states: dict[st
             scaler.load_state_dict(states[name])
 
 
+def weight_average(module: nn.Module, decay: float) -> torch.optim.swa_utils.AveragedModel:
+    """An exponential moving average of ``module``'s weights (and buffers), updated by
+    ``update_parameters(module)`` after each optimiser step.
+
+    The decay ramps up as ``min(decay, (1 + n) / (10 + n))`` after n updates, so the random
+    initial weights are forgotten within the first few dozen steps instead of weighing
+    ``decay ** steps`` in the result.
+    """
+
+    def average(averaged: torch.Tensor, current: torch.Tensor, updates: torch.Tensor) -> torch.Tensor:
+        n = int(updates)
+        rate = min(decay, (1.0 + n) / (10.0 + n))
+        return averaged + (current.detach() - averaged) * (1.0 - rate)
+
+    return torch.optim.swa_utils.AveragedModel(module, avg_fn=average, use_buffers=True)
+
+
 def set_requires_grad(module: nn.Module, flag: bool) -> None:
     for parameter in module.parameters():
         parameter.requires_grad_(flag)
