@@ -190,7 +190,14 @@ def load_reference(
 
 
 class InvertHistMatch:
-    """Transform ``volume -> volume``: inside the brain, negate and match to the reference histogram."""
+    """Transform ``volume -> volume``: inside the brain, negate and match to the reference histogram.
+
+    The reference holds brain intensities divided by each scan's own robust maximum
+    (:func:`scaled_brain_voxels`); the matched brain is multiplied back by this scan's, so the
+    result stays in the input's units. Voxels outside the brain mask keep their values: were the
+    brain in reference units (about 0-1) beside them, any bright non-brain voxel left in a real
+    scan would outshine it and the next brain mask would lose the brain.
+    """
 
     name = "invert-histmatch"
 
@@ -207,7 +214,9 @@ class InvertHistMatch:
         if not mask.any():
             raise InputError("the image has no brain voxels (it is empty or constant)", "check that the right image was given")
         out = volume.astype(np.float32, copy=True)
-        out[mask] = match_histograms(-volume[mask].astype(np.float64), self.reference.quantiles)
+        brain = volume[mask].astype(np.float64)
+        scale = float(np.percentile(np.abs(brain), SCALE_PERCENTILE)) or 1.0
+        out[mask] = match_histograms(-brain, self.reference.quantiles) * scale
         return out
 
     def __repr__(self) -> str:

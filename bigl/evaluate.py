@@ -160,8 +160,13 @@ def evaluate_bundle(
             image = case.load_image(modality)
             truth = case.load_labels()
             check_same_grid({f"{case.name} {modality}": image, f"{case.name} labels": truth})
-            data = image.data if transform is None else _transformed(transform, image.data, case.name)
-            prediction = predictor.predict(data, image.affine, name=image.name, progress=_quiet, modality=modality)
+            try:
+                data = image.data if transform is None else _transformed(transform, image.data, case.name)
+                prediction = predictor.predict(data, image.affine, name=image.name, progress=_quiet, modality=modality)
+            except InputError as error:
+                if case.name in error.message:
+                    raise
+                raise InputError(f"{case.name} ({image.path}): {error.message}", error.hint) from error
             for warning in prediction.warnings:
                 log(f"warning: {warning}")
             scores[case.name] = score_case(prediction.labels, truth.data, truth.spacing)

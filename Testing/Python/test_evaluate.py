@@ -146,6 +146,16 @@ def test_a_transform_runs_before_prediction_and_must_keep_the_shape(phantom_coho
         evaluate_bundle(bright_predictor, phantom_cohort, "t2", cases=names[:1], transform=lambda v: v[1:], progress=False)
 
 
+def test_a_case_that_cannot_be_segmented_is_named_in_the_error(phantom_cohort, bright_predictor):
+    def refuse(volume):  # an error raised deep inside, where the case is not known
+        raise InputError("no brain found in the volume", "check that the file is a brain MR scan")
+
+    names = case_names(phantom_cohort)[:2]
+    with pytest.raises(InputError, match=f"^{names[0]} .*no brain found") as info:
+        evaluate_bundle(bright_predictor, phantom_cohort, "t2", cases=names, transform=refuse, progress=False)
+    assert info.value.hint == "check that the file is a brain MR scan"
+
+
 def test_labels_on_another_grid_are_refused(phantom_cohort, tiny_bundle, tmp_path):
     data = tmp_path / "data"
     name = case_names(phantom_cohort)[0]
