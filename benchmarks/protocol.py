@@ -85,18 +85,24 @@ class Protocol:
         self._check_manifest()
 
     def _check_manifest(self) -> None:
-        """One output folder holds one protocol: the same split, config and data every time, so
-        that finished runs found there are reused only when they belong to it."""
+        """One output folder holds one protocol: the same split, config and data every time, and
+        each setting name always the same overrides, so that finished runs found there are reused
+        only when they belong to it. New settings are added to the manifest."""
         manifest = {"split": self.args.split, "config": self.config, "data": self.folders,
                     "excluded": self.excluded, "scored": self.scored}
+        settings = dict(parse_setting(text) for text in self.args.setting)
         path = self.out / "manifest.json"
-        if path.exists():
-            old = json.loads(path.read_text(encoding="utf-8"))
-            if old != manifest:
-                changed = ", ".join(key for key in manifest if old.get(key) != manifest[key])
-                raise SystemExit(f"{self.out} holds a protocol with another {changed}; use another --out")
-        else:
-            path.write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+        old = json.loads(path.read_text(encoding="utf-8")) if path.exists() else dict(manifest)
+        changed = [key for key in manifest if old.get(key) != manifest[key]]
+        if changed:
+            raise SystemExit(f"{self.out} holds a protocol with another {', '.join(changed)}; use another --out")
+        known = old.get("settings", {})
+        redefined = [name for name, overrides in settings.items() if name in known and known[name] != overrides]
+        if redefined:
+            raise SystemExit(f"{self.out} holds setting(s) {', '.join(redefined)} with other overrides "
+                             f"({'; '.join(f'{n}: {known[n]}' for n in redefined)}); give the new ones another name")
+        manifest["settings"] = {**known, **settings}
+        path.write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
 
     def command(self, argv: list[str], log: Path) -> None:
         with open(self.out / "commands.txt", "a", encoding="utf-8") as handle:

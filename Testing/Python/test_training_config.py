@@ -178,6 +178,20 @@ def test_not_enough_disk(phantom_cohort, tmp_path, monkeypatch):
     expect_refusal(smoke(phantom_cohort), tmp_path / "run", fragment="not enough disk space")
 
 
+def test_disk_estimate_counts_the_weight_average_and_the_pseudo_labels(phantom_cohort):
+    from bigl.training.runner import estimate_disk_bytes
+
+    plain = smoke(phantom_cohort)
+    averaged = smoke(phantom_cohort, "adapt.ema_decay=0.99")
+    self_training = smoke(phantom_cohort, "adapt.self_training_iterations=10")
+    base = estimate_disk_bytes(plain, ["adapt"])
+    assert estimate_disk_bytes(averaged, ["adapt"]) > base
+    slices = 10_000
+    size = self_training["preprocessing"]["image_size"]
+    keep = self_training["run"]["keep_checkpoints"] + 1
+    assert estimate_disk_bytes(self_training, ["adapt"], slices) - base == keep * slices * size**2
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 def test_cuda_requested_without_cuda(phantom_cohort, tmp_path):
     expect_refusal(smoke(phantom_cohort, "run.device=cuda"), tmp_path / "run", fragment="CUDA")

@@ -383,3 +383,29 @@ def test_an_averaged_run_ships_the_average_and_resumes_exactly(phantom_cohort, t
     monkeypatch.setattr(AdaptTrainer, "train_step", original)
     run_training(config, out, resume=True, progress=False)
     assert_same_weights(out / "model.safetensors", reference / "model.safetensors")
+
+
+def test_a_resume_in_another_precision_is_announced_and_recorded(phantom_cohort, tmp_path, monkeypatch):
+    import bigl.training.loop as loop
+    from bigl.bundle import load_bundle
+
+    config = smoke(phantom_cohort, "adapt.iterations=4", "translator_training.iterations=2", "run.checkpoint_every=2",
+                   "run.threads=1")
+    out = tmp_path / "run"
+    original = AdaptTrainer.train_step
+
+    def crashing(self, step):
+        if step == 3:
+            raise SimulatedCrash("power cut")
+        return original(self, step)
+
+    monkeypatch.setattr(loop, "cpu_supports_bf16", lambda: True)
+    monkeypatch.setattr(AdaptTrainer, "train_step", crashing)
+    with pytest.raises(SimulatedCrash):
+        run_training(config, out, progress=False)
+    monkeypatch.setattr(AdaptTrainer, "train_step", original)
+    monkeypatch.setattr(loop, "cpu_supports_bf16", lambda: False)  # resumed on a CPU without bfloat16
+    bundle = run_training(config, out, resume=True, progress=False)
+    warnings = [e for e in read_events(out / "events.jsonl") if e["event"] == "warning"]
+    assert len(warnings) == 1 and "bfloat16 before the interruption and goes on in float32" in warnings[0]["message"]
+    assert load_bundle(bundle).metadata["training"]["precision"] == "bfloat16, then float32"

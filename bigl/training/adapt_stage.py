@@ -472,7 +472,7 @@ class AdaptTrainer(StageTrainer):
             "labelled": data.labelled.describe(),
             "model_selection": ("last checkpoint (no target labels used)" if self.ema is None else
                                 f"exponential moving average of the weights, decay {self.adapt['ema_decay']} (no target labels used)"),
-            "precision": self.ctx.precision,
+            "precision": self.precision_record,
         }
         data_cfg = self.ctx.config["data"]
         if data_cfg["augment_spatial"] or data_cfg["augment_intensity"]:

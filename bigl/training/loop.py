@@ -167,6 +167,8 @@ class StageTrainer:
         self.ctx = ctx
         self.total = int(total)
         self.steps_done = 0
+        #: precision of each stretch of the stage (more than one when a resume changed it)
+        self.precisions = [ctx.precision]
         torch.manual_seed(init_seed(ctx.config["run"]["seed"], self.stage))  # networks built next start alike
 
     # -- to be provided by subclasses ---------------------------------------------------------
@@ -216,7 +218,7 @@ class StageTrainer:
             modules={name: unwrap(m) for name, m in self.checkpoint_modules().items()},
             optimizers=self.checkpoint_optimizers(),
             extra_tensors=tensors,
-            extra={**values, "total": self.total},
+            extra={**values, "total": self.total, "precisions": self.precisions},
         )
         prune_checkpoints(self.checkpoint_dir, self.stage, self.ctx.config["run"]["keep_checkpoints"])
         return path
@@ -239,7 +241,23 @@ class StageTrainer:
             optimizers=self.checkpoint_optimizers(),
         )
         self.load_extra_state(extra, checkpoint.meta["extra"])
+        before = checkpoint.meta["extra"].get("precisions")  # absent in checkpoints of older versions
+        if before and before[-1] != self.ctx.precision and checkpoint.step < self.total:
+            self.precisions = [*before, self.ctx.precision]
+            message = (f"the {self.stage} stage ran in {before[-1]} before the interruption and goes on in "
+                       f"{self.ctx.precision} (run.cpu_bf16 / run.amp, or a CPU or GPU without {before[-1]}): "
+                       "the result will differ a little from an uninterrupted run")
+            self.ctx.log.write("warning", stage=self.stage, message=message)
+            if self.ctx.dist.is_main:
+                print(f"warning: {message}", file=sys.stderr, flush=True)
+        elif before:
+            self.precisions = list(before)
         return checkpoint.step
+
+    @property
+    def precision_record(self) -> str:
+        """The precision the stage trained in, for the bundle's metadata ("bfloat16, then float32")."""
+        return ", then ".join(self.precisions)
 
     def run(self, *, resume: bool) -> Path:
         ctx = self.ctx

@@ -109,9 +109,9 @@ class TrainingRun:
         given = config["adapt"]["translator_bundle"]
         return Path(given).expanduser() if given else self.out_dir / TRANSLATOR_FILE
 
-    def _check_disk(self, config: dict, stages: list[str]) -> None:
+    def _check_disk(self, config: dict, stages: list[str], cases: dict[str, list]) -> None:
         check_writable_folder(self.out_dir)  # a read-only place is that, not "too little space"
-        needed = estimate_disk_bytes(config, stages)
+        needed = estimate_disk_bytes(config, stages, _slice_count(config, cases.get("target", [])))
         folder = self.out_dir
         free = shutil.disk_usage(folder).free
         if free < needed:
@@ -153,7 +153,7 @@ class TrainingRun:
             need_target=method in ("bigl", "target-only"),
             labelled_role=labelled_role,
         )
-        self._check_disk(config, stages)
+        self._check_disk(config, stages, cases)
 
         if config["run"]["threads"]:
             torch.set_num_threads(config["run"]["threads"])
@@ -260,13 +260,31 @@ def _get(config: dict, dotted: str) -> Any:
     return node
 
 
+def _slice_count(config: dict, cases: list) -> int:
+    """Slices of the target images along the slice axis, read from their headers (no image data)."""
+    if not config["adapt"]["self_training_iterations"]:
+        return 0
+    import nibabel as nib
+
+    axis = config["preprocessing"]["slice_axis"]
+    modality = config["data"]["target_modality"]
+    total = 0
+    for case in cases:
+        try:
+            total += int(nib.load(str(case.images[modality])).shape[axis])
+        except Exception:  # an unreadable file is reported, with its name, when the data are loaded
+            total += 256
+    return total
+
+
 def _parameters(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters()) + sum(b.numel() for b in module.buffers())
 
 
-def estimate_disk_bytes(config: dict, stages: list[str]) -> int:
+def estimate_disk_bytes(config: dict, stages: list[str], target_slices: int = 0) -> int:
     """Upper estimate of what a run writes: the kept checkpoints of each stage (weights and
-    optimiser moments, one more while a new one is written), the translator file and the bundle."""
+    optimiser moments, the weight average, the uint8 pseudo-labels of ``target_slices`` target
+    slices in self-training; one more while a new one is written), the translator file and the bundle."""
     from bigl.models import DualAttentionUNet, SegmenterConfig, TranslatorConfig
     from bigl.training.adapt_stage import level_discriminators
     from bigl.training.config import active_levels
@@ -283,9 +301,12 @@ def estimate_disk_bytes(config: dict, stages: list[str]) -> int:
         segmenter = _parameters(DualAttentionUNet(SegmenterConfig(**config["segmenter"])))
         levels = sum(_parameters(d) for d in level_discriminators(config, active_levels(adapt)).values())
         slots = 2 if adapt["optimizer"] == "sgd" else 3
-        checkpoint = slots * segmenter + 3 * levels
+        checkpoint = (slots + (1 if adapt["ema_decay"] > 0 else 0)) * segmenter + 3 * levels
         if adapt["finetune_translator"]:
             checkpoint += 3 * (generators + image_discriminators)
         total += keep * checkpoint + segmenter + (generators if adapt["method"] == "bigl" else 0)
+        if adapt["self_training_iterations"] and adapt["method"] == "bigl":
+            pseudo_labels = target_slices * config["preprocessing"]["image_size"] ** 2
+            return 4 * total + keep * pseudo_labels + _DISK_MARGIN_BYTES
     return 4 * total + _DISK_MARGIN_BYTES
 
