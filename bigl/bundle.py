@@ -281,6 +281,8 @@ def _read_header(path: str | os.PathLike) -> tuple[Path, dict, dict[str, tuple[i
         raise BundleError(f"{path} is a folder, not a model file", "give the .safetensors bundle file inside it")
     try:
         raw, shapes = tensorfile.read_header(path)
+    except tensorfile.DamagedFile as exc:
+        raise BundleError(f"{path} is damaged: {exc}", _DAMAGED_HINT) from None
     except (OSError, ValueError) as exc:
         reason, hint = _describe_bad_file(path, exc)
         raise BundleError(f"{path} is not a readable model bundle: {reason}", hint) from None

@@ -1,12 +1,15 @@
 """The files of tensors BiGL writes and reads back: model bundles, translator files, checkpoints.
 
 All three are safetensors files (an 8-byte little-endian header length, a JSON header, then the
-raw tensor data). :func:`encode` adds one entry to the header's string metadata, ``"bigl_sha256"``:
-the SHA-256 of the tensor data (every byte after the header). :func:`read_tensors` recomputes it,
-so a file damaged after BiGL wrote it (bit flips, bytes overwritten, a bad copy or download) is
-refused instead of giving a slightly different or an empty result; and weights that are NaN or
-infinite are refused whether the file has a digest or not (files written before digests existed
-have none, and still load).
+raw tensor data). :func:`encode` adds two entries to the header's string metadata:
+``"bigl_sha256"``, the SHA-256 of the tensor data (every byte after the header), and
+``"bigl_header_sha256"``, that of the header itself without these two entries (the metadata, such
+as a checkpoint's step, random states and settings, and the tensor names, types and shapes).
+:func:`read_header` checks the second and :func:`read_tensors` both, so a file damaged after BiGL
+wrote it (bit flips, bytes overwritten, a bad copy or download) is refused instead of giving a
+slightly different or an empty result; and weights that are NaN or infinite are refused whether
+the file has digests or not (files written before digests existed have none, or only the first,
+and still load).
 
 :func:`read_header` and :func:`verify_digest` use the standard library only (a GUI can list and
 check models before PyTorch is installed); the rest imports :mod:`safetensors` and torch when
@@ -30,6 +33,8 @@ PathLike = Union[str, os.PathLike]
 
 #: Header metadata key holding the hex SHA-256 of the tensor data.
 DIGEST_KEY = "bigl_sha256"
+#: Header metadata key holding the hex SHA-256 of the rest of the header (:func:`_header_digest`).
+HEADER_DIGEST_KEY = "bigl_header_sha256"
 #: Bytes per element of the safetensors dtypes BiGL reads (all but the sub-byte ones).
 _DTYPE_SIZES = {
     "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
@@ -61,9 +66,10 @@ def _decode_header(raw: bytes, data_bytes: int) -> tuple[dict[str, str], dict[st
         raise ValueError(f"the header is not JSON ({exc})") from None
     if not isinstance(header, dict):
         raise ValueError("the header is not a JSON object")
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = header.get("__metadata__", None) or {}
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise ValueError("the header metadata is not a map of strings")
+    header.pop("__metadata__", None)
     shapes: dict[str, tuple[int, ...]] = {}
     spans = []
     for name, info in header.items():
@@ -85,6 +91,9 @@ def _decode_header(raw: bytes, data_bytes: int) -> tuple[dict[str, str], dict[st
         end = stop
     if end != data_bytes:
         raise ValueError(f"the tensors need {end} bytes of data but the file holds {data_bytes}")
+    if HEADER_DIGEST_KEY in metadata and metadata[HEADER_DIGEST_KEY] != _header_digest({**header, "__metadata__": metadata}):
+        raise DamagedFile("its header (settings, tensor names or shapes) does not match the checksum recorded "
+                          "when BiGL wrote it (some bytes changed since)")
     return metadata, shapes
 
 
@@ -119,6 +128,13 @@ def verify_digest(path: PathLike) -> bool:
     return True
 
 
+def _header_digest(header: dict) -> str:
+    """SHA-256 of a parsed header without the two digest entries, in a canonical JSON form."""
+    metadata = {k: v for k, v in (header.get("__metadata__") or {}).items() if k not in (DIGEST_KEY, HEADER_DIGEST_KEY)}
+    canonical = {**{k: v for k, v in header.items() if k != "__metadata__"}, "__metadata__": metadata}
+    return hashlib.sha256(json.dumps(canonical, sort_keys=True, separators=(",", ":")).encode("utf-8")).hexdigest()
+
+
 def _compare(expected: str, actual: str) -> None:
     if expected != actual:
         raise DamagedFile("its tensor data does not match the checksum recorded when BiGL wrote it "
@@ -129,11 +145,12 @@ def encode(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
     """The safetensors bytes of ``tensors`` with ``metadata`` and the digest of the tensor data."""
     from safetensors.torch import save
 
-    payload = save(tensors, metadata={key: value for key, value in metadata.items() if key != DIGEST_KEY})
+    payload = save(tensors, metadata={key: value for key, value in metadata.items() if key not in (DIGEST_KEY, HEADER_DIGEST_KEY)})
     length = _header_length(payload[:8], len(payload))
     header = json.loads(payload[8:8 + length])
     data = memoryview(payload)[8 + length:]
-    header["__metadata__"] = {**(header.get("__metadata__") or {}), DIGEST_KEY: hashlib.sha256(data).hexdigest()}
+    header["__metadata__"] = {**(header.get("__metadata__") or {}), DIGEST_KEY: hashlib.sha256(data).hexdigest(),
+                              HEADER_DIGEST_KEY: _header_digest(header)}
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-len(raw) % 8)  # keep the tensor data 8-byte aligned, as safetensors does
     return b"".join((struct.pack("<Q", len(raw)), raw, data))

@@ -55,6 +55,7 @@ def without_checksum(source: Path, destination: Path) -> Path:
     """The same tensors and metadata, written the way BiGL did before it recorded checksums."""
     metadata, tensors = tensorfile.read_tensors(source)
     metadata.pop(tensorfile.DIGEST_KEY)
+    metadata.pop(tensorfile.HEADER_DIGEST_KEY)
     destination.write_bytes(safetensors_bytes(tensors, metadata=metadata))
     return destination
 
@@ -88,6 +89,22 @@ def test_flipped_bits_in_one_tensor_are_refused(bundle_copy, tmp_path, capsys):
     assert "is damaged" in capsys.readouterr().err
     with pytest.raises(BundleError, match="is damaged"):
         annotate_bundle(bundle_copy, tmp_path / "annotated.safetensors", metrics={})
+
+
+def test_a_changed_digit_in_the_header_is_refused(bundle_copy, tmp_path, capsys):
+    """The header holds the settings (a checkpoint's step, random states, a bundle's preprocessing):
+    a digit changed there still parses, and must not pass as what BiGL wrote."""
+    start, _ = header(bundle_copy)
+    raw = bytearray(bundle_copy.read_bytes())
+    at = raw.index(b'image_size', 8, start)
+    digit = next(i for i in range(at, start) if chr(raw[i]).isdigit())
+    raw[digit] = ord("7") if raw[digit] != ord("7") else ord("5")
+    bundle_copy.write_bytes(bytes(raw))
+    json.loads(bytes(raw[8:start]))  # still a valid header
+    with pytest.raises(BundleError, match="is damaged") as caught:
+        load_bundle(bundle_copy)
+    assert "header" in caught.value.message
+    assert main(["info", str(bundle_copy)]) == 2 and "is damaged" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("checksum", [True, False], ids=["with-checksum", "written-before-checksums"])
@@ -158,8 +175,10 @@ def test_a_damaged_checkpoint_is_refused_and_the_previous_one_used(tmp_path, fil
     toy_checkpoint(tmp_path, 2)
     newest = toy_checkpoint(tmp_path, 4)
     assert read_checkpoint(newest).step == 4
+    if fill is not None:  # NaN weights are refused by value, with or without a checksum
+        newest.write_bytes(without_checksum(newest, tmp_path / "old.safetensors").read_bytes())
     damage(newest, "model.segmenter.weight", fill=fill)
-    with pytest.raises(ConfigError, match="is damaged"):
+    with pytest.raises(ConfigError, match="is damaged" + (".*NaN or infinite" if fill is not None else "")):
         read_checkpoint(newest)
     assert latest_checkpoint(tmp_path, "adapt").step == 2
 
