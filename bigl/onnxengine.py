@@ -102,7 +102,17 @@ def file_digest(path: str | os.PathLike) -> str:
 
 
 def onnxruntime_available() -> bool:
-    return importlib.util.find_spec("onnxruntime") is not None
+    try:
+        return importlib.util.find_spec("onnxruntime") is not None
+    except (ImportError, ValueError):  # a broken or blocked install counts as none
+        return False
+
+
+def has_cuda_provider() -> bool:
+    """Whether the installed onnxruntime (onnxruntime-gpu) offers the CUDA execution provider."""
+    if not onnxruntime_available():
+        return False
+    return "CUDAExecutionProvider" in require_onnxruntime().get_available_providers()
 
 
 def require_onnxruntime():
@@ -443,7 +453,7 @@ class OnnxPredictor(Predictor):
         translator_config = metadata.get("translator")
         if translator_file and translator_config is not None:
             multiple = 2 ** int(translator_config.get("n_downsample", 2))
-            candidate = path.with_name(str(translator_file))
+            candidate = translator_path(path)  # by its own name: a renamed copy keeps its pair
             if candidate.is_file():
                 self.translator = _Graph(candidate, "translator_t2s", TRANSLATOR_OUTPUTS, padded_size(size, multiple),
                                          providers=self.providers, num_threads=num_threads)

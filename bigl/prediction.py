@@ -425,15 +425,20 @@ class Progress:
 def _torch_available() -> bool:
     import importlib.util
 
-    return importlib.util.find_spec("torch") is not None
+    try:
+        return importlib.util.find_spec("torch") is not None
+    except (ImportError, ValueError):  # a broken or blocked install counts as none
+        return False
 
 
-def choose_engine(model: str | os.PathLike | None, engine: str = "auto") -> tuple[str, Path]:
+def choose_engine(model: str | os.PathLike | None, engine: str = "auto", device: str = "auto") -> tuple[str, Path]:
     """(engine, model file) for a ``--model`` argument (None: the shipped default model).
 
     ``auto``: ONNX Runtime when the model is an ``.onnx`` file, or a bundle with an up-to-date
-    ``.onnx`` export beside it, and onnxruntime is installed; PyTorch otherwise. ``onnx`` and
-    ``torch`` insist (ConfigError/BundleError with the fix when they cannot run this model).
+    ``.onnx`` export beside it, and onnxruntime is installed; PyTorch otherwise, and also for
+    ``device="cuda"`` when this onnxruntime has no CUDA provider but PyTorch is installed.
+    ``onnx`` and ``torch`` insist (ConfigError/BundleError with the fix when they cannot run
+    this model).
     """
     from bigl import bundle as bundles
     from bigl import onnxengine
@@ -455,7 +460,8 @@ def choose_engine(model: str | os.PathLike | None, engine: str = "auto") -> tupl
         return "onnx", export
     # auto
     if onnxengine.onnxruntime_available() and onnxengine.export_is_current(export, path):
-        return "onnx", export
+        if not (str(device).lower().startswith("cuda") and _torch_available() and not onnxengine.has_cuda_provider()):
+            return "onnx", export
     if not _torch_available():
         if not onnxengine.onnxruntime_available():
             onnxengine.require_onnxruntime()  # the install that needs no torch
@@ -470,7 +476,7 @@ def open_predictor(model: str | os.PathLike | None = None, *, engine: str = "aut
     """The predictor for a model file (None: the shipped default), on the engine :func:`choose_engine` picks."""
     check_batch_size(batch_size)
     check_num_threads(num_threads)
-    chosen, path = choose_engine(model, engine)
+    chosen, path = choose_engine(model, engine, device)
     if chosen == "onnx":
         from bigl.onnxengine import OnnxPredictor
 
