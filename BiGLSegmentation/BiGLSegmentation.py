@@ -101,8 +101,11 @@ def registerSampleData():
     )
 
 
-def ensurePythonPackages(requester: str, computationBackend: str | None = None) -> dependencies.DependencyReport:
-    """Install PyTorch and BiGL's packages after asking (used by both BiGL modules).
+def ensurePythonPackages(requester: str, computationBackend: str | None = None, *,
+                         training: bool = False) -> dependencies.DependencyReport:
+    """Install BiGL's packages after asking (used by both BiGL modules): for segmentation ONNX
+    Runtime and the core packages, never PyTorch; with ``training`` also PyTorch (through the
+    PyTorch extension) and the training packages.
 
     Offers a restart when Slicer had already loaded an updated package and says what is still
     missing; ``report.ready`` tells whether the caller can go ahead.
@@ -113,6 +116,8 @@ def ensurePythonPackages(requester: str, computationBackend: str | None = None) 
             computation_backend=computationBackend,
             requester=requester,
             testing=slicer.app.testingEnabled(),
+            training=training,
+            extensions_manager=slicer.app.extensionsManagerModel() if training else None,
         )
     except RuntimeError as exc:  # PyTorch cannot be installed without the PyTorch extension
         slicer.util.errorDisplay(str(exc), requester)

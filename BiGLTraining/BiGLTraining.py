@@ -163,11 +163,12 @@ class BiGLTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # ----------------------------------------------------------------------- dependencies
     def ensureDependencies(self):
-        """PyTorch and BiGL's packages (one list, BiGL Segmentation's installer), installed after asking."""
+        """PyTorch (through the PyTorch extension, offered when it is missing) and BiGL's training
+        packages, installed after asking (BiGL Segmentation's installer)."""
         from BiGLSegmentation import ensurePythonPackages
 
         computationBackend = "cpu" if self.ui.deviceComboBox.currentData == "cpu" else None
-        return ensurePythonPackages("BiGL Training", computationBackend).ready
+        return ensurePythonPackages("BiGL Training", computationBackend, training=True).ready
 
     # ------------------------------------------------------------------------------ form
     @staticmethod
@@ -646,7 +647,7 @@ class BiGLTrainingTest(ScriptedLoadableModuleTest):
     def _packagesInstalled(self):
         from BiGLSegmentationLib.dependencies import ensure_dependencies
 
-        report = ensure_dependencies(confirm=lambda question: False, testing=True)  # only looks
+        report = ensure_dependencies(confirm=lambda question: False, testing=True, training=True)  # only looks
         if not report.ready:
             self.delayDisplay(f"Skipped: BiGL's packages are not installed in this Slicer (missing: "
                               f"{', '.join(report.missing)}); press Check data in the module once to install them")

@@ -5,13 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def make_test_bundle(path: str | Path, *, image_size: int = 32, seed: int = 0, sharpen: float = 1.0) -> Path:
+def make_test_bundle(path: str | Path, *, image_size: int = 32, seed: int = 0, sharpen: float = 1.0,
+                     attention_sharpen: float = 1.0) -> Path:
     """Write a tiny untrained bundle (segmenter and both translators) that runs in seconds on a CPU.
 
     Its segmentations are meaningless; tests use it to exercise the whole flow in seconds, without
     the shipped model. ``sharpen`` scales the segmenter's last convolution so that the untrained
     class scores differ from voxel to voxel (a fresh network predicts nearly uniform scores, so
-    every voxel would get the same label). Needs torch (imported here, not at module import).
+    every voxel would get the same label). ``attention_sharpen`` scales the query and key
+    convolutions of position attention likewise, so that its attention map is not nearly uniform
+    (whose per-volume min-max scaling would magnify rounding). Needs torch (imported here, not at module import).
     """
     import torch
 
@@ -29,6 +32,10 @@ def make_test_bundle(path: str | Path, *, image_size: int = 32, seed: int = 0, s
             last.weight.mul_(sharpen)
             if last.bias is not None:
                 last.bias.zero_()
+    if attention_sharpen != 1.0:
+        with torch.no_grad():
+            segmenter.attention.position.query.weight.mul_(attention_sharpen)
+            segmenter.attention.position.key.weight.mul_(attention_sharpen)
     return save_bundle(
         Path(path),
         segmenter=segmenter,

@@ -1,12 +1,16 @@
-"""Python packages BiGL needs inside Slicer, installed only after asking (for both BiGL modules).
+"""Python packages BiGL needs inside Slicer, installed only after asking.
 
-* PyTorch comes from the PyTorch extension (``PyTorchUtils``), which picks a CUDA build when an
-  NVIDIA driver is present and a CPU build otherwise; it asks the user first.
-* The other packages are listed in ``Resources/requirements.txt`` (nibabel, scikit-image,
-  safetensors, tqdm, matplotlib), one list for BiGL Segmentation and BiGL Training. They are
-  installed with ``slicer.packaging.pip_ensure`` on Slicer 5.12+ (it asks, installs and offers a
-  restart when an already imported package changed), else with ``slicer.util.pip_install`` after
-  our own question.
+* Segmentation (BiGL Segmentation) needs no PyTorch: it runs the model's ONNX export with ONNX
+  Runtime. Its packages are listed in ``Resources/requirements.txt`` (nibabel, scikit-image,
+  tqdm, onnxruntime).
+* Training (BiGL Training) adds ``Resources/requirements-training.txt`` (safetensors, matplotlib,
+  onnx) and PyTorch, which comes from the PyTorch extension (``PyTorchUtils``: a CUDA build when an
+  NVIDIA driver is present, a CPU build otherwise; it asks the user first). When the PyTorch
+  extension itself is missing, BiGL Training offers to install it from the Extensions Manager
+  (the BiGL extension does not depend on it, so segmenting never pulls PyTorch in).
+* The other packages are installed with ``slicer.packaging.pip_ensure`` on Slicer 5.12+ (it asks,
+  installs and offers a restart when an already imported package changed), else with
+  ``slicer.util.pip_install`` after our own question.
 * Packages Slicer itself provides (SimpleITK, numpy, VTK...) are never installed or replaced, even
   if a requirements line names them.
 * Nothing is installed in testing mode.
@@ -31,8 +35,10 @@ except ImportError:  # Slicer versions without the packaging distribution: pip's
     from pip._vendor.packaging.requirements import InvalidRequirement, Requirement
     from pip._vendor.packaging.utils import canonicalize_name
 
-#: The requirements file shipped with the module.
+#: The requirements file shipped with the module: what segmentation needs (no PyTorch).
 REQUIREMENTS_PATH = Path(__file__).resolve().parents[1] / "Resources" / "requirements.txt"
+#: What training needs on top of it (PyTorch itself comes from the PyTorch extension).
+TRAINING_REQUIREMENTS_PATH = REQUIREMENTS_PATH.with_name("requirements-training.txt")
 #: Distributions Slicer ships or manages itself: never installed or upgraded from here.
 PROVIDED_BY_SLICER = frozenset(
     canonicalize_name(name) for name in ("SimpleITK", "numpy", "vtk", "torch", "scipy", "packaging", "pip")
@@ -115,17 +121,31 @@ class GpuStatus:
 
 
 def gpu_status() -> GpuStatus:
-    """Whether inference can use a CUDA GPU here, and why not (imports torch when installed)."""
+    """Whether segmentation can use a CUDA GPU here, and why not.
+
+    ONNX Runtime's CUDA execution provider (onnxruntime-gpu) first; else PyTorch with CUDA when
+    PyTorch happens to be installed (``bigl segment`` then runs the torch engine on the GPU).
+    Imports onnxruntime, and torch only when it is installed.
+    """
+    onnx_reason = "ONNX Runtime is not installed yet (it is installed on the first run)"
+    if importlib.util.find_spec("onnxruntime") is not None:
+        try:
+            import onnxruntime
+        except Exception as exc:  # a broken install must not break the module panel
+            onnx_reason = f"ONNX Runtime cannot be imported ({exc})"
+        else:
+            if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+                return GpuStatus(True, "NVIDIA GPU through ONNX Runtime (CUDA)")
+            onnx_reason = (f"the installed ONNX Runtime {onnxruntime.__version__} runs on the CPU only "
+                           "(onnxruntime-gpu uses an NVIDIA GPU)")
     if not torch_installed():
-        return GpuStatus(False, "PyTorch is not installed yet (it is installed on the first run)")
+        return GpuStatus(False, onnx_reason)
     try:
         import torch
-    except Exception as exc:  # a broken install must not break the module panel
-        return GpuStatus(False, f"PyTorch cannot be imported ({exc}); reinstall it with the PyTorch Utils module")
-    if torch.version.cuda is None:
-        return GpuStatus(False, f"the installed PyTorch {torch.__version__} is a CPU-only build")
-    if not torch.cuda.is_available():
-        return GpuStatus(False, "no usable NVIDIA GPU was found (check the driver)")
+    except Exception:
+        return GpuStatus(False, onnx_reason)
+    if torch.version.cuda is None or not torch.cuda.is_available():
+        return GpuStatus(False, onnx_reason + (f"; PyTorch {torch.__version__} finds no usable NVIDIA GPU either"))
     return GpuStatus(True, torch.cuda.get_device_name(0))
 
 
@@ -153,22 +173,31 @@ def ensure_dependencies(
     requirements_path: str | Path = REQUIREMENTS_PATH,
     requester: str = "BiGL",
     testing: bool = False,
+    training: bool = False,
+    extensions_manager=None,
 ) -> DependencyReport:
-    """Install PyTorch and the requirements when missing, after asking ``confirm(question)``.
+    """Install the requirements when missing, after asking ``confirm(question)``; with
+    ``training`` also PyTorch and the training requirements.
 
-    ``computation_backend``: passed to PyTorchUtils (``"cpu"`` for a CPU build, None to let it
-    detect the GPU). ``requester``: the module named in the questions. In ``testing`` mode nothing
-    is installed; what is missing is reported.
+    Segmentation (``training=False``) never asks for PyTorch. ``computation_backend``: passed to
+    PyTorchUtils (``"cpu"`` for a CPU build, None to let it detect the GPU). ``requester``: the
+    module named in the questions. In ``testing`` mode nothing is installed; what is missing is
+    reported. ``extensions_manager``: Slicer's extensions manager model, used to offer the PyTorch
+    extension when training needs PyTorch and the extension is missing.
     """
     report = DependencyReport()
-    if not torch_installed():
+    if training and not torch_installed():
         if testing:
             report.missing.append("torch")
-        elif _install_torch(computation_backend):
+        elif _install_torch(computation_backend, confirm=confirm, requester=requester,
+                            extensions_manager=extensions_manager):
             report.installed.append("torch")
         else:
             report.missing.append("torch")
-    missing = missing_requirements(read_requirements(requirements_path))
+    requirements = read_requirements(requirements_path)
+    if training:
+        requirements += read_requirements(TRAINING_REQUIREMENTS_PATH)
+    missing = missing_requirements(requirements)
     if not missing:
         return report
     names = [str(requirement) for requirement in missing]
@@ -207,16 +236,32 @@ def ensure_dependencies(
     return report
 
 
-def _install_torch(computation_backend: str | None) -> bool:
-    """Install PyTorch through the PyTorch extension; False when the user declined."""
+def _install_torch(computation_backend: str | None, *, confirm: Callable[[str], bool] = lambda question: False,
+                   requester: str = "BiGL Training", extensions_manager=None) -> bool:
+    """Install PyTorch through the PyTorch extension; False when the user declined.
+
+    Without the PyTorch extension, offers to install it from the Extensions Manager (Slicer must
+    restart before it can be used) and raises RuntimeError saying what to do next.
+    """
     try:
         import PyTorchUtils
     except ImportError:
-        raise RuntimeError(
-            "BiGL needs the PyTorch extension to install PyTorch. Install 'PyTorch' from the "
-            "Extensions Manager, restart Slicer, and try again."
-        ) from None
+        _offer_pytorch_extension(confirm, requester, extensions_manager)
     torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(
         askConfirmation=True, forceComputationBackend=computation_backend
     )
     return torch is not None
+
+
+def _offer_pytorch_extension(confirm: Callable[[str], bool], requester: str, manager) -> None:
+    manual = ("Install 'PyTorch' from the Extensions Manager, restart Slicer, and try again. "
+              "(BiGL Segmentation does not need it.)")
+    install = getattr(manager, "downloadAndInstallExtensionByName", None)
+    if install is None or not confirm(
+        f"{requester} trains with PyTorch, which the PyTorch extension installs. Install the PyTorch "
+        "extension now? (Slicer restarts afterwards; segmenting with BiGL Segmentation does not need it.)"
+    ):
+        raise RuntimeError(f"{requester} needs the PyTorch extension to install PyTorch. {manual}")
+    if not install("PyTorch", True, True):
+        raise RuntimeError(f"The PyTorch extension could not be installed. {manual}")
+    raise RuntimeError("The PyTorch extension was installed. Restart Slicer, then try again to install PyTorch.")

@@ -1,5 +1,8 @@
 """The BiGL Segmentation logic, free of Qt: one run = export, ``bigl segment`` subprocess, import.
 
+The subprocess segments with ONNX Runtime (the model's ONNX export; no PyTorch needed) and falls
+back to PyTorch only for a model without an up-to-date export when PyTorch is installed.
+
 :class:`SegmentationRun` writes the input volume node to a temporary NIfTI file, starts
 ``python -m bigl segment ... --progress json`` with Slicer's Python (``PythonSlicer``; the
 interpreter running the tests elsewhere) through :class:`~BiGLSegmentationLib.process.JsonLineProcess`,
@@ -103,12 +106,18 @@ def segment_command(
     translated_path: Path | None = None,
     probabilities_path: Path | None = None,
     threads: int | None = None,
+    engine: str = "auto",
 ) -> list[str]:
-    """The argument list of one ``bigl segment`` run (never a shell string)."""
+    """The argument list of one ``bigl segment`` run (never a shell string).
+
+    ``engine``: "auto" (ONNX Runtime when the model has an up-to-date ONNX export, which the
+    shipped and trained models have; PyTorch otherwise, when installed), "onnx" or "torch"."""
     if device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"device must be auto, cpu or cuda, not {device!r}")
+    if engine not in ("auto", "onnx", "torch"):
+        raise ValueError(f"engine must be auto, onnx or torch, not {engine!r}")
     command = [python, "-m", "bigl", "segment", "--input", str(input_path), "--output", str(output_path),
-               "--device", device, "--progress", "json"]
+               "--device", device, "--engine", engine, "--progress", "json"]
     if model_path is not None:
         command += ["--model", str(model_path)]
     if attention_dir is not None:
@@ -221,6 +230,7 @@ class SegmentationRun:
         work_dir: str | os.PathLike | None = None,
         python: str | None = None,
         threads: int | None = None,
+        engine: str = "auto",
     ):
         if input_node is None:
             raise SegmentationError("No input volume selected.", "Fix: select the scan to segment.")
@@ -232,6 +242,7 @@ class SegmentationRun:
         self.options = options or OutputOptions()
         self.python = python or python_executable()
         self.threads = threads
+        self.engine = engine
         self._work_dir = Path(work_dir) if work_dir is not None else None
         self.files: _RunFiles | None = None
         self.process: JsonLineProcess | None = None
@@ -246,7 +257,7 @@ class SegmentationRun:
             attention_dir=files.attention if self.options.attention else None,
             translated_path=files.translated if self.options.translated else None,
             probabilities_path=files.probabilities if self.options.probabilities else None,
-            threads=self.threads,
+            threads=self.threads, engine=self.engine,
         )
 
     def start(self) -> None:

@@ -135,7 +135,23 @@ def import_model(
     else:
         raise BundleError(f"too many models named {stem} in {folder}", "rename the file before importing it")
     _copy_atomically(source, target)
+    _copy_exports(source, target)
     return ModelChoice(path=target, metadata=read_metadata(target))
+
+
+def _copy_exports(source: Path, target: Path) -> None:
+    """The bundle's ONNX export (``.onnx``, ``.translator.onnx``), copied beside the copy under
+    its new name when it is the export of this very bundle: what segments without PyTorch."""
+    from bigl import onnxengine
+
+    export = onnxengine.export_path(source)
+    if not onnxengine.export_is_current(export, source):
+        return
+    copied = onnxengine.export_path(target)
+    _copy_atomically(export, copied)
+    translator = onnxengine.translator_path(export)
+    if translator.is_file():
+        _copy_atomically(translator, onnxengine.translator_path(copied))
 
 
 def _safe_stem(file_name: str) -> str:

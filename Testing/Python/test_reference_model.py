@@ -31,6 +31,17 @@ def test_reference_model_is_shipped_small_and_loads_as_a_t1_to_t2_bigl_model(met
     assert bundle.translator_s2t is not None and bundle.translator_t2s is not None
 
 
+def test_reference_model_ships_its_current_onnx_export():
+    """Segmenting without PyTorch uses default_model.onnx: it must be the export of the shipped bundle."""
+    from bigl import onnxengine
+
+    path = default_bundle_path()
+    export = onnxengine.export_path(path)
+    assert onnxengine.export_problem(export, path) is None, "run `bigl export bigl/resources/default_model.safetensors`"
+    assert onnxengine.translator_path(export).is_file()
+    assert export.stat().st_size + onnxengine.translator_path(export).stat().st_size < MAX_BYTES
+
+
 def test_report_cases_took_no_part_in_training(metadata):
     training = metadata["training"]
     report = metadata["metrics"]["report"]["cases"]

@@ -17,6 +17,7 @@ CONTRACT = {
     "step": {"stage", "step", "total", "losses", "lr", "sec_per_step", "eta_s"},
     "checkpoint": {"stage", "step", "path"},
     "end": {"stage", "bundle", "slices_per_s"},
+    "onnx_export": {"files"},
     "done": {"bundle"},
     "error": {"message", "hint"},
 }
@@ -31,7 +32,8 @@ def smoke_run(phantom_cohort, tmp_path_factory) -> Path:
 
 
 def test_run_folder_layout(smoke_run):
-    for name in ("config.json", "events.jsonl", "model.safetensors", "translator.safetensors", "losses.png"):
+    for name in ("config.json", "events.jsonl", "model.safetensors", "translator.safetensors", "losses.png",
+                 "model.onnx", "model.translator.onnx"):
         assert (smoke_run / name).is_file(), name
     checkpoints = sorted(p.name for p in (smoke_run / "checkpoints").iterdir())
     assert checkpoints == [
@@ -64,6 +66,15 @@ def test_event_log_follows_the_contract(smoke_run):
     assert ends["translator"]["bundle"] == "translator.safetensors" and ends["adapt"]["bundle"] == "model.safetensors"
     assert all(e["slices_per_s"] > 0 for e in ends.values())
     assert events[-1]["bundle"] == "model.safetensors"
+    exports = [e for e in events if e["event"] == "onnx_export"]
+    assert [e["files"] for e in exports] == [["model.onnx", "model.translator.onnx"]]
+
+
+def test_the_onnx_export_is_the_final_bundle(smoke_run):
+    pytest.importorskip("onnxruntime")
+    from bigl.prediction import choose_engine
+
+    assert choose_engine(smoke_run / "model.safetensors", "auto") == ("onnx", smoke_run / "model.onnx")
 
 
 def test_bundle_loads_with_translators_and_training_metadata(smoke_run):

@@ -18,7 +18,7 @@ from bigl import __version__
 from bigl.errors import BiGLError
 
 #: Sub-command modules, in the order ``bigl --help`` lists them.
-COMMANDS = ("segment", "train", "evaluate", "score", "demo", "phantoms", "info")
+COMMANDS = ("segment", "train", "export", "evaluate", "score", "demo", "phantoms", "info")
 
 
 def add_inference_options(parser: argparse.ArgumentParser) -> None:

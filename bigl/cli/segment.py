@@ -29,8 +29,12 @@ def register(subparsers) -> None:
                         help="NIfTI scan (.nii/.nii.gz) of the modality the model segments, or a folder of them")
     parser.add_argument("--output", "-o", required=True, type=Path, metavar="SEG",
                         help="label map to write (.nii.gz), or a folder in folder mode (<case>_seg.nii.gz)")
-    parser.add_argument("--model", "-m", type=Path, metavar="BUNDLE",
-                        help="model bundle (.safetensors); default: the model shipped with BiGL")
+    parser.add_argument("--model", "-m", type=Path, metavar="MODEL",
+                        help="model bundle (.safetensors) or its ONNX export (.onnx); default: the model shipped with BiGL")
+    parser.add_argument("--engine", choices=("auto", "torch", "onnx"), default="auto",
+                        help="what runs the networks: onnx (ONNX Runtime, no PyTorch needed), torch (PyTorch), or auto "
+                             "(default: ONNX Runtime when the model has an up-to-date .onnx export and onnxruntime is "
+                             "installed, else PyTorch)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="where to run the networks (default: auto, the GPU when there is one)")
     parser.add_argument("--attention-out", type=Path, metavar="DIR",
@@ -41,7 +45,7 @@ def register(subparsers) -> None:
                         help="also write the 4D class probabilities (float32; a folder in folder mode)")
     parser.add_argument("--batch-size", type=int, default=16, metavar="N", help="slices per forward pass (default 16)")
     add_inference_options(parser)
-    parser.add_argument("--threads", type=int, metavar="N", help="CPU threads for PyTorch (default: PyTorch's choice)")
+    parser.add_argument("--threads", type=int, metavar="N", help="CPU threads for PyTorch or ONNX Runtime (default: the engine's choice)")
     parser.add_argument("--modality", metavar="NAME",
                         help="modality of the scans (t1, t1ce, t2, flair); checked against the model "
                              "(default: taken from BraTS-style file names like *_t2.nii.gz)")
@@ -112,7 +116,7 @@ def _user_error(exc: Exception, args: argparse.Namespace):
 
         return write_error(exc, known_write=False)
     if isinstance(exc, (MemoryError, RuntimeError)):
-        from bigl.inference import out_of_memory_error
+        from bigl.prediction import out_of_memory_error
 
         return out_of_memory_error(exc, batch_size=args.batch_size)
     return None
@@ -120,7 +124,7 @@ def _user_error(exc: Exception, args: argparse.Namespace):
 
 def _run(args: argparse.Namespace, reporter: Reporter) -> int:
     from bigl.errors import InputError
-    from bigl.inference import BiGLPredictor
+    from bigl.prediction import open_predictor
 
     source = args.input.expanduser()
     if not source.exists():
@@ -137,9 +141,9 @@ def _run(args: argparse.Namespace, reporter: Reporter) -> int:
             raise InputError(f"--output {args.output} is a file, but --input is a folder",
                              "give an output folder (new or existing); each scan's labels go to <folder>/<case>_seg.nii.gz")
     _check_outputs(args, scans if source.is_dir() else [source], folder_mode=source.is_dir())
-    predictor = BiGLPredictor.from_path(args.model, device=args.device, batch_size=args.batch_size,
-                                        num_threads=args.threads, flip=args.flip, postprocess=args.postprocess)
-    reporter.say(_model_line(predictor.bundle, shipped=args.model is None))
+    predictor = open_predictor(args.model, engine=args.engine, device=args.device, batch_size=args.batch_size,
+                               num_threads=args.threads, flip=args.flip, postprocess=args.postprocess)
+    reporter.say(_model_line(predictor, shipped=args.model is None))
     if source.is_dir():
         return _segment_folder(args, scans, predictor, reporter)
     prediction = _segment_one(args, source, predictor, reporter, folder_mode=False)
@@ -165,22 +169,21 @@ def _check_outputs(args, scans: list[Path], *, folder_mode: bool) -> None:
     """Every output of the run checked before anything is computed (:func:`bigl.files.check_outputs`):
     no input scan, model or file BiGL did not write beside the scans is replaced, and no two scans
     write one file (``P.nii`` and ``P.nii.gz``)."""
-    from bigl import bundle
     from bigl.files import check_outputs
-    from bigl.inference import check_targets, output_targets
+    from bigl.prediction import check_targets, model_paths, output_targets
 
-    model = args.model.expanduser() if args.model is not None else bundle.DEFAULT_BUNDLE_PATH
+    models = model_paths(args.model)
     everything = {}
     for scan in scans:
         outputs = _file_outputs(args, scan, folder_mode=folder_mode)
         targets = output_targets(scan, outputs.pop("output"), attention_out=args.attention_out, **outputs)
-        check_targets(scan, targets, inputs=[model])
+        check_targets(scan, targets, inputs=models)
         everything.update({f"{key} output of {scan.name}": path for key, path in targets.items()})
     check_outputs(everything, scans)
 
 
 def _segment_one(args, source: Path, predictor, reporter: Reporter, context=None, *, folder_mode: bool):
-    from bigl.inference import segment_file
+    from bigl.prediction import segment_file
 
     outputs = _file_outputs(args, source, folder_mode=folder_mode)
     prediction = segment_file(
@@ -226,12 +229,14 @@ def _segment_folder(args, scans: list[Path], predictor, reporter: Reporter) -> i
     return 0
 
 
-def _model_line(bundle, *, shipped: bool) -> str:
-    """Which model segments: the user should never have to guess."""
+def _model_line(predictor, *, shipped: bool) -> str:
+    """Which model segments, and on which engine: the user should never have to guess."""
     from bigl.bundle import describe_adaptation
 
-    origin = f"the shipped reference model; model card: {bundle.path.parent / 'MODEL_CARD.md'}" if shipped else str(bundle.path)
-    return f"model: {describe_adaptation(bundle.metadata)} ({origin})"
+    path = predictor.model_path
+    origin = f"the shipped reference model; model card: {path.parent / 'MODEL_CARD.md'}" if shipped else str(path)
+    engine = "ONNX Runtime" if predictor.engine == "onnx" else "PyTorch"
+    return f"model: {describe_adaptation(predictor.metadata)} ({origin}; {engine} on {predictor.device})"
 
 
 def _summary(source: Path, output: Path, prediction) -> str:

@@ -11,6 +11,7 @@ event. The run folder::
     samples/             <stage>_<step>.png sample grids
     translator.safetensors   stage 1 result (both generators, their discriminators)
     model.safetensors    the final bundle (segmenter + translators + metadata)
+    model.onnx, model.translator.onnx   its ONNX export (bigl.export), for inference without PyTorch
     losses.png           loss curves of both stages
 """
 
@@ -220,6 +221,8 @@ class TrainingRun:
                 trainer = self.translator_trainer() if stage == "translator" else self.adapt_trainer()
                 self._record_config()
                 result = trainer.run(resume=self.resume)
+            if self.stages[-1] == "adapt" and self.dist.is_main:
+                self._export_onnx(result)
             self.log.write("done", bundle=_relative(result, self.out_dir))
             return result
         except BiGLError as exc:
@@ -237,6 +240,23 @@ class TrainingRun:
         finally:
             if self.dist is not None:
                 self.dist.close()
+
+    def _export_onnx(self, bundle: Path) -> None:
+        """model.onnx (and model.translator.onnx) beside the bundle, for inference without PyTorch.
+
+        A failed export does not fail the training: the bundle is the result, and the event log
+        and the terminal say how to export it later."""
+        from bigl.export import export_bundle
+
+        try:
+            files = export_bundle(bundle)
+        except (BiGLError, OSError) as exc:
+            message = getattr(exc, "message", str(exc))
+            hint = f"{getattr(exc, 'hint', None) or 'fix the cause'}, then run `bigl export {bundle}`"
+            self.log.write("warning", message=f"the ONNX export failed: {message}", hint=hint)
+            print(f"bigl train: warning: the ONNX export failed: {message}\n  fix: {hint}", flush=True)
+            return
+        self.log.write("onnx_export", files=[_relative(path, self.out_dir) for path in files])
 
     def _record_config(self) -> None:
         """Write config.json once the run is certain to start: from then on the folder holds a run."""

@@ -20,10 +20,14 @@ from BiGLSegmentationLib.dependencies import (
 
 def test_shipped_requirements_list_the_core_packages_and_nothing_slicer_provides():
     names = {requirement.name.lower() for requirement in read_requirements(REQUIREMENTS_PATH)}
-    # one list for both modules: matplotlib draws the training and evaluation figures
-    assert names == {"nibabel", "scikit-image", "safetensors", "tqdm", "matplotlib"}
-    text = REQUIREMENTS_PATH.read_text()
-    assert "simpleitk" not in "\n".join(line for line in text.lower().splitlines() if not line.startswith("#"))
+    # segmentation: ONNX Runtime, no PyTorch and nothing only training needs
+    assert names == {"nibabel", "scikit-image", "tqdm", "onnxruntime"}
+    training = {requirement.name.lower() for requirement in read_requirements(dependencies.TRAINING_REQUIREMENTS_PATH)}
+    assert training == {"safetensors", "matplotlib", "onnx"}
+    for path in (REQUIREMENTS_PATH, dependencies.TRAINING_REQUIREMENTS_PATH):
+        text = path.read_text().lower()
+        lines = "\n".join(line for line in text.splitlines() if not line.startswith("#"))
+        assert "simpleitk" not in lines and "torch" not in lines
 
 
 def test_parse_skips_comments_options_and_packages_slicer_provides():
@@ -62,6 +66,7 @@ def test_requirements_for_other_platforms_are_not_missing():
 
 def test_the_installed_environment_satisfies_the_requirements():
     assert missing_requirements(read_requirements()) == []
+    assert missing_requirements(read_requirements(dependencies.TRAINING_REQUIREMENTS_PATH)) == []
 
 
 def test_restart_is_needed_only_for_packages_already_imported():
@@ -83,11 +88,35 @@ def test_testing_mode_installs_nothing_and_reports_what_is_missing(requirements,
     monkeypatch.setattr(dependencies, "_install_torch", lambda backend: pytest.fail("tried to install torch"))
     asked = []
     report = dependencies.ensure_dependencies(
-        confirm=lambda question: asked.append(question) or True, requirements_path=requirements, testing=True
+        confirm=lambda question: asked.append(question) or True, requirements_path=requirements, testing=True,
+        training=True,
     )
     assert not report.ready
     assert report.missing == ["torch", "surely-not-installed-bigl-package>=1"]
     assert report.installed == [] and asked == []
+
+
+def test_segmentation_never_asks_for_torch(requirements, monkeypatch):
+    monkeypatch.setattr(dependencies, "torch_installed", lambda: False)
+    monkeypatch.setattr(dependencies, "_install_torch", lambda *args, **kwargs: pytest.fail("tried to install torch"))
+    report = dependencies.ensure_dependencies(confirm=lambda question: pytest.fail("asked"),
+                                              requirements_path=requirements, testing=True)
+    assert report.missing == ["surely-not-installed-bigl-package>=1"]
+
+
+def test_training_offers_the_pytorch_extension_when_it_is_missing(monkeypatch):
+    installs, questions = [], []
+    manager = types.SimpleNamespace(downloadAndInstallExtensionByName=lambda *args: installs.append(args) or True)
+    monkeypatch.setitem(sys.modules, "PyTorchUtils", None)  # "import PyTorchUtils" fails
+    with pytest.raises(RuntimeError, match="Restart Slicer"):
+        dependencies._install_torch(None, confirm=lambda question: questions.append(question) or True,
+                                    extensions_manager=manager)
+    assert installs == [("PyTorch", True, True)] and "does not need it" in questions[0]
+    with pytest.raises(RuntimeError, match="Extensions Manager"):
+        dependencies._install_torch(None, confirm=lambda question: False, extensions_manager=manager)
+    with pytest.raises(RuntimeError, match="Extensions Manager"):
+        dependencies._install_torch(None, confirm=lambda question: True)  # no manager: say what to do
+    assert len(installs) == 1
 
 
 def test_older_slicer_asks_then_installs_with_pip_install(requirements, monkeypatch):
@@ -128,10 +157,12 @@ def test_slicer_512_uses_pip_ensure(requirements, monkeypatch):
     assert report.ready
 
 
-def test_gpu_status_explains_a_cpu_only_torch():
+def test_gpu_status_explains_a_cpu_only_onnx_runtime():
     status = dependencies.gpu_status()
+    import onnxruntime
     import torch
 
-    assert status.available == torch.cuda.is_available()
+    assert status.available == ("CUDAExecutionProvider" in onnxruntime.get_available_providers()
+                                or torch.cuda.is_available())
     if not status.available:
-        assert status.reason
+        assert "ONNX Runtime" in status.reason and "onnxruntime-gpu" in status.reason

@@ -138,3 +138,59 @@ def test_failures_come_back_as_messages_with_a_fix(lps_scan, headless, varied_bu
 
     with pytest.raises(SegmentationError, match="No input"):
         SegmentationLogic().segment(None, varied_bundle)
+
+
+@pytest.mark.slow
+def test_onnx_runtime_segmentation_without_torch(lps_scan, headless, varied_bundle, tmp_path, monkeypatch):
+    """The module's run on real MRML nodes, with the subprocess unable to import torch: the model's
+    ONNX export segments, and agrees with the PyTorch engine run directly."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    from bigl.export import export_bundle
+    from BiGLSegmentationLib import scene
+    from BiGLSegmentationLib.logic import OutputOptions, SegmentationLogic
+
+    from bigl.testing import make_test_bundle
+
+    # sharpened attention: a nearly uniform map, scaled to [0, 1] per volume, would magnify rounding
+    bundle = make_test_bundle(tmp_path / "model" / "sharp.safetensors", sharpen=10.0, attention_sharpen=10.0)
+    export_bundle(bundle)
+    blocker = tmp_path / "no_torch"
+    blocker.mkdir()
+    (blocker / "sitecustomize.py").write_text(
+        "import sys\n"
+        "class NoTorch:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('torch', 'safetensors'):\n"
+        "            raise ImportError(f'{name} is blocked in this test')\n"
+        "sys.meta_path.insert(0, NoTorch())\n"
+    )
+    monkeypatch.setenv("PYTHONPATH", str(blocker))  # the child keeps it, after the bigl root
+
+    volume = headless.load_volume(lps_scan)
+    run = SegmentationLogic().start_segmentation(volume, bundle, device="cpu", threads=1, engine="onnx",
+                                                 options=OutputOptions(**ALL_OUTPUTS))
+    assert run.command()[run.command().index("--engine") + 1] == "onnx"
+    run.wait(timeout=300)
+    log = run.process.log_tail(40)
+    outputs = run.finish()
+    expected = _direct_prediction(lps_scan, bundle)
+    assert len(np.unique(expected.labels)) > 1
+    labels = scene.segmentation_to_labels(outputs.segmentation, volume)
+    assert (labels == expected.labels).mean() >= 0.999, log
+    for kind, node in outputs.attention.items():
+        np.testing.assert_allclose(scene.volume_to_array(node), expected.attention[kind], atol=1e-3)
+    for index, label in enumerate((0, 1, 2, 4)):
+        if label:
+            np.testing.assert_allclose(scene.volume_to_array(outputs.probabilities[label]),
+                                       expected.probabilities[index], atol=1e-4)
+    np.testing.assert_allclose(scene.volume_to_array(outputs.translated), expected.translated, atol=1e-3)
+
+    # without an export, segmenting where torch cannot be imported says what to do
+    alone = tmp_path / "alone.safetensors"
+    alone.write_bytes(varied_bundle.read_bytes())
+    from BiGLSegmentationLib.logic import SegmentationError
+
+    with pytest.raises(SegmentationError) as error:
+        SegmentationLogic().segment(volume, alone, device="cpu", threads=1, timeout=120)
+    assert "bigl export" in error.value.hint or "PyTorch" in error.value.message, error.value.details

@@ -27,6 +27,7 @@ def test_segment_command_is_an_argument_list_with_only_the_requested_outputs(tmp
     assert command[command.index("--input") + 1] == str(scan)  # one argument, never split or quoted
     assert command[command.index("--progress") + 1] == "json"
     assert command[command.index("--device") + 1] == "cpu"
+    assert command[command.index("--engine") + 1] == "auto"  # ONNX Runtime when the model has an export
     assert command[command.index("--model") + 1] == str(tmp_path / "m.safetensors")
     assert not {"--attention-out", "--translated-out", "--probabilities-out", "--threads"} & set(command)
 

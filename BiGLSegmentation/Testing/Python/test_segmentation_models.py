@@ -112,3 +112,21 @@ def test_import_refuses_files_that_are_not_bigl_bundles(tmp_path, no_default_mod
             import_model(bad, folder)
         assert error.value.hint
     assert not folder.exists() or not any(folder.iterdir())
+
+
+def test_import_copies_the_onnx_export_under_the_new_name(tmp_path, tiny_bundle, no_default_model):
+    pytest.importorskip("onnx")
+    from bigl import onnxengine
+    from bigl.export import export_bundle
+
+    source = tmp_path / "download" / "mine.safetensors"
+    source.parent.mkdir()
+    source.write_bytes(tiny_bundle.read_bytes())
+    export_bundle(source)
+    choice = import_model(source, tmp_path / "models", name="Renamed")
+    assert choice.path.name == "Renamed.safetensors"
+    export = onnxengine.export_path(choice.path)
+    assert onnxengine.export_is_current(export, choice.path)
+    assert onnxengine.translator_path(export).is_file()
+    predictor = onnxengine.OnnxPredictor(export, device="cpu")
+    assert predictor.has_translator  # found by its own name, not the one recorded at export

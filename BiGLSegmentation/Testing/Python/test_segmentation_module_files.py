@@ -109,7 +109,8 @@ def test_extension_metadata_is_consistent():
     for key in ("EXTENSION_HOMEPAGE", "EXTENSION_CATEGORY", "EXTENSION_CONTRIBUTORS", "EXTENSION_DESCRIPTION",
                 "EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS", "EXTENSION_DEPENDS"):
         assert re.search(rf"set\({key}\s", cmake), f"top-level CMakeLists.txt lacks {key}"
-    assert re.search(r'set\(EXTENSION_DEPENDS\s+"PyTorch"\)', cmake)
+    # segmentation runs with ONNX Runtime: no dependency on the PyTorch extension (BiGL Training offers it)
+    assert re.search(r'set\(EXTENSION_DEPENDS\s+"NA"\)', cmake)
     assert "add_subdirectory(BiGLSegmentation)\nadd_subdirectory(BiGLTraining)" in cmake  # Training depends on it
     for include in ("${Slicer_USE_FILE}", "${Slicer_EXTENSION_GENERATE_CONFIG}", "${Slicer_EXTENSION_CPACK}"):
         assert f"include({include})" in cmake
@@ -117,7 +118,7 @@ def test_extension_metadata_is_consistent():
     assert set(entry) <= {"$schema", "build_dependencies", "build_subdirectory", "category", "scm_revision",
                           "scm_type", "scm_url", "tier"}
     assert entry["category"] == re.search(r'set\(EXTENSION_CATEGORY\s+"([^"]+)"\)', cmake).group(1)
-    assert entry["build_dependencies"] == ["PyTorch"]
+    assert entry["build_dependencies"] == []
     repository = re.search(r'set\(BIGL_REPOSITORY_URL\s+"([^"]+)"\)', cmake).group(1)
     assert entry["scm_url"].removesuffix(".git") == repository
     for url_key in ("EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS"):

@@ -1,0 +1,630 @@
+"""What every inference engine shares: a 3D scan (numpy array + affine) -> BraTS labels, and optional
+explanation volumes. No PyTorch here: the ONNX Runtime engine (:mod:`bigl.onnxengine`) runs on top
+of this module without ever importing torch; the PyTorch engine is :mod:`bigl.inference`.
+
+The volume is prepared exactly as in training (:func:`bigl.data.preprocess.prepare_volume`: brain
+crop, percentile normalisation, square slices of the bundle's image size), the slices go through
+the segmenter in batches, and the softmax maps are restored onto the original voxel grid with
+:func:`restore_on_grid` before the argmax, so the labels have the input's exact shape and affine.
+
+Slices whose size is not a multiple of a network's stride are padded with background (-1) at
+the bottom and right for that network, and its outputs cropped back.
+
+Optional outputs, all on the input grid:
+
+* ``probabilities``: float32 ``[4, X, Y, Z]`` softmax maps, summing to 1 per voxel; outside the
+  brain crop the background class has probability 1.
+* ``attention["position"]``: for each slice, the mean attention each bottleneck position
+  *receives* in the N x N position-attention matrix (its column mean: how much the other
+  positions look at it), reshaped to the h x w bottleneck grid and upsampled bilinearly to the
+  slice.
+* ``attention["channel"]``: for each slice, the magnitude of the bottleneck features after the
+  dual-attention block, each channel weighted by the mean attention it receives in the C x C
+  channel-attention matrix (column mean), i.e. where the channels that channel attention
+  emphasises are active; upsampled bilinearly to the slice.
+
+  Both attention maps are scaled per volume to [0, 1] (min-max over all prepared slices) and
+  are 0 outside the brain crop.
+* ``translated``: the scan translated to the source modality by the bundle's G_t->s, in the
+  normalised units [-1, 1] the networks use; -1 (background) outside the brain crop.
+
+An engine subclasses :class:`Predictor` and implements ``_segment_slices`` and
+``_translate_slices`` (and may replace ``_resize``); :func:`open_predictor` picks one.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from bigl.bundle import Bundle, BundleError
+from bigl.data.naming import ATTENTION_KINDS, attention_paths, case_name, is_nifti_path, modality_from_name
+from bigl.errors import ConfigError, InputError
+from bigl.labels import classes_to_labels
+
+ProgressCallback = Callable[[int, int], None]
+#: Engines :func:`open_predictor` knows.
+ENGINES = ("auto", "torch", "onnx")
+
+#: Slices in the padded square background take this value (the normalised background).
+BACKGROUND = -1.0
+#: Above this many batches a terminal progress bar is shown when no callback is given.
+_BAR_MIN_BATCHES = 4
+#: Messages of allocation failures: PyTorch's CUDA and CPU allocators, cuBLAS, ONNX Runtime.
+_OUT_OF_MEMORY = re.compile(
+    r"out of memory|can't allocate memory|CUBLAS_STATUS_ALLOC_FAILED|Failed to allocate memory|bad_alloc",
+    re.IGNORECASE)
+
+
+@dataclass
+class Prediction:
+    labels: np.ndarray  # uint8 BraTS labels {0,1,2,4}, input shape
+    affine: np.ndarray
+    probabilities: np.ndarray | None = None  # float32 [4, X, Y, Z]
+    attention: dict[str, np.ndarray] | None = None  # "position", "channel": float32 [X, Y, Z]
+    translated: np.ndarray | None = None  # float32 [X, Y, Z], source-modality image in [-1, 1]
+    warnings: list[str] = field(default_factory=list)  # why the result may mean little (bigl.plausibility)
+
+
+def check_batch_size(batch_size) -> int:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch size must be a whole number >= 1, got {batch_size!r}", "use e.g. --batch-size 16")
+    return batch_size
+
+
+def check_num_threads(num_threads) -> int | None:
+    if num_threads is not None:
+        if isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 1:
+            raise ConfigError(f"thread count must be a whole number >= 1, got {num_threads!r}", "use e.g. --threads 4")
+    return num_threads
+
+
+class Predictor:
+    """Runs a model on whole volumes; the engine-independent part (see the module docstring).
+
+    Subclasses set ``metadata`` (the bundle's JSON description), ``model_path`` and ``engine``
+    and call :meth:`_setup`; they implement :meth:`_segment_slices` and :meth:`_translate_slices`.
+    """
+
+    engine = "?"
+    metadata: dict
+    model_path: Path | None = None
+
+    def _setup(self, metadata: dict, model_path: Path | None, batch_size: int, flip: bool | None,
+               postprocess: bool | None) -> None:
+        self.metadata = metadata
+        self.model_path = model_path
+        self.batch_size = check_batch_size(batch_size)
+        defaults = metadata.get("inference") or {}
+        #: Test-time flips: average the class probabilities of each slice and its left-right mirror.
+        self.flip = bool(defaults.get("flip", False)) if flip is None else bool(flip)
+        #: bigl.postprocess rules on the label map (the probabilities are left as predicted).
+        self.postprocess = bool(defaults.get("postprocess", False)) if postprocess is None else bool(postprocess)
+
+    @property
+    def modality(self) -> str:
+        """The modality the segmenter expects as input (the target modality for adapted models)."""
+        return self.metadata["modality"]
+
+    @property
+    def preprocessing(self):
+        from bigl.bundle import _build_config
+        from bigl.data.preprocess import PreprocessConfig
+
+        return _build_config(PreprocessConfig, self.metadata["preprocessing"], "preprocessing", self.model_path)
+
+    @property
+    def has_translator(self) -> bool:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    # ----------------------------------------------------------------------------------------
+
+    def check_modality(self, modality: str | None, *, source: str = "") -> None:
+        """InputError when the scan's modality is known and differs from the one the model segments."""
+        if modality is None:
+            return
+        from bigl.data.brats import normalise_modality
+
+        given = normalise_modality(modality)
+        expected = self.modality
+        if given != expected:
+            raise InputError(
+                f"model expects {expected.upper()}, got {given.upper()}{source}",
+                f"give a {expected.upper()} scan, or use a model trained for {given.upper()} "
+                "(`bigl info MODEL` shows which modality a model segments)",
+            )
+
+    def predict(self, volume: np.ndarray, affine: np.ndarray | None = None, *, probabilities: bool = False,
+                attention: bool = False, translated: bool = False, progress: ProgressCallback | None = None,
+                modality: str | None = None, name: str | None = None) -> Prediction:
+        """Segment a 3D volume; see the module docstring for the optional outputs.
+
+        ``modality``: the scan's modality when known (checked against the model's; when None, the
+        prediction carries a warning that it could not be checked). ``name``: used in messages.
+        ``progress(done, total)`` is called after every batch, counting slices (twice the slice
+        count when the translation is requested). ``Prediction.warnings`` lists what makes the
+        result unlikely to mean anything (:mod:`bigl.plausibility`); it is computed anyway.
+        """
+        from bigl import plausibility
+        from bigl.data.io import check_scan
+
+        name = name or "the image"
+        self.check_modality(modality)
+        if translated and not self.has_translator:
+            raise BundleError(
+                f"the model{_label(self.model_path)} has no target-to-source translator, so it cannot "
+                "produce a translated image",
+                "leave out the translated output, or use a BiGL bundle (method 'bigl') that holds translators",
+            )
+        data = _as_scan(volume, name)
+        check_scan(data, name=name)
+        affine = np.eye(4) if affine is None else np.asarray(affine, dtype=np.float64)
+        if affine.shape != (4, 4):
+            raise InputError(f"the affine of {name} must be a 4x4 matrix, got shape {affine.shape}",
+                             "pass the affine of the NIfTI file (nibabel image.affine)")
+
+        warnings = plausibility.scan_warnings(data.shape, affine, name=name)
+        unchecked = plausibility.modality_warning(modality, self.modality, name=name)
+        warnings += [unchecked] if unchecked else []
+        try:
+            prediction = self._predict(data, affine, probabilities=probabilities, attention=attention,
+                                       translated=translated, progress=progress)
+        except (MemoryError, RuntimeError) as exc:
+            error = out_of_memory_error(exc, name=name, batch_size=self.batch_size)
+            if error is None:
+                raise
+            raise error from None
+        too_large = plausibility.tumour_warning(prediction.labels, affine, name=name)
+        prediction.warnings = warnings + ([too_large] if too_large else [])
+        return prediction
+
+    def _predict(self, data: np.ndarray, affine: np.ndarray, *, probabilities: bool, attention: bool,
+                 translated: bool, progress: ProgressCallback | None) -> Prediction:
+        from bigl.data.preprocess import left_right_axis, prepare_volume
+
+        preprocessing = self.preprocessing
+        prepared = prepare_volume(data, preprocessing)
+        slices, geometry = prepared.slices, prepared.geometry
+        passes = 2 if translated else 1
+        batches = passes * ceil_div(len(slices), self.batch_size)
+        flip_axis = left_right_axis(affine, preprocessing.slice_axis) if self.flip else 0
+        with Progress(progress, total=passes * len(slices), batches=batches) as report:
+            maps = self._segment_slices(slices, attention, report, flip_axis=flip_axis)
+            source_image = self._translate_slices(slices, report) if translated else None
+
+        class_maps = maps.pop("probabilities")
+        restored = np.empty((class_maps.shape[1], *data.shape), dtype=np.float32)
+        restored[:1] = self._restore(class_maps[:, :1], geometry, fill=1.0)
+        restored[1:] = self._restore(class_maps[:, 1:], geometry, fill=0.0)
+        del class_maps
+        np.clip(restored, 0.0, 1.0, out=restored)
+        restored /= restored.sum(axis=0, keepdims=True)
+        labels = classes_to_labels(np.argmax(restored, axis=0)).astype(np.uint8)
+        if self.postprocess:
+            from bigl.postprocess import postprocess_labels
+
+            labels = postprocess_labels(labels, np.linalg.norm(affine[:3, :3], axis=0))
+
+        attention_maps = None
+        if attention:
+            attention_maps = {
+                kind: np.clip(self._restore(min_max(maps[kind]), geometry, fill=0.0), 0.0, 1.0)
+                for kind in ATTENTION_KINDS
+            }
+        translated_image = None
+        if source_image is not None:
+            translated_image = np.clip(self._restore(source_image, geometry, fill=BACKGROUND), -1.0, 1.0)
+        return Prediction(
+            labels=labels,
+            affine=affine,
+            probabilities=restored if probabilities else None,
+            attention=attention_maps,
+            translated=translated_image,
+        )
+
+    def _restore(self, maps: np.ndarray, geometry, *, fill: float) -> np.ndarray:
+        return restore_on_grid(maps, geometry, fill=fill, resize=self._resize)
+
+    def _resize(self, stack: np.ndarray, size: int) -> np.ndarray:
+        """[n, C, S, S] float32 -> [n, C, size, size], bilinear (half-pixel centres, edges clamped)."""
+        return resize_bilinear(stack, (size, size))
+
+    def _segment_slices(self, slices: np.ndarray, attention: bool, report: ProgressCallback,
+                        flip_axis: int = 0) -> dict[str, np.ndarray]:  # pragma: no cover - overridden
+        """Softmax maps [n, K, S, S] and, when asked, raw attention summaries [n, S, S]; with a
+        ``flip_axis`` (-2 or -1) the softmax maps average each slice and its mirror image."""
+        raise NotImplementedError
+
+    def _translate_slices(self, slices: np.ndarray, report: ProgressCallback) -> np.ndarray:  # pragma: no cover
+        raise NotImplementedError
+
+
+# --------------------------------------------------------------------------------------------
+# numpy pieces both engines can use
+
+
+def padded_size(size: int, multiple: int) -> int:
+    """The slice size a network with stride ``multiple`` gets: ``size`` rounded up to a multiple."""
+    return ceil_div(size, multiple) * multiple
+
+
+def pad_batch(batch: np.ndarray, padded: int) -> np.ndarray:
+    """[B, S, S] slices -> float32 [B, 1, padded, padded], background (-1) at the bottom and right."""
+    size = batch.shape[-1]
+    out = np.full((len(batch), 1, padded, padded), BACKGROUND, dtype=np.float32)
+    out[:, 0, :size, :size] = batch
+    return out
+
+
+def _bilinear_weights(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Source indices and weights of 1D linear interpolation with half-pixel centres and clamped
+    edges (``torch.nn.functional.interpolate(mode='bilinear', align_corners=False)``)."""
+    scale = in_size / out_size
+    source = np.maximum((np.arange(out_size, dtype=np.float64) + 0.5) * scale - 0.5, 0.0)
+    low = np.minimum(np.floor(source).astype(np.intp), in_size - 1)
+    high = np.minimum(low + 1, in_size - 1)
+    weight = (source - low).astype(np.float32)
+    return low, high, weight
+
+
+def resize_bilinear(stack: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bilinear resize of the last two axes of a float32 array (any leading axes), as PyTorch's
+    ``interpolate(mode='bilinear', align_corners=False)`` does it; separable, in numpy."""
+    stack = np.asarray(stack, dtype=np.float32)
+    height, width = stack.shape[-2:]
+    if (height, width) != tuple(size):
+        if size[0] != height:
+            low, high, weight = _bilinear_weights(height, size[0])
+            weight = weight[:, None]
+            top = stack[..., low, :]
+            stack = top + (stack[..., high, :] - top) * weight
+        if size[1] != width:
+            low, high, weight = _bilinear_weights(width, size[1])
+            left = stack[..., low]
+            stack = left + (stack[..., high] - left) * weight
+    return stack
+
+
+def restore_on_grid(maps: np.ndarray, geometry, *, fill: float = 0.0,
+                    resize: Callable[[np.ndarray, int], np.ndarray] | None = None) -> np.ndarray:
+    """:func:`bigl.data.preprocess.restore_maps`, with a faster in-plane resize.
+
+    ``maps``: [n, S, S] or [n, C, S, S]. Bilinear interpolation with half-pixel centres and edge
+    clamping is what ``restore_maps`` does too; ``resize(stack [n, C, S, S], size)`` does it in
+    float32 (default: :func:`resize_bilinear`; the PyTorch engine passes a multi-threaded one),
+    and ``restore_maps`` then only un-pads and places the slices on the grid.
+    """
+    from bigl.data.preprocess import restore_maps
+
+    stack = np.ascontiguousarray(maps, dtype=np.float32)
+    single = stack.ndim == 3
+    if single:
+        stack = stack[:, None]
+    if geometry.square != geometry.image_size:
+        stack = (resize or (lambda s, n: resize_bilinear(s, (n, n))))(stack, geometry.square)
+    return restore_maps(stack[:, 0] if single else stack, replace(geometry, image_size=geometry.square), fill=fill)
+
+
+def softmax(logits: np.ndarray, axis: int = 1) -> np.ndarray:
+    """float32 softmax over ``axis``."""
+    shifted = np.asarray(logits, dtype=np.float32) - np.max(logits, axis=axis, keepdims=True)
+    np.exp(shifted, out=shifted)
+    shifted /= shifted.sum(axis=axis, keepdims=True)
+    return shifted
+
+
+def position_summary(position_attention: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+    """[B, 1, h, w]: column mean of the N x N position attention (attention each position receives)."""
+    received = np.asarray(position_attention, dtype=np.float32).mean(axis=1)  # rows sum to 1; mean over queries
+    return received.reshape(-1, 1, *grid)
+
+
+def channel_summary(features: np.ndarray, channel_attention: np.ndarray) -> np.ndarray:
+    """[B, 1, h, w]: bottleneck feature magnitude, channels weighted by the channel attention they receive."""
+    weights = np.asarray(channel_attention, dtype=np.float32).mean(axis=1)  # [B, C]
+    return np.einsum("bc,bchw->bhw", weights, np.abs(np.asarray(features, dtype=np.float32)))[:, None]
+
+
+def min_max(maps: np.ndarray) -> np.ndarray:
+    low, high = float(maps.min()), float(maps.max())
+    if high - low <= 1e-12 * max(1.0, abs(high)):
+        return np.zeros_like(maps)
+    return (maps - low) / (high - low)
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+
+
+def out_of_memory_error(exc: BaseException, *, name: str | None = None,
+                        batch_size: int | None = None) -> ConfigError | None:
+    """A ConfigError with a fix when ``exc`` is an allocation failure (GPU or main memory), else None.
+
+    Recognises :class:`MemoryError`, ``torch.OutOfMemoryError`` (CUDA), the RuntimeErrors of
+    PyTorch's CPU allocator and cuBLAS, and ONNX Runtime's failed allocations. The message says
+    "out of memory" and which memory.
+    """
+    text = str(exc)
+    torch_out_of_memory = type(exc).__name__ == "OutOfMemoryError"  # torch.cuda.OutOfMemoryError
+    allocation_failed = (isinstance(exc, MemoryError) or torch_out_of_memory
+                         or (isinstance(exc, RuntimeError) and _OUT_OF_MEMORY.search(text) is not None))
+    if not allocation_failed:
+        return None
+    on_gpu = re.search(r"cuda|cublas|gpu", text, re.IGNORECASE) is not None or (
+        torch_out_of_memory and "cpu" not in text.lower())
+    context = (f" while segmenting {name}" if name else "") + (f" (batch size {batch_size})" if batch_size else "")
+    smaller_batch = (f"a smaller --batch-size (e.g. {max(1, batch_size // 4)})"
+                     if batch_size and batch_size > 1 else None)
+    if on_gpu:
+        hint = "use --device cpu (slower, but uses the main memory)" + (f", or {smaller_batch}" if smaller_batch else "")
+        return ConfigError(f"the GPU ran out of memory{context}", hint)
+    fixes = [f"use {smaller_batch}"] if smaller_batch else []
+    fixes += ["close other programs or crop the scan to the head", "on a machine with an NVIDIA GPU, use --device cuda"]
+    return ConfigError(f"the computer ran out of memory (RAM){context}", "; ".join(fixes))
+
+
+def ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _label(path: Path | None) -> str:
+    return f" {path.name}" if path is not None else ""
+
+
+def _as_scan(volume, name: str) -> np.ndarray:
+    """The volume as a finite float32 3D array, or an InputError saying what is wrong."""
+    data = np.asarray(getattr(volume, "data", volume))
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise InputError(f"{name} is a {data.ndim}D array of shape {data.shape}; BiGL segments 3D volumes",
+                         "give one 3D scan (all slices of one modality)")
+    if data.dtype.kind not in "biuf":
+        raise InputError(f"{name} has voxel type {data.dtype}, not a grey-level image", "give a scalar MR volume")
+    data = data.astype(np.float32, copy=False)
+    if not np.isfinite(data).all():
+        raise InputError(f"{name} has NaN or infinite values", "replace them (e.g. numpy.nan_to_num) first")
+    return data
+
+
+class Progress:
+    """Counts slices and forwards to a callback, or shows a tqdm bar on a terminal for long runs."""
+
+    def __init__(self, callback: ProgressCallback | None, total: int, batches: int):
+        self.callback, self.total, self.done = callback, total, 0
+        self.bar = None
+        if callback is None and batches >= _BAR_MIN_BATCHES:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, unit="slice", desc="segmenting", leave=False, disable=None)
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __call__(self, count: int) -> None:
+        self.done += count
+        if self.callback is not None:
+            self.callback(self.done, self.total)
+        if self.bar is not None:
+            self.bar.update(count)
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+# --------------------------------------------------------------------------------------------
+# choosing an engine
+
+
+def _torch_available() -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("torch") is not None
+    except (ImportError, ValueError):  # a broken or blocked install counts as none
+        return False
+
+
+def choose_engine(model: str | os.PathLike | None, engine: str = "auto", device: str = "auto") -> tuple[str, Path]:
+    """(engine, model file) for a ``--model`` argument (None: the shipped default model).
+
+    ``auto``: ONNX Runtime when the model is an ``.onnx`` file, or a bundle with an up-to-date
+    ``.onnx`` export beside it, and onnxruntime is installed; PyTorch otherwise, and also for
+    ``device="cuda"`` when this onnxruntime has no CUDA provider but PyTorch is installed.
+    ``onnx`` and ``torch`` insist (ConfigError/BundleError with the fix when they cannot run
+    this model).
+    """
+    from bigl import bundle as bundles
+    from bigl import onnxengine
+
+    if engine not in ENGINES:
+        raise ConfigError(f"unknown engine {engine!r}", "use --engine auto, torch or onnx")
+    path = bundles.default_bundle_path() if model is None else Path(model).expanduser()
+    if onnxengine.is_onnx_path(path):
+        if engine == "torch":
+            raise ConfigError(f"the torch engine runs .safetensors bundles, and {path.name} is an ONNX file",
+                              "use --engine onnx (or auto), or give the .safetensors bundle it was exported from")
+        return "onnx", path
+    if engine == "torch":
+        return "torch", path
+    export = onnxengine.export_path(path)
+    if engine == "onnx":
+        onnxengine.require_onnxruntime()
+        onnxengine.check_export_matches(export, path)
+        return "onnx", export
+    # auto
+    if onnxengine.onnxruntime_available() and onnxengine.export_is_current(export, path):
+        if not (str(device).lower().startswith("cuda") and _torch_available() and not onnxengine.has_cuda_provider()):
+            return "onnx", export
+    if not _torch_available():
+        if not onnxengine.onnxruntime_available():
+            onnxengine.require_onnxruntime()  # the install that needs no torch
+        onnxengine.check_export_matches(export, path)  # says why the export cannot be used
+        return "onnx", export  # pragma: no cover - check_export_matches raised
+    return "torch", path
+
+
+def open_predictor(model: str | os.PathLike | None = None, *, engine: str = "auto", device: str = "auto",
+                   batch_size: int = 16, num_threads: int | None = None, flip: bool | None = None,
+                   postprocess: bool | None = None) -> Predictor:
+    """The predictor for a model file (None: the shipped default), on the engine :func:`choose_engine` picks."""
+    check_batch_size(batch_size)
+    check_num_threads(num_threads)
+    chosen, path = choose_engine(model, engine, device)
+    if chosen == "onnx":
+        from bigl.onnxengine import OnnxPredictor
+
+        return OnnxPredictor.from_path(path, device=device, batch_size=batch_size, num_threads=num_threads,
+                                       flip=flip, postprocess=postprocess)
+    if not _torch_available():
+        raise ConfigError("PyTorch is not installed, and the torch engine needs it",
+                          "pip install 'bigl[train]' for PyTorch, or use an ONNX export of the model "
+                          "(`bigl export MODEL.safetensors` on a machine with PyTorch) with --engine onnx")
+    from bigl.inference import BiGLPredictor
+
+    return BiGLPredictor.from_path(path, device=device, batch_size=batch_size, num_threads=num_threads,
+                                   flip=flip, postprocess=postprocess)
+
+
+# --------------------------------------------------------------------------------------------
+# files
+
+
+def segment_file(
+    input: str | os.PathLike,
+    output: str | os.PathLike,
+    *,
+    model: str | os.PathLike | Bundle | Predictor | None = None,
+    device: str = "auto",
+    attention_out: str | os.PathLike | None = None,
+    translated_out: str | os.PathLike | None = None,
+    probabilities_out: str | os.PathLike | None = None,
+    batch_size: int = 16,
+    num_threads: int | None = None,
+    modality: str | None = None,
+    progress: ProgressCallback | None = None,
+    engine: str = "auto",
+) -> Prediction:
+    """Segment one NIfTI scan and write the label map (and the requested extra volumes).
+
+    ``model``: a model path (bundle or ONNX export), a loaded :class:`Bundle` or a
+    :class:`Predictor` (reused across files), or None for the shipped default model; ``engine``
+    as :func:`open_predictor` takes it. Outputs are written on the input's exact grid (its
+    header, qform and sform are copied) and only after everything was computed, each through a
+    temporary file, so a failure leaves no half-written output. The outputs follow
+    :func:`bigl.files.check_outputs`: never the input or the model, and beside the input never a
+    file BiGL did not write (a label map of the case survives); they are marked as BiGL outputs.
+    ``modality`` defaults to the one a BraTS-style file name states (``..._t1.nii.gz``).
+    """
+    from bigl.data.io import load_volume
+
+    source = Path(input).expanduser()
+    targets = output_targets(source, output, attention_out=attention_out, translated_out=translated_out,
+                             probabilities_out=probabilities_out)
+    check_targets(source, targets, inputs=model_paths(model))
+
+    scan = load_volume(source, kind="image")
+    predictor = _predictor_for(model, device, batch_size, num_threads, engine)
+    from_name = ""
+    if modality is None:
+        modality = modality_from_name(source)
+        from_name = " (from the file name)"
+    try:
+        predictor.check_modality(modality, source=f" for {source.name}{from_name}")
+    except InputError as exc:
+        if from_name:
+            exc.hint += "; if the file name is misleading, state the modality (--modality)"
+        raise
+    prediction = predictor.predict(
+        scan.data, scan.affine, probabilities=probabilities_out is not None, attention=attention_out is not None,
+        translated=translated_out is not None, progress=progress, name=source.name, modality=modality,
+    )
+    volumes = {"labels": prediction.labels}
+    if prediction.attention is not None:
+        volumes.update({f"attention_{k}": v for k, v in prediction.attention.items()})
+    if prediction.translated is not None:
+        volumes["translated"] = prediction.translated
+    if prediction.probabilities is not None:
+        volumes["probabilities"] = np.moveaxis(prediction.probabilities, 0, -1)  # classes on NIfTI's 4th axis
+    _write_on_grid_of(source, scan.affine, {targets[key]: volumes[key] for key in targets})
+    return prediction
+
+
+def _predictor_for(model, device, batch_size, num_threads, engine="auto") -> Predictor:
+    if isinstance(model, Predictor):
+        return model
+    if isinstance(model, Bundle):
+        from bigl.inference import BiGLPredictor
+
+        return BiGLPredictor(model, device=device, batch_size=batch_size, num_threads=num_threads)
+    return open_predictor(model, engine=engine, device=device, batch_size=batch_size, num_threads=num_threads)
+
+
+def output_targets(source: str | os.PathLike, output: str | os.PathLike, *, attention_out=None,
+                   translated_out=None, probabilities_out=None) -> dict[str, Path]:
+    """The files :func:`segment_file` writes for ``source``: ``{output kind: path}``."""
+    case = case_name(source)
+    targets: dict[str, Path] = {"labels": Path(output).expanduser()}
+    if attention_out is not None:
+        targets.update({f"attention_{k}": p for k, p in attention_paths(attention_out, case).items()})
+    if translated_out is not None:
+        targets["translated"] = Path(translated_out).expanduser()
+    if probabilities_out is not None:
+        targets["probabilities"] = Path(probabilities_out).expanduser()
+    return targets
+
+
+#: Output kinds as messages name them.
+_OUTPUT_NAMES = {"labels": "label map", "translated": "translated image", "probabilities": "class probabilities",
+                 "attention_position": "position attention map", "attention_channel": "channel attention map"}
+
+
+def check_targets(source: Path, targets: dict[str, Path], *, inputs=(), case_folders=None) -> None:
+    """InputError unless every target is a NIfTI name that :func:`bigl.files.check_outputs`
+    allows; the source, ``inputs`` (the model) and, by default, the source's folder are protected."""
+    from bigl.files import check_outputs
+
+    for key, path in targets.items():
+        if not is_nifti_path(path):
+            raise InputError(f"cannot write the {key.replace('_', ' ')} to {path}: the name must end in .nii or .nii.gz",
+                             "choose an output name like out.nii.gz")
+    check_outputs({f"{_OUTPUT_NAMES.get(key, key)} of {source.name}": path for key, path in targets.items()},
+                  [source, *[path for path in inputs if path is not None]],
+                  case_folders=[source.parent] if case_folders is None else case_folders,
+                  hint="choose another output name or folder, e.g. <case>_seg.nii.gz in a folder of its own")
+
+
+def model_paths(model) -> list[Path]:
+    """The model files a ``model`` argument reads (protected from being overwritten): the bundle
+    and its ONNX export(s) beside it; none for a loaded model without a file."""
+    from bigl import onnxengine
+
+    if isinstance(model, Predictor):
+        model = model.model_path
+    elif isinstance(model, Bundle):
+        model = model.path
+    elif model is None:
+        from bigl import bundle
+
+        model = bundle.DEFAULT_BUNDLE_PATH
+    if model is None:
+        return []
+    return onnxengine.related_model_files(Path(model).expanduser())
+
+
+def _write_on_grid_of(reference: Path, affine: np.ndarray, volumes: dict[Path, np.ndarray]) -> None:
+    """Write arrays with the reference file's header (same grid, qform and sform), all or nothing,
+    marked as BiGL outputs: every volume goes to a temporary file beside its target, and only when
+    all succeeded are they renamed into place (:func:`bigl.files.atomic_outputs`)."""
+    from bigl.data.io import save_volume
+    from bigl.files import atomic_outputs
+
+    with atomic_outputs(list(volumes)) as temporaries:
+        for tmp, data in zip(temporaries, volumes.values()):
+            save_volume(tmp, data, affine, like=reference, output=True)
