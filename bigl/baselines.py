@@ -103,8 +103,12 @@ def scaled_brain_voxels(volume: np.ndarray, mask: np.ndarray | None = None) -> n
     voxels = volume[mask].astype(np.float64)
     if voxels.size == 0:
         raise InputError("the image has no brain voxels (it is empty or constant)", "check that the right image was given")
-    scale = np.percentile(np.abs(voxels), SCALE_PERCENTILE)
-    return voxels / scale if scale > 0 else voxels
+    return voxels / brain_scale(voxels)
+
+
+def brain_scale(voxels: np.ndarray) -> float:
+    """The scan's robust maximum: the :data:`SCALE_PERCENTILE` percentile of its brain voxels' magnitude (1 if 0)."""
+    return float(np.percentile(np.abs(voxels), SCALE_PERCENTILE)) or 1.0
 
 
 def reference_from_volumes(
@@ -215,8 +219,7 @@ class InvertHistMatch:
             raise InputError("the image has no brain voxels (it is empty or constant)", "check that the right image was given")
         out = volume.astype(np.float32, copy=True)
         brain = volume[mask].astype(np.float64)
-        scale = float(np.percentile(np.abs(brain), SCALE_PERCENTILE)) or 1.0
-        out[mask] = match_histograms(-brain, self.reference.quantiles) * scale
+        out[mask] = match_histograms(-brain, self.reference.quantiles) * brain_scale(brain)
         return out
 
     def __repr__(self) -> str:

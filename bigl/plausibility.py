@@ -13,6 +13,9 @@ from typing import Sequence
 
 import numpy as np
 
+from bigl.data.io import affine_spacing
+from bigl.volumes import voxel_volume_ml
+
 #: Voxel sizes (mm) of brain MR scans, from sub-millimetre research scans to thick clinical slices.
 VOXEL_RANGE_MM = (0.2, 8.0)
 #: A head is 140-200 mm across. A field of view that spans less than this (mm) along two of its
@@ -29,7 +32,7 @@ def _size(values: Sequence[float], unit: str) -> str:
 def scan_warnings(shape: Sequence[int], affine: np.ndarray, *, name: str = "the scan") -> list[str]:
     """Warnings about a scan's voxel sizes and field of view (empty when both look like a head MR)."""
     affine = np.asarray(affine, dtype=np.float64)
-    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    spacing = np.asarray(affine_spacing(affine))
     extent = np.asarray(shape[:3], dtype=np.float64) * spacing
     warnings = []
     low, high = VOXEL_RANGE_MM
@@ -57,7 +60,7 @@ def modality_warning(modality: str | None, expected: str, *, name: str = "the sc
 
 def tumour_warning(labels: np.ndarray, affine: np.ndarray, *, name: str = "the scan") -> str | None:
     """A warning when the segmented tumour is larger than a whole brain."""
-    voxel_ml = abs(float(np.linalg.det(np.asarray(affine, dtype=np.float64)[:3, :3]))) / 1000.0
+    voxel_ml = voxel_volume_ml(affine_spacing(affine))
     tumour_ml = float(np.count_nonzero(labels)) * voxel_ml
     if tumour_ml <= BRAIN_VOLUME_ML:
         return None

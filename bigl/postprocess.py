@@ -18,6 +18,8 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage
 
+from bigl.volumes import voxel_volume_ml
+
 MIN_COMPONENT_FRACTION = 0.1
 MIN_ET_ML = 0.5
 
@@ -32,7 +34,7 @@ def postprocess_labels(labels: np.ndarray, spacing: Sequence[float]) -> np.ndarr
             sizes = np.bincount(components.ravel())[1:]
             small = np.flatnonzero(sizes < MIN_COMPONENT_FRACTION * sizes.max()) + 1
             out[np.isin(components, small)] = 0
-    voxel_ml = float(np.prod(np.asarray(spacing, dtype=np.float64))) / 1000.0
+    voxel_ml = voxel_volume_ml(spacing)
     enhancing = out == 4
     if 0 < enhancing.sum() * voxel_ml < MIN_ET_ML:
         out[enhancing] = 1

@@ -43,6 +43,7 @@ from typing import Callable
 import numpy as np
 
 from bigl.bundle import Bundle, BundleError
+from bigl.data.io import affine_spacing
 from bigl.data.naming import ATTENTION_KINDS, attention_paths, case_name, is_nifti_path, modality_from_name
 from bigl.errors import ConfigError, InputError
 from bigl.labels import classes_to_labels
@@ -208,7 +209,7 @@ class Predictor:
         if self.postprocess:
             from bigl.postprocess import postprocess_labels
 
-            labels = postprocess_labels(labels, np.linalg.norm(affine[:3, :3], axis=0))
+            labels = postprocess_labels(labels, affine_spacing(affine))
 
         attention_maps = None
         if attention:

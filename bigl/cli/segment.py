@@ -243,7 +243,10 @@ def _summary(source: Path, output: Path, prediction) -> str:
     """One line: where the labels went and the tumour volume per label in millilitres."""
     import numpy as np
 
-    voxel_ml = abs(float(np.linalg.det(prediction.affine[:3, :3]))) / 1000.0
+    from bigl.data.io import affine_spacing
+    from bigl.volumes import voxel_volume_ml
+
+    voxel_ml = voxel_volume_ml(affine_spacing(prediction.affine))
     counts = np.bincount(prediction.labels.ravel(), minlength=5)
     parts = [f"{name} {counts[label] * voxel_ml:.1f} ml" for label, name in _SHORT_NAMES.items()]
     tumour = sum(counts[label] for label in _SHORT_NAMES) * voxel_ml

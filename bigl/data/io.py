@@ -33,6 +33,11 @@ _READ_ERRORS = (ImageFileError, OSError, EOFError, ValueError, zlib.error)
 OUTPUT_DESCRIPTION = "BiGL output"
 
 
+
+def affine_spacing(affine: np.ndarray) -> tuple[float, float, float]:
+    """Voxel size in mm along the three array axes of a 4x4 voxel-to-world affine (its column lengths)."""
+    return tuple(float(s) for s in np.linalg.norm(np.asarray(affine, dtype=np.float64)[:3, :3], axis=0))  # type: ignore[return-value]
+
 @dataclass
 class Volume:
     """A 3D image or label map with its voxel-to-RAS affine."""
@@ -44,7 +49,7 @@ class Volume:
     @property
     def spacing(self) -> tuple[float, float, float]:
         """Voxel size in mm along the three array axes (lengths of the affine's columns)."""
-        return tuple(float(s) for s in np.linalg.norm(self.affine[:3, :3], axis=0))
+        return affine_spacing(self.affine)
 
     @property
     def shape(self) -> tuple[int, ...]:
