@@ -68,6 +68,8 @@ from bigl.training.translator_stage import (
 )
 
 MODEL_FILE = "model.safetensors"
+#: Resolution of the pseudo-labelling confidences (bins of 1/1024).
+CONFIDENCE_BINS = 1024
 #: Segmenter outputs aligned at each level.
 LEVEL_OUTPUTS = {"feature": "features", "position": "position_attention", "channel": "channel_attention"}
 
@@ -328,7 +330,12 @@ class AdaptTrainer(StageTrainer):
 
     @torch.no_grad()
     def make_pseudo_labels(self, round_index: int, chunk: int = 32) -> None:
-        """Pseudo-label every unlabelled slice with the current segmenter (see the module docstring)."""
+        """Pseudo-label every unlabelled slice with the current segmenter (see the module docstring).
+
+        Confidences are kept as bins of 1/CONFIDENCE_BINS (uint16), and each class's quantile is
+        read from one histogram of (class, bin): about 4 bytes per target voxel in all (bins,
+        classes, labels), whatever the number of classes.
+        """
         import time
 
         ctx, adapt = self.ctx, self.adapt
@@ -336,27 +343,39 @@ class AdaptTrainer(StageTrainer):
         started = time.perf_counter()
         teacher = self.final_segmenter
         teacher.eval()
-        confidence = np.empty(unlabelled.images.shape, dtype=np.float16)
+        n, bins = len(unlabelled.images), CONFIDENCE_BINS
+        confidence = np.empty(unlabelled.images.shape, dtype=np.uint16)
         predicted = np.empty(unlabelled.images.shape, dtype=np.uint8)
-        for begin in range(0, len(unlabelled.images), chunk):
+        for begin in range(0, n, chunk):
             x = torch.from_numpy(unlabelled.images[begin:begin + chunk].astype(np.float32)).unsqueeze(1).to(ctx.device)
             with ctx.autocast():
                 probabilities = torch.softmax(teacher(x).float(), 1) + torch.softmax(teacher(self.translators.t2s(x)).float(), 1)
             best, classes = (probabilities / 2).max(1)
-            confidence[begin:begin + chunk] = best.cpu().numpy()
+            confidence[begin:begin + chunk] = (best * bins).clamp(0, bins - 1).to(torch.int32).cpu().numpy()
             predicted[begin:begin + chunk] = classes.cpu().numpy()
         teacher.train()
-        labels = np.full(predicted.shape, IGNORE_INDEX, dtype=np.uint8)
+        classes = int(predicted.max()) + 1
+        histogram = np.zeros(classes * bins, dtype=np.int64)
+        for begin in range(0, n, chunk):
+            key = predicted[begin:begin + chunk].astype(np.int64) * bins + confidence[begin:begin + chunk]
+            histogram += np.bincount(key.ravel(), minlength=classes * bins)
+        histogram = histogram.reshape(classes, bins)
+        at_least = np.cumsum(histogram[:, ::-1], axis=1)[:, ::-1]  # [class, b]: voxels with bin >= b
+        lowest = np.zeros(classes, dtype=np.int64)
         kept: dict[str, float] = {}
-        for cls in range(int(predicted.max()) + 1):
-            members = predicted == cls
-            if not members.any():
+        for cls in range(classes):
+            members = int(at_least[cls, 0])
+            if not members:
                 continue
-            values = confidence[members].astype(np.float32)
-            threshold = min(adapt["pseudo_threshold"], float(np.quantile(values, 1.0 - adapt["pseudo_class_fraction"])))
-            chosen = members & (confidence >= threshold)
-            labels[chosen] = cls
-            kept[str(cls)] = round(float(chosen.sum()) / float(members.sum()), 4)
+            # the highest bin that still keeps the (pseudo_class_fraction) most confident share, or the threshold's
+            share = np.flatnonzero(at_least[cls] >= adapt["pseudo_class_fraction"] * members)
+            lowest[cls] = min(int(adapt["pseudo_threshold"] * bins), int(share[-1]))
+            kept[str(cls)] = round(float(at_least[cls, lowest[cls]]) / members, 4)
+        labels = np.empty(predicted.shape, dtype=np.uint8)
+        for begin in range(0, n, chunk):
+            part = predicted[begin:begin + chunk]
+            labels[begin:begin + chunk] = np.where(confidence[begin:begin + chunk] >= lowest[part], part, IGNORE_INDEX)
+        del confidence, predicted
         self.pseudo, self.pseudo_round = labels, round_index
         ctx.log.write("pseudo_labels", stage=self.stage, round=round_index, kept_per_class=kept,
                       ignored=round(float((labels == IGNORE_INDEX).mean()), 4), seconds=round(time.perf_counter() - started, 2))
