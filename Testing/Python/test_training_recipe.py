@@ -213,6 +213,28 @@ def test_self_training_config_is_checked(phantom_cohort):
         smoke(phantom_cohort, "adapt.self_training_iterations=5", "adapt.finetune_translator=true")
     with pytest.raises(ConfigError, match="pseudo_threshold"):
         smoke(phantom_cohort, "adapt.pseudo_threshold=1.0")
+    with pytest.raises(ConfigError, match="pseudo_views"):
+        smoke(phantom_cohort, "adapt.pseudo_views=source")
+
+
+def test_pseudo_labels_from_the_target_view_alone_ignore_the_translation(phantom_cohort, tmp_path, monkeypatch):
+    """With pseudo_views "target" the translated view takes no part: a translator that wipes the
+    image changes nothing; with "both" it does."""
+    pseudo = {}
+    for views in ("target", "both"):
+        for wipe in (False, True):
+            run = TrainingRun(smoke(phantom_cohort, *SELF_TRAINING, f"adapt.pseudo_views={views}"),
+                              tmp_path / f"{views}-{wipe}", progress=False)
+            run.prepare()
+            run.translator_trainer().finish()
+            trainer: AdaptTrainer = run.adapt_trainer()
+            if wipe:
+                monkeypatch.setattr(trainer.translators.t2s, "forward", lambda x: torch.zeros_like(x))
+            trainer.make_pseudo_labels(0)
+            pseudo[views, wipe] = trainer.pseudo
+            monkeypatch.undo()
+    np.testing.assert_array_equal(pseudo["target", False], pseudo["target", True])
+    assert not np.array_equal(pseudo["both", False], pseudo["both", True])
 
 
 def test_pseudo_labels_keep_confident_voxels_and_the_most_confident_share_of_each_class(phantom_cohort, tmp_path):

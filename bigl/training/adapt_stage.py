@@ -22,7 +22,7 @@ Methods ``source-only`` and ``target-only`` train the same network on labelled s
 
 Self-training (beyond the paper; ``adapt.self_training_iterations`` > 0, method bigl): after the
 adaptation steps, the adapted segmenter pseudo-labels every unlabelled target slice (softmax of
-Phi(x_t) and Phi(x_t->s) averaged; a voxel is kept when its confidence reaches
+Phi(x_t) and Phi(x_t->s) averaged, or of Phi(x_t) alone with ``pseudo_views`` "target"; a voxel is kept when its confidence reaches
 ``min(pseudo_threshold, the (1 - pseudo_class_fraction) quantile of its class)``, so rare classes
 keep their most confident share; the rest is ignored), and the segmenter goes on with
 L_seg(x_s) + synthetic_weight * L_seg(x_s->t) + L_seg(x_t, pseudo-labels) [+ lambda_out * L_out],
@@ -349,8 +349,10 @@ class AdaptTrainer(StageTrainer):
         for begin in range(0, n, chunk):
             x = torch.from_numpy(unlabelled.images[begin:begin + chunk].astype(np.float32)).unsqueeze(1).to(ctx.device)
             with ctx.autocast():
-                probabilities = torch.softmax(teacher(x).float(), 1) + torch.softmax(teacher(self.translators.t2s(x)).float(), 1)
-            best, classes = (probabilities / 2).max(1)
+                probabilities = torch.softmax(teacher(x).float(), 1)
+                if adapt["pseudo_views"] == "both":
+                    probabilities = 0.5 * (probabilities + torch.softmax(teacher(self.translators.t2s(x)).float(), 1))
+            best, classes = probabilities.max(1)
             confidence[begin:begin + chunk] = (best * bins).clamp(0, bins - 1).to(torch.int32).cpu().numpy()
             predicted[begin:begin + chunk] = classes.cpu().numpy()
         teacher.train()
@@ -499,7 +501,8 @@ class AdaptTrainer(StageTrainer):
         if self.self_steps:
             info["iterations"]["self_training"] = self.self_steps
             info["self_training"] = {key: self.adapt[key] for key in (
-                "self_training_iterations", "self_training_rounds", "self_training_lr", "pseudo_threshold", "pseudo_class_fraction")}
+                "self_training_iterations", "self_training_rounds", "self_training_lr", "pseudo_threshold", "pseudo_class_fraction",
+                "pseudo_views")}
         if data.unlabelled is not None:
             info["unlabelled"] = data.unlabelled.describe()
         if self.method == "bigl":

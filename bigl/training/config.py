@@ -30,6 +30,8 @@ TRANSLATOR_MODES = ("auto", "paired", "unpaired")
 GAN_MODES = ("lsgan", "bce")
 OPTIMISERS = ("sgd", "adam")
 LEVELS = ("feature", "position", "channel")
+#: Views whose predictions make the self-training pseudo-labels.
+PSEUDO_VIEWS = ("both", "target")
 
 #: Keys that may differ between a run and its resume: they change how a run is driven and
 #: logged, not what it computes.
@@ -146,6 +148,7 @@ def default_config() -> dict[str, Any]:
             "self_training_lr": 5e-4,
             "pseudo_threshold": 0.9,
             "pseudo_class_fraction": 0.5,
+            "pseudo_views": "both",
             "ema_decay": 0.0,
         },
         "run": {
@@ -497,6 +500,9 @@ def _validate_training(config: dict[str, Any]) -> None:
     if not 0.0 <= adapt["pseudo_class_fraction"] <= 1.0:
         raise _fail("adapt.pseudo_class_fraction", f"must be in [0, 1], got {adapt['pseudo_class_fraction']}",
                     "0.5 keeps at least the more confident half of each class's predicted voxels")
+    if adapt["pseudo_views"] not in PSEUDO_VIEWS:
+        raise _fail("adapt.pseudo_views", f"must be one of {', '.join(PSEUDO_VIEWS)}, got {json.dumps(adapt['pseudo_views'])}",
+                    "both averages Phi(x_t) and Phi(x_t->s); target takes Phi(x_t) alone")
     if isinstance(adapt["ema_decay"], bool) or not 0.0 <= adapt["ema_decay"] < 1.0:
         raise _fail("adapt.ema_decay", f"must be in [0, 1), got {json.dumps(adapt['ema_decay'])}",
                     "0 ships the last weights; 0.99 ships their exponential moving average over about the last 100 steps")
