@@ -69,3 +69,14 @@ def test_evaluation_records_the_inference_options(tiny_bundle, phantom_cohort):
     predictor = BiGLPredictor.from_path(tiny_bundle, device="cpu", flip=True, postprocess=False)
     result = evaluate_bundle(predictor, phantom_cohort, "t2", cases=["Phantom_001"], progress=False)
     assert result["inference"] == {"flip": True, "postprocess": False}
+    # ...and that is the inference the scores come from: every batch was mirrored
+    axes = []
+    original = predictor._segment_slices
+
+    def spying(*args, flip_axis=0, **kwargs):
+        axes.append(flip_axis)
+        return original(*args, flip_axis=flip_axis, **kwargs)
+
+    predictor._segment_slices = spying
+    evaluate_bundle(predictor, phantom_cohort, "t2", cases=["Phantom_001", "Phantom_002"], progress=False)
+    assert len(axes) == 2 and all(axis in (-2, -1) for axis in axes)

@@ -141,30 +141,31 @@ def test_augmented_training_step_uses_the_switches(phantom_cohort, tmp_path, mon
     assert calls["intensity"] == 4  # x_s and x_s->t as the segmenter sees them, each step
 
 
-def test_the_translator_gets_the_unaugmented_source_and_its_output_keeps_the_source_background(phantom_cohort, tmp_path, monkeypatch):
-    from bigl.training.adapt_stage import AdaptNetwork
-
-    seen = {}
-    original_forward = AdaptNetwork.forward
-
-    def spying(self, x_labelled, x_target=None, translator_batch=None, augment_labelled=None, augment_translated=None):
-        seen["translator_input"] = x_labelled.detach().clone()
-        seen["segmenter_input"] = augment_labelled(x_labelled).detach()
-        fake = self.translators.s2t(x_labelled).detach()
-        seen["translated"] = augment_translated(fake)
-        return original_forward(self, x_labelled, x_target, translator_batch, augment_labelled, augment_translated)
-
-    monkeypatch.setattr(AdaptNetwork, "forward", spying)
+def test_the_translator_gets_the_unaugmented_source_and_its_output_keeps_the_source_background(phantom_cohort, tmp_path):
+    """What the networks really receive in one step (forward hooks): the translator x_s as sampled;
+    the segmenter x_s and x_s->t each augmented once, x_s->t with the source's background."""
     run = TrainingRun(smoke(phantom_cohort, "run.threads=1", "data.augment_intensity=true"), tmp_path / "run", progress=False)
     run.prepare()
     run.translator_trainer().finish()
     trainer = run.adapt_trainer()
+    seen = {}
+    hooks = [
+        trainer.translators.s2t.register_forward_hook(
+            lambda module, inputs, output: seen.update(translator_input=inputs[0].detach().clone(), translated=output.detach().clone())),
+        trainer.segmenter.register_forward_pre_hook(lambda module, inputs: seen.update(segmenter_input=inputs[0].detach().clone())),
+    ]
     batch = trainer.batch(0)
     trainer.segmenter_step(batch)
+    for hook in hooks:
+        hook.remove()
     assert torch.equal(seen["translator_input"], batch["x"])  # no intensity change before translation
+    x_s, x_s2t, x_t, _ = seen["segmenter_input"].chunk(4)
+    assert not torch.equal(x_s, batch["x"])
+    assert torch.equal(x_s, batch["augment_labelled"](batch["x"]))  # augmented once
+    assert torch.equal(x_s2t, batch["augment_translated"](seen["translated"]))  # augmented once, after translation
     background = ~augment.brain_of(batch["x"])
-    assert bool((seen["translated"][background] == -1.0).all())
-    assert not torch.equal(seen["segmenter_input"], batch["x"])
+    assert bool((x_s2t[background] == -1.0).all())
+    assert torch.equal(x_t, batch["x_t"])  # the real target is not augmented
 
 
 def test_augmentation_of_a_shard_equals_that_part_of_the_global_batch():
