@@ -566,3 +566,15 @@ def test_a_failed_export_never_fails_a_finished_training(exported, tmp_path, mon
     assert [e["event"] for e in events] == ["warning"]
     assert "RuntimeError" in events[0]["message"] and "bigl export" in events[0]["hint"]
     assert "warning: the ONNX export failed" in capsys.readouterr().out
+
+
+def test_the_device_is_the_provider_the_session_got(exported, monkeypatch):
+    """Asked for CUDA on an onnxruntime that cannot start it, ONNX Runtime runs on the CPU: say so."""
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has CUDA")
+    monkeypatch.setattr(onnxengine, "execution_providers",
+                        lambda device: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    predictor = OnnxPredictor.from_path(exported.with_suffix(".onnx"), device="cuda")
+    assert predictor.device == "cpu"
