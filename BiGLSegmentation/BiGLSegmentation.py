@@ -397,7 +397,8 @@ class BiGLSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             translated=parameters.translatedImage,
             surface=parameters.showSurface,
         )
-        self._run = self.logic.start_segmentation(volume, model.path, device=parameters.device, options=options)
+        self._run = self.logic.start_segmentation(volume, model.path, device=parameters.device, options=options,
+                                                  modality=model.modality if model.modality != "?" else None)
         self._modelName = model.name
         self.ui.progressBar.visible = True
         self.ui.progressBar.setRange(0, 0)  # busy until the first progress event
@@ -446,6 +447,9 @@ class BiGLSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.progressBar.visible = False
             self.updateApplyButton()
         self.showOutputs(outputs, run.elapsed_seconds)
+        if outputs.warnings:
+            slicer.util.warningDisplay("The segmentation finished with warnings:\n\n" + "\n\n".join(outputs.warnings),
+                                       "BiGL Segmentation")
 
     def cancelRun(self) -> None:
         if self._run is not None:

@@ -5,7 +5,8 @@
 RUN_DIR is the output folder of ``benchmarks/real_data_t1_t2.sh``. The BiGL bundle is copied with
 the measured report table (Dice and HD95 per region: mean, std and per case, for every method
 evaluated in RUN_DIR/eval-*), the report cases and the wall times recorded in its metadata, so
-``bigl info`` on the shipped model shows what it was measured to do. The weights are not touched.
+``bigl info`` on the shipped model shows what it was measured to do. The weights are not touched; the
+ONNX export beside the destination is written again (`bigl export`), so it stays that of the bundle.
 Prints the report table as Markdown, for the model card.
 """
 
@@ -73,6 +74,10 @@ def main(argv: list[str] | None = None) -> int:
         out.unlink()
         sys.exit(f"the model is {size / 2**20:.1f} MiB, over the 50 MiB limit for a shipped model")
     print(f"wrote {out} ({size / 2**20:.2f} MiB)")
+    from bigl.export import export_bundle
+
+    exports = export_bundle(out)  # segmenting without PyTorch runs the export: keep it that of this bundle
+    print(f"exported {', '.join(str(path) for path in exports)} ({sum(p.stat().st_size for p in exports) / 2**20:.2f} MiB)")
     print()
     rows = {EVALUATIONS[f"eval-{method}"]: summary["summary"] for method, summary in summaries.items()}
     print(format_comparison_markdown(rows, "dice"))

@@ -55,15 +55,18 @@ if TYPE_CHECKING:
     import torch
 
 
-@dataclass
-class Bundle:
-    """A loaded bundle: metadata plus networks in eval mode, on one device."""
+class ModelDescription:
+    """What a model's JSON description (the bundle metadata) says, for anything that carries one:
+    a loaded :class:`Bundle` and the inference engines' predictors. Needs no PyTorch.
+
+    Users set ``metadata``; ``_description_path`` (the file, for messages) defaults to ``path``.
+    """
 
     metadata: dict
-    segmenter: torch.nn.Module
-    translator_s2t: torch.nn.Module | None = None
-    translator_t2s: torch.nn.Module | None = None
-    path: Path | None = None
+
+    @property
+    def _description_path(self) -> Path | None:
+        return getattr(self, "path", None)
 
     @property
     def modality(self) -> str:
@@ -80,23 +83,34 @@ class Bundle:
 
     @property
     def segmenter_config(self):
-        from bigl.models import SegmenterConfig
+        from bigl.modelconfig import SegmenterConfig
 
-        return _build_config(SegmenterConfig, self.metadata["segmenter"], "segmenter", self.path)
+        return _build_config(SegmenterConfig, self.metadata["segmenter"], "segmenter", self._description_path)
 
     @property
     def translator_config(self):
-        from bigl.models import TranslatorConfig
+        from bigl.modelconfig import TranslatorConfig
 
         if self.metadata.get("translator") is None:
             return None
-        return _build_config(TranslatorConfig, self.metadata["translator"], "translator", self.path)
+        return _build_config(TranslatorConfig, self.metadata["translator"], "translator", self._description_path)
 
     @property
     def preprocessing(self):
         from bigl.data.preprocess import PreprocessConfig
 
-        return _build_config(PreprocessConfig, self.metadata["preprocessing"], "preprocessing", self.path)
+        return _build_config(PreprocessConfig, self.metadata["preprocessing"], "preprocessing", self._description_path)
+
+
+@dataclass
+class Bundle(ModelDescription):
+    """A loaded bundle: metadata plus networks in eval mode, on one device."""
+
+    metadata: dict
+    segmenter: torch.nn.Module
+    translator_s2t: torch.nn.Module | None = None
+    translator_t2s: torch.nn.Module | None = None
+    path: Path | None = None
 
     @property
     def device(self) -> torch.device:
@@ -198,7 +212,7 @@ def make_metadata(
     """The JSON metadata of a bundle (configs may be dataclasses or dicts)."""
     from bigl.data.brats import normalise_modality
     from bigl.data.preprocess import PreprocessConfig
-    from bigl.models import SegmenterConfig, TranslatorConfig
+    from bigl.modelconfig import SegmenterConfig, TranslatorConfig
 
     if method not in METHODS:
         raise ConfigError(f"unknown training method {method!r}", f"use one of {', '.join(METHODS)}")
@@ -389,7 +403,8 @@ def default_bundle_path() -> Path:
 
 def _fresh_networks(metadata: dict, path: Path | None, parts: list[str]) -> dict[str, torch.nn.Module]:
     """Untrained networks of the architectures the metadata describes."""
-    from bigl.models import DualAttentionUNet, ResnetGenerator, SegmenterConfig, TranslatorConfig
+    from bigl.modelconfig import SegmenterConfig, TranslatorConfig
+    from bigl.models import DualAttentionUNet, ResnetGenerator
 
     where = f"{path}: " if path else ""
     networks = {}

@@ -5,14 +5,16 @@ maps as graph outputs) and, for BiGL bundles, ``MODEL.translator.onnx`` (the tar
 translator), each with the bundle's JSON description in its ``metadata_props`` and a dynamic batch
 size. Right after writing, both files are run with ONNX Runtime on a synthetic batch (a size the
 trace did not see, an all-background slice included) and compared with PyTorch: softmax
-probabilities within 1e-4, attention maps within 1e-3, translations within 1e-3; a mismatch is a
-BundleError and no file is left behind.
+probabilities within 1e-4, attention maps within 1e-3, bottleneck features within 1e-3 of their
+largest magnitude, translations within 1e-3; a mismatch is a BundleError and no file is left
+behind, and so is a failure of the exporter or of the ONNX checker.
 
 Needs PyTorch, the ``onnx`` package (the exporter uses it) and onnxruntime (for the check).
 """
 
 from __future__ import annotations
 
+import inspect
 import io
 import json
 import os
@@ -30,9 +32,10 @@ from bigl.onnxengine import (
     EXPORT_KEY,
     INPUT_NAME,
     SEGMENTER_OUTPUTS,
+    SOURCE_DIGEST_KEY,
     TRANSLATOR_OUTPUTS,
     export_path,
-    file_digest,
+    source_digest,
     translator_path,
 )
 from bigl.prediction import padded_size
@@ -42,6 +45,7 @@ DEFAULT_OPSET = 17
 #: Agreement required between ONNX Runtime and PyTorch on the check batch.
 PROBABILITY_TOLERANCE = 1e-4
 ATTENTION_TOLERANCE = 1e-3
+FEATURE_TOLERANCE = 1e-3  # relative to the largest feature magnitude
 TRANSLATION_TOLERANCE = 1e-3
 #: Slices in the check batch (not the traced batch size, so the dynamic batch is checked too).
 _CHECK_BATCH = 3
@@ -84,7 +88,7 @@ def export_bundle(bundle_path: str | os.PathLike, out: str | os.PathLike | None 
     if target.resolve() == source.resolve():
         raise ConfigError("the export would replace the bundle itself", "choose another --out")
     size = bundle.preprocessing.image_size
-    digest = file_digest(source)
+    digest = source_digest(source)
     seg_config = bundle.segmenter_config
     segmenter_size = padded_size(size, seg_config.size_multiple)
     translator = bundle.translator_t2s
@@ -97,7 +101,7 @@ def export_bundle(bundle_path: str | os.PathLike, out: str | os.PathLike | None 
         info = {
             "format": EXPORT_FORMAT, "format_version": EXPORT_FORMAT_VERSION, "graph": graph, "input": INPUT_NAME,
             "outputs": list(outputs), "size": graph_size, "opset": opset, "bigl_version": __version__,
-            "source": source.name, "source_sha256": digest,
+            "source": source.name, SOURCE_DIGEST_KEY: digest,
             "translator": translator_path(target).name if translator is not None else None,
         }
         return {BUNDLE_KEY: json.dumps(bundle.metadata, allow_nan=False), EXPORT_KEY: json.dumps(info)}
@@ -139,21 +143,41 @@ def _export(torch, onnx, module, outputs, size: int, opset: int, metadata: dict[
     example[:, :, size // 4: 3 * size // 4, size // 4: 3 * size // 4] = 0.5
     buffer = io.BytesIO()
     names = [INPUT_NAME, *outputs]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the tracer's notes about shape checks and the legacy exporter
-        torch.onnx.export(module, (example,), buffer, dynamo=False, opset_version=opset, input_names=[INPUT_NAME],
-                          output_names=list(outputs), dynamic_axes={name: {0: "batch"} for name in names},
-                          do_constant_folding=True)
-    module.eval()
-    model = onnx.load_from_string(buffer.getvalue())
-    model.producer_name, model.producer_version = "bigl", __version__
-    model.doc_string = "BiGL brain tumour segmentation; see the 'bigl' and 'bigl_onnx' metadata"
-    del model.metadata_props[:]
-    for key, value in metadata.items():
-        entry = model.metadata_props.add()
-        entry.key, entry.value = key, value
-    onnx.checker.check_model(model)
-    return model.SerializeToString()
+    options = dict(opset_version=opset, input_names=[INPUT_NAME], output_names=list(outputs),
+                   dynamic_axes={name: {0: "batch"} for name in names}, do_constant_folding=True)
+    if _accepts(torch.onnx.export, "dynamo"):
+        options["dynamo"] = False  # the TorchScript exporter (newer torch defaults to the dynamo one)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the tracer's notes about shape checks and the legacy exporter
+            torch.onnx.export(module, (example,), buffer, **options)
+        module.eval()
+        model = onnx.load_from_string(buffer.getvalue())
+        model.producer_name, model.producer_version = "bigl", __version__
+        model.doc_string = "BiGL brain tumour segmentation; see the 'bigl' and 'bigl_onnx' metadata"
+        del model.metadata_props[:]
+        for key, value in metadata.items():
+            entry = model.metadata_props.add()
+            entry.key, entry.value = key, value
+        onnx.checker.check_model(model)
+        return model.SerializeToString()
+    except Exception as exc:  # the exporter's and the checker's errors have many types
+        module.eval()
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise BundleError(
+            f"exporting the {type(module).__name__} network to ONNX (opset {opset}) failed: {type(exc).__name__}: {reason}",
+            f"try another --opset (e.g. {DEFAULT_OPSET}), or another PyTorch/onnx version (pip install -U torch onnx); "
+            "the bundle itself is fine and segments with --engine torch",
+        ) from exc
+
+
+def _accepts(function, name: str) -> bool:
+    """Whether ``function`` takes a keyword argument ``name`` (False when it cannot be told)."""
+    try:
+        parameters = inspect.signature(function).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in parameters
 
 
 def _check_slices(size: int, count: int = _CHECK_BATCH) -> np.ndarray:
@@ -190,6 +214,8 @@ def check_export(bundle, segmenter_bytes: bytes, translator_bytes: bytes | None,
                                ATTENTION_TOLERANCE),
         "channel attention": (np.abs(got["channel_attention"] - expected.channel_attention.numpy()).max(),
                               ATTENTION_TOLERANCE),
+        "features": (np.abs(got["features"] - expected.features.numpy()).max()
+                     / max(1.0, float(np.abs(expected.features.numpy()).max())), FEATURE_TOLERANCE),
     }
     if translator_bytes is not None:
         batch = _check_slices(padded_size(size, bundle.translator_config.size_multiple))

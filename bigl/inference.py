@@ -20,11 +20,13 @@ from bigl.prediction import (  # noqa: F401 (re-exported: the API of this module
     Prediction,
     Predictor,
     ProgressCallback,
+    channel_summary,
     check_num_threads,
     check_targets,
     min_max as _min_max,
     out_of_memory_error,
     output_targets,
+    position_summary,
     segment_file,
 )
 
@@ -68,91 +70,37 @@ class BiGLPredictor(Predictor):
     # ----------------------------------------------------------------------------------------
 
     def _resize(self, stack: np.ndarray, size: int) -> np.ndarray:
-        # torch does the bilinear resize multi-threaded: several times faster on whole volumes
-        resized = F.interpolate(torch.from_numpy(stack), size=(size, size), mode="bilinear", align_corners=False)
-        return resized.numpy()
+        return _torch_resize(stack, size)
 
-    def _padded_batches(self, slices: np.ndarray, multiple: int):
-        """Yield (start, batch tensor on the device) with height and width padded to ``multiple``."""
-        size = slices.shape[-1]
-        padded = -(-size // multiple) * multiple
-        for start in range(0, len(slices), self.batch_size):
-            batch = torch.from_numpy(np.ascontiguousarray(slices[start:start + self.batch_size], dtype=np.float32))
-            batch = batch[:, None]
-            if padded != size:
-                batch = F.pad(batch, (0, padded - size, 0, padded - size), value=BACKGROUND)
-            yield start, batch.to(self.device)
+    def _tensor(self, batch: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(batch).to(self.device)
 
     @torch.inference_mode()
-    def _segment_slices(self, slices: np.ndarray, attention: bool, report: ProgressCallback,
-                        flip_axis: int = 0) -> dict[str, np.ndarray]:
-        """Softmax maps [n, K, S, S] and, when asked, raw attention summaries [n, S, S]; with a
-        ``flip_axis`` (-2 or -1) the softmax maps average each slice and its mirror image."""
-        segmenter = self.bundle.segmenter
-        config = self.bundle.segmenter_config
-        count, size = len(slices), slices.shape[-1]
-        out = {"probabilities": np.empty((count, config.num_classes, size, size), dtype=np.float32)}
-        if attention:
-            out["position"] = np.empty((count, size, size), dtype=np.float32)
-            out["channel"] = np.empty((count, size, size), dtype=np.float32)
-        for start, batch in self._padded_batches(slices, 2**config.depth):
-            stop = start + len(batch)
-            result = segmenter(batch, return_aux=attention)
-            logits = result.logits if attention else result
-            probabilities = torch.softmax(logits.float(), dim=1)
-            if flip_axis:
-                mirrored = segmenter(batch.flip(flip_axis))
-                probabilities = 0.5 * (probabilities + torch.softmax(mirrored.float(), dim=1).flip(flip_axis))
-            out["probabilities"][start:stop] = _crop(probabilities, size)
-            if attention:
-                grid = result.features.shape[-2:]
-                padded = batch.shape[-2:]
-                out["position"][start:stop] = _crop(_to_slice(_position_summary(result, grid), padded), size)[:, 0]
-                out["channel"][start:stop] = _crop(_to_slice(_channel_summary(result), padded), size)[:, 0]
-            report(len(batch))
-        return out
+    def _run_segmenter(self, batch: np.ndarray, attention: bool) -> dict[str, np.ndarray]:
+        result = self.bundle.segmenter(self._tensor(batch), return_aux=attention)
+        if not attention:
+            return {"logits": _numpy(result)}
+        return {"logits": _numpy(result.logits), "features": _numpy(result.features),
+                "position_attention": _numpy(result.position_attention),
+                "channel_attention": _numpy(result.channel_attention)}
 
     @torch.inference_mode()
-    def _translate_slices(self, slices: np.ndarray, report: ProgressCallback) -> np.ndarray:
-        translator = self.bundle.translator_t2s
-        config = self.bundle.translator_config
-        count, size = len(slices), slices.shape[-1]
-        out = np.empty((count, size, size), dtype=np.float32)
-        for start, batch in self._padded_batches(slices, 2**config.n_downsample):
-            out[start:start + len(batch)] = _crop(translator(batch).float(), size)[:, 0]
-            report(len(batch))
-        return out
+    def _run_translator(self, batch: np.ndarray) -> np.ndarray:
+        return _numpy(self.bundle.translator_t2s(self._tensor(batch)))
+
+
+def _numpy(tensor: torch.Tensor) -> np.ndarray:
+    return tensor.float().cpu().numpy()
+
+
+def _torch_resize(stack: np.ndarray, size: int) -> np.ndarray:
+    """[n, C, S, S] float32 -> [n, C, size, size], bilinear as :func:`bigl.prediction.resize_bilinear`,
+    but multi-threaded by PyTorch: several times faster on whole volumes."""
+    return F.interpolate(torch.from_numpy(stack), size=(size, size), mode="bilinear", align_corners=False).numpy()
 
 
 def restore_on_grid(maps: np.ndarray, geometry, *, fill: float = 0.0) -> np.ndarray:
     """:func:`bigl.prediction.restore_on_grid` with the in-plane resize done by PyTorch."""
     from bigl import prediction
 
-    def resize(stack: np.ndarray, size: int) -> np.ndarray:
-        return F.interpolate(torch.from_numpy(stack), size=(size, size), mode="bilinear", align_corners=False).numpy()
-
-    return prediction.restore_on_grid(maps, geometry, fill=fill, resize=resize)
-
-
-# --------------------------------------------------------------------------------------------
-# attention summaries (the numpy versions in bigl.prediction are the ONNX engine's)
-
-
-def _position_summary(result, grid: tuple[int, int]) -> torch.Tensor:
-    """[B, 1, h, w]: column mean of the N x N position attention (attention each position receives)."""
-    received = result.position_attention.float().mean(dim=1)  # rows sum to 1; mean over the queries
-    return received.reshape(-1, 1, *grid)
-
-
-def _channel_summary(result) -> torch.Tensor:
-    """[B, 1, h, w]: bottleneck feature magnitude, channels weighted by the channel attention they receive."""
-    weights = result.channel_attention.float().mean(dim=1)  # [B, C]
-    return torch.einsum("bc,bchw->bhw", weights, result.features.float().abs())[:, None]
-
-
-def _to_slice(summary: torch.Tensor, size: torch.Size) -> torch.Tensor:
-    return F.interpolate(summary, size=tuple(size), mode="bilinear", align_corners=False)
-
-
-def _crop(batch: torch.Tensor, size: int) -> np.ndarray:
-    return batch[..., :size, :size].cpu().numpy()
+    return prediction.restore_on_grid(maps, geometry, fill=fill, resize=_torch_resize)

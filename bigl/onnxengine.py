@@ -12,8 +12,10 @@
 Each file carries the bundle's JSON description in its ONNX ``metadata_props`` under ``"bigl"``
 (the same document as the bundle's header) and a description of the graph under ``"bigl_onnx"``:
 the format and its version, which network it holds, the input and output names, P, the opset, and
-the SHA-256 of the bundle file it was exported from (so a bundle retrained or re-annotated since
-is noticed). Preprocessing, slice batches, restoring onto the grid, attention summaries and
+the SHA-256 of the tensor data of the bundle it was exported from (``source_data_sha256``, see
+:func:`bigl.tensorfile.data_digest`): a bundle retrained since is noticed, while one whose metadata
+only was changed (:func:`bigl.bundle.annotate_bundle`) keeps its export; run through the bundle,
+the engine then uses the bundle's current metadata (e.g. its inference defaults). Preprocessing, slice batches, restoring onto the grid, attention summaries and
 progress are :mod:`bigl.prediction`'s, shared with the PyTorch engine.
 
 Every way an ONNX model can be unusable (not an ONNX file, not a BiGL export, graph inputs that do
@@ -37,17 +39,7 @@ import numpy as np
 
 from bigl import __version__
 from bigl.errors import BundleError, ConfigError
-from bigl.prediction import (
-    Predictor,
-    ProgressCallback,
-    channel_summary,
-    check_num_threads,
-    padded_size,
-    pad_batch,
-    position_summary,
-    resize_bilinear,
-    softmax,
-)
+from bigl.prediction import _OUT_OF_MEMORY, Predictor, check_num_threads, padded_size
 
 ONNX_SUFFIX = ".onnx"
 TRANSLATOR_SUFFIX = ".translator.onnx"
@@ -62,6 +54,8 @@ SEGMENTER_OUTPUTS = ("logits", "features", "position_attention", "channel_attent
 TRANSLATOR_OUTPUTS = ("translated",)
 INPUT_NAME = "image"
 _REEXPORT_HINT = "re-create it with `bigl export MODEL.safetensors` (needs PyTorch: pip install 'bigl[train]')"
+#: The export description's key for the digest of the source bundle's tensor data.
+SOURCE_DIGEST_KEY = "source_data_sha256"
 
 
 def is_onnx_path(path: str | os.PathLike) -> bool:
@@ -90,6 +84,7 @@ def related_model_files(path: Path) -> list[Path]:
 
 
 def file_digest(path: str | os.PathLike) -> str:
+    """The hex SHA-256 of a whole file."""
     digest = hashlib.sha256()
     with open(path, "rb") as stream:
         for block in iter(lambda: stream.read(1 << 22), b""):
@@ -268,9 +263,17 @@ def read_export(path: str | os.PathLike, graph: str = "segmenter", *, data: byte
     return _check_metadata(metadata, path), info, header
 
 
-def export_problem(export: Path, bundle: Path) -> str | None:
+def source_digest(bundle: str | os.PathLike) -> str:
+    """The digest an export records of its bundle: that of the tensor data (:func:`bigl.tensorfile.data_digest`)."""
+    from bigl import tensorfile
+
+    return tensorfile.data_digest(bundle)
+
+
+def export_problem(export: Path, bundle: Path, *, translated: bool = True) -> str | None:
     """Why ``export`` cannot stand in for ``bundle`` (missing, unreadable, exported from another
-    file or an earlier version of it), or None when it can."""
+    file or from other weights), or None when it can. ``translated``: the translator's file, when
+    the export has one, must be there and belong to it too."""
     if not export.is_file():
         return f"there is no ONNX export of {bundle.name} beside it ({export.name})"
     try:
@@ -278,24 +281,57 @@ def export_problem(export: Path, bundle: Path) -> str | None:
     except BundleError as exc:
         return exc.message
     try:
-        current = file_digest(bundle)
-    except OSError as exc:
-        return f"{bundle} cannot be read ({exc.strerror or exc})"
-    if info.get("source_sha256") != current:
-        return f"{export.name} was exported from another version of {bundle.name} (the bundle changed since)"
+        current = source_digest(bundle)
+    except (OSError, ValueError) as exc:
+        return f"{bundle} cannot be read ({getattr(exc, 'strerror', None) or exc})"
+    recorded = info.get(SOURCE_DIGEST_KEY)
+    if recorded is None:
+        return f"{export.name} was written by an earlier BiGL that did not record the weights it holds"
+    if recorded != current:
+        return f"{export.name} was exported from another version of {bundle.name} (its weights changed since)"
+    return translator_problem(export, info) if translated else None
+
+
+def translator_problem(export: Path, info: dict) -> str | None:
+    """Why the translator file an export names is unusable (missing, unreadable, from another
+    bundle), or None when it is fine or the export has no translator."""
+    if not info.get("translator"):
+        return None
+    candidate = translator_path(export)  # by the export's own name: a renamed copy keeps its pair
+    if not candidate.is_file():
+        return (f"the translator's ONNX file {candidate.name} is missing beside {export.name} "
+                "(it is needed for the translated image)")
+    try:
+        _, translator_info, _ = read_export(candidate, "translator_t2s")
+    except BundleError as exc:
+        return exc.message
+    if translator_info.get(SOURCE_DIGEST_KEY) != info.get(SOURCE_DIGEST_KEY):
+        return f"{candidate.name} and {export.name} were exported from different bundles"
     return None
 
 
-def export_is_current(export: Path, bundle: Path) -> bool:
-    return export_problem(export, bundle) is None
+def export_is_current(export: Path, bundle: Path, *, translated: bool = True) -> bool:
+    return export_problem(export, bundle, translated=translated) is None
 
 
-def check_export_matches(export: Path, bundle: Path) -> None:
-    """BundleError with the fix unless ``export`` is the ONNX export of ``bundle`` as it is now."""
-    problem = export_problem(export, bundle)
+def export_hint(bundle: Path | str) -> str:
+    """How to get a usable export of ``bundle``: with PyTorch here, export it or use the torch
+    engine; without, export it elsewhere or install PyTorch."""
+    from bigl.prediction import _torch_available
+
+    if _torch_available():
+        return f"run `bigl export {bundle}`, or use --engine torch"
+    return (f"run `bigl export {bundle}` on a machine with PyTorch and copy the .onnx file(s) it writes beside "
+            "the bundle; or install PyTorch here (pip install 'bigl[train]'; in 3D Slicer, BiGL Training "
+            "installs it) to export it or segment with it")
+
+
+def check_export_matches(export: Path, bundle: Path, *, translated: bool = True) -> None:
+    """BundleError with the fix unless ``export`` is the ONNX export of ``bundle`` as it is now
+    (with its translator file, when ``translated`` output is wanted)."""
+    problem = export_problem(export, bundle, translated=translated)
     if problem is not None:
-        raise BundleError(problem, f"run `bigl export {bundle}` on a machine with PyTorch (pip install 'bigl[train]'), "
-                                   "or use --engine torch")
+        raise BundleError(problem, export_hint(bundle))
 
 
 # --------------------------------------------------------------------------------------------
@@ -390,7 +426,7 @@ def _run(session, names: list[str], batch: np.ndarray) -> list[np.ndarray]:
         return session.run(names, {INPUT_NAME: batch})
     except Exception as exc:
         text = str(exc)
-        if re.search(r"Failed to allocate memory|bad_alloc|out of memory", text, re.IGNORECASE):
+        if _OUT_OF_MEMORY.search(text):
             raise MemoryError(_first_line(text)) from None  # worded by bigl.prediction.out_of_memory_error
         raise BundleError(f"ONNX Runtime failed while running the model: {_first_line(text)}", _REEXPORT_HINT) from None
 
@@ -426,89 +462,86 @@ class OnnxPredictor(Predictor):
 
     ``path``: the segmenter's ``.onnx`` file (the translator's ``.translator.onnx`` is found beside
     it). ``device``: "auto" (the CUDA execution provider when onnxruntime-gpu has it), "cpu" or
-    "cuda". ``num_threads``: ONNX Runtime's intra-op threads (this predictor only). ``flip`` and
-    ``postprocess`` left at None take the model's ``inference`` metadata, as with PyTorch.
+    "cuda"; ``device`` afterwards says where the session really runs (ONNX Runtime falls back to
+    the CPU when CUDA cannot start). ``num_threads``: ONNX Runtime's intra-op threads (this
+    predictor only). ``flip`` and ``postprocess`` left at None take the model's ``inference``
+    metadata, as with PyTorch. ``bundle``: the bundle the file is the export of; its current
+    metadata (e.g. inference defaults annotated after the export) is used instead of the copy in
+    the export, as long as the networks it describes are the same.
     """
 
     engine = "onnx"
 
     def __init__(self, path: str | os.PathLike, device: str = "auto", batch_size: int = 16,
-                 num_threads: int | None = None, *, flip: bool | None = None, postprocess: bool | None = None):
+                 num_threads: int | None = None, *, flip: bool | None = None, postprocess: bool | None = None,
+                 bundle: str | os.PathLike | None = None):
         path = Path(path).expanduser()
         self.providers = execution_providers(device)
-        self.device = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
         check_num_threads(num_threads)
         data = _read_file(path)
         metadata, info, _ = read_export(path, "segmenter", data=data)
+        if bundle is not None:
+            metadata = _current_metadata(metadata, Path(bundle).expanduser())
         self._setup(metadata, path, batch_size, flip, postprocess)
         self.export_info = info
-        segmenter = metadata["segmenter"]
-        self.num_classes = int(segmenter.get("num_classes", 4))
         size = self.preprocessing.image_size
-        self.segmenter = _Graph(path, "segmenter", SEGMENTER_OUTPUTS, padded_size(size, 2 ** int(segmenter.get("depth", 4))),
+        self.segmenter = _Graph(path, "segmenter", SEGMENTER_OUTPUTS,
+                                padded_size(size, self.segmenter_config.size_multiple),
                                 providers=self.providers, num_threads=num_threads, data=data)
-        self.segmenter.session  # noqa: B018 - open it now: errors belong to loading, not to the first scan
+        session = self.segmenter.session  # open it now: errors belong to loading, not to the first scan
+        self.device = "cuda" if "CUDAExecutionProvider" in session.get_providers() else "cpu"
         self.translator = None
-        translator_file = info.get("translator")
-        translator_config = metadata.get("translator")
-        if translator_file and translator_config is not None:
-            multiple = 2 ** int(translator_config.get("n_downsample", 2))
-            candidate = translator_path(path)  # by its own name: a renamed copy keeps its pair
-            if candidate.is_file():
-                self.translator = _Graph(candidate, "translator_t2s", TRANSLATOR_OUTPUTS, padded_size(size, multiple),
+        #: Why the translator cannot be used (its file missing or not this export's), when the model has one.
+        self.translator_problem = None
+        if self.translator_config is not None and info.get("translator"):
+            self.translator_problem = translator_problem(path, info)
+            if self.translator_problem is None:
+                self.translator = _Graph(translator_path(path), "translator_t2s", TRANSLATOR_OUTPUTS,
+                                         padded_size(size, self.translator_config.size_multiple),
                                          providers=self.providers, num_threads=num_threads)
-                if self.translator.info.get("source_sha256") != info.get("source_sha256"):
-                    raise BundleError(f"{candidate.name} and {path.name} were exported from different bundles",
-                                      _REEXPORT_HINT)
 
     @classmethod
     def from_path(cls, path: str | os.PathLike, device: str = "auto", batch_size: int = 16,
                   num_threads: int | None = None, *, flip: bool | None = None,
-                  postprocess: bool | None = None) -> OnnxPredictor:
+                  postprocess: bool | None = None, bundle: str | os.PathLike | None = None) -> OnnxPredictor:
         return cls(path, device=device, batch_size=batch_size, num_threads=num_threads, flip=flip,
-                   postprocess=postprocess)
+                   postprocess=postprocess, bundle=bundle)
 
     @property
     def has_translator(self) -> bool:
         return self.translator is not None
 
+    def no_translator_error(self) -> BundleError:
+        if self.translator_problem is None:
+            return super().no_translator_error()
+        source = self.export_info.get("source") or "MODEL.safetensors"
+        return BundleError(self.translator_problem,
+                           f"export the model again (`bigl export {source}`) and keep {translator_path(self.model_path).name} "
+                           f"beside {self.model_path.name}, or leave out the translated output")
+
     # ----------------------------------------------------------------------------------------
 
-    def _batches(self, slices: np.ndarray, padded: int):
-        for start in range(0, len(slices), self.batch_size):
-            yield start, pad_batch(slices[start:start + self.batch_size], padded)
-
-    def _segment_slices(self, slices: np.ndarray, attention: bool, report: ProgressCallback,
-                        flip_axis: int = 0) -> dict[str, np.ndarray]:
-        session = self.segmenter.session
-        count, size, padded = len(slices), slices.shape[-1], self.segmenter.size
-        out = {"probabilities": np.empty((count, self.num_classes, size, size), dtype=np.float32)}
-        if attention:
-            out["position"] = np.empty((count, size, size), dtype=np.float32)
-            out["channel"] = np.empty((count, size, size), dtype=np.float32)
+    def _run_segmenter(self, batch: np.ndarray, attention: bool) -> dict[str, np.ndarray]:
         names = list(SEGMENTER_OUTPUTS) if attention else ["logits"]
-        for start, batch in self._batches(slices, padded):
-            stop = start + len(batch)
-            results = dict(zip(names, _run(session, names, batch)))
-            probabilities = softmax(results["logits"], axis=1)
-            if flip_axis:
-                mirrored = _run(session, ["logits"], np.ascontiguousarray(np.flip(batch, flip_axis)))[0]
-                probabilities = 0.5 * (probabilities + np.flip(softmax(mirrored, axis=1), flip_axis))
-            out["probabilities"][start:stop] = probabilities[..., :size, :size]
-            if attention:
-                grid = results["features"].shape[-2:]
-                position = position_summary(results["position_attention"], grid)
-                channel = channel_summary(results["features"], results["channel_attention"])
-                out["position"][start:stop] = resize_bilinear(position, (padded, padded))[:, 0, :size, :size]
-                out["channel"][start:stop] = resize_bilinear(channel, (padded, padded))[:, 0, :size, :size]
-            report(len(batch))
-        return out
+        return dict(zip(names, _run(self.segmenter.session, names, batch)))
 
-    def _translate_slices(self, slices: np.ndarray, report: ProgressCallback) -> np.ndarray:
-        session = self.translator.session
-        count, size = len(slices), slices.shape[-1]
-        out = np.empty((count, size, size), dtype=np.float32)
-        for start, batch in self._batches(slices, self.translator.size):
-            out[start:start + len(batch)] = _run(session, ["translated"], batch)[0][:, 0, :size, :size]
-            report(len(batch))
-        return out
+    def _run_translator(self, batch: np.ndarray) -> np.ndarray:
+        return _run(self.translator.session, ["translated"], batch)[0]
+
+
+#: The parts of the metadata that describe the networks and their input: an export is only run
+#: with a bundle's metadata when these are the export's own.
+_NETWORK_KEYS = ("segmenter", "translator", "preprocessing", "modality")
+
+
+def _current_metadata(exported: dict, bundle: Path) -> dict:
+    """The bundle's metadata when it describes the exported networks, else the export's copy."""
+    from bigl.bundle import read_metadata
+
+    try:
+        current = read_metadata(bundle)
+    except BundleError:
+        return exported
+    if all(current.get(key) == exported.get(key) for key in _NETWORK_KEYS):
+        return current
+    return exported

@@ -28,8 +28,10 @@ Optional outputs, all on the input grid:
 * ``translated``: the scan translated to the source modality by the bundle's G_t->s, in the
   normalised units [-1, 1] the networks use; -1 (background) outside the brain crop.
 
-An engine subclasses :class:`Predictor` and implements ``_segment_slices`` and
-``_translate_slices`` (and may replace ``_resize``); :func:`open_predictor` picks one.
+An engine subclasses :class:`Predictor` and implements ``_run_segmenter`` and ``_run_translator``
+(one padded batch of slices in, numpy outputs back; and may replace ``_resize``); the slice loops,
+padding, softmax, flips and attention summaries are the Predictor's. :func:`open_predictor` picks
+an engine.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from typing import Callable
 
 import numpy as np
 
-from bigl.bundle import Bundle, BundleError
+from bigl.bundle import Bundle, BundleError, ModelDescription
 from bigl.data.io import affine_spacing
 from bigl.data.naming import ATTENTION_KINDS, attention_paths, case_name, is_nifti_path, modality_from_name
 from bigl.errors import ConfigError, InputError
@@ -85,11 +87,12 @@ def check_num_threads(num_threads) -> int | None:
     return num_threads
 
 
-class Predictor:
+class Predictor(ModelDescription):
     """Runs a model on whole volumes; the engine-independent part (see the module docstring).
 
-    Subclasses set ``metadata`` (the bundle's JSON description), ``model_path`` and ``engine``
-    and call :meth:`_setup`; they implement :meth:`_segment_slices` and :meth:`_translate_slices`.
+    Subclasses set ``engine`` and call :meth:`_setup` (``metadata``: the bundle's JSON description,
+    whose modality, configs and preprocessing :class:`~bigl.bundle.ModelDescription` reads); they
+    implement :meth:`_run_segmenter` and :meth:`_run_translator`.
     """
 
     engine = "?"
@@ -108,16 +111,8 @@ class Predictor:
         self.postprocess = bool(defaults.get("postprocess", False)) if postprocess is None else bool(postprocess)
 
     @property
-    def modality(self) -> str:
-        """The modality the segmenter expects as input (the target modality for adapted models)."""
-        return self.metadata["modality"]
-
-    @property
-    def preprocessing(self):
-        from bigl.bundle import _build_config
-        from bigl.data.preprocess import PreprocessConfig
-
-        return _build_config(PreprocessConfig, self.metadata["preprocessing"], "preprocessing", self.model_path)
+    def _description_path(self) -> Path | None:
+        return self.model_path
 
     @property
     def has_translator(self) -> bool:  # pragma: no cover - overridden
@@ -157,11 +152,7 @@ class Predictor:
         name = name or "the image"
         self.check_modality(modality)
         if translated and not self.has_translator:
-            raise BundleError(
-                f"the model{_label(self.model_path)} has no target-to-source translator, so it cannot "
-                "produce a translated image",
-                "leave out the translated output, or use a BiGL bundle (method 'bigl') that holds translators",
-            )
+            raise self.no_translator_error()
         data = _as_scan(volume, name)
         check_scan(data, name=name)
         affine = np.eye(4) if affine is None else np.asarray(affine, dtype=np.float64)
@@ -172,6 +163,14 @@ class Predictor:
         warnings = plausibility.scan_warnings(data.shape, affine, name=name)
         unchecked = plausibility.modality_warning(modality, self.modality, name=name)
         warnings += [unchecked] if unchecked else []
+        if self.flip:
+            from bigl.data.preprocess import left_right_axis
+
+            if left_right_axis(affine, self.preprocessing.slice_axis) == 0:
+                warnings.append(
+                    f"test-time flips are on, but the left-right axis of {name} runs through the slices "
+                    "(sagittal slices), so no slice was mirrored and the result is that of a run without flips; "
+                    "check the image orientation (the affine), or leave flips off for this scan")
         try:
             prediction = self._predict(data, affine, probabilities=probabilities, attention=attention,
                                        translated=translated, progress=progress)
@@ -235,14 +234,67 @@ class Predictor:
         """[n, C, S, S] float32 -> [n, C, size, size], bilinear (half-pixel centres, edges clamped)."""
         return resize_bilinear(stack, (size, size))
 
-    def _segment_slices(self, slices: np.ndarray, attention: bool, report: ProgressCallback,
-                        flip_axis: int = 0) -> dict[str, np.ndarray]:  # pragma: no cover - overridden
-        """Softmax maps [n, K, S, S] and, when asked, raw attention summaries [n, S, S]; with a
-        ``flip_axis`` (-2 or -1) the softmax maps average each slice and its mirror image."""
+    def no_translator_error(self) -> BundleError:
+        """Why this model cannot produce a translated image, and the fix."""
+        return BundleError(
+            f"the model{_label(self.model_path)} has no target-to-source translator, so it cannot "
+            "produce a translated image",
+            "leave out the translated output, or use a BiGL bundle (method 'bigl') that holds translators",
+        )
+
+    # the engine's part: one padded batch in, numpy outputs back
+
+    def _run_segmenter(self, batch: np.ndarray, attention: bool) -> dict[str, np.ndarray]:  # pragma: no cover
+        """float32 [B, 1, P, P] -> ``"logits"`` [B, K, P, P] and, with ``attention``, ``"features"``
+        [B, C, h, w], ``"position_attention"`` [B, N, N] and ``"channel_attention"`` [B, C, C]."""
         raise NotImplementedError
 
-    def _translate_slices(self, slices: np.ndarray, report: ProgressCallback) -> np.ndarray:  # pragma: no cover
+    def _run_translator(self, batch: np.ndarray) -> np.ndarray:  # pragma: no cover - overridden
+        """float32 [B, 1, P', P'] -> the translated slices, float32 [B, 1, P', P']."""
         raise NotImplementedError
+
+    # the loops
+
+    def _batches(self, slices: np.ndarray, multiple: int):
+        """(start, float32 [B, 1, P, P] batch) with the slices padded to a multiple of ``multiple``."""
+        padded = padded_size(slices.shape[-1], multiple)
+        for start in range(0, len(slices), self.batch_size):
+            yield start, pad_batch(slices[start:start + self.batch_size], padded)
+
+    def _segment_slices(self, slices: np.ndarray, attention: bool, report: ProgressCallback,
+                        flip_axis: int = 0) -> dict[str, np.ndarray]:
+        """Softmax maps [n, K, S, S] and, when asked, raw attention summaries [n, S, S]; with a
+        ``flip_axis`` (-2 or -1) the softmax maps average each slice and its mirror image."""
+        config = self.segmenter_config
+        count, size = len(slices), slices.shape[-1]
+        out = {"probabilities": np.empty((count, config.num_classes, size, size), dtype=np.float32)}
+        if attention:
+            out["position"] = np.empty((count, size, size), dtype=np.float32)
+            out["channel"] = np.empty((count, size, size), dtype=np.float32)
+        for start, batch in self._batches(slices, config.size_multiple):
+            stop, padded = start + len(batch), batch.shape[-2:]
+            results = self._run_segmenter(batch, attention)
+            probabilities = softmax(results["logits"], axis=1)
+            if flip_axis:
+                mirrored = self._run_segmenter(np.ascontiguousarray(np.flip(batch, flip_axis)), False)["logits"]
+                probabilities = 0.5 * (probabilities + np.flip(softmax(mirrored, axis=1), flip_axis))
+            out["probabilities"][start:stop] = probabilities[..., :size, :size]
+            if attention:
+                position = position_summary(results["position_attention"], results["features"].shape[-2:])
+                channel = channel_summary(results["features"], results["channel_attention"])
+                out["position"][start:stop] = resize_bilinear(position, padded)[:, 0, :size, :size]
+                out["channel"][start:stop] = resize_bilinear(channel, padded)[:, 0, :size, :size]
+            report(len(batch))
+        return out
+
+    def _translate_slices(self, slices: np.ndarray, report: ProgressCallback) -> np.ndarray:
+        """The translated slices [n, S, S]."""
+        count, size = len(slices), slices.shape[-1]
+        out = np.empty((count, size, size), dtype=np.float32)
+        for start, batch in self._batches(slices, self.translator_config.size_multiple):
+            out[start:start + len(batch)] = np.asarray(self._run_translator(batch), dtype=np.float32)[:, 0, :size, :size]
+            report(len(batch))
+        return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -331,9 +383,17 @@ def channel_summary(features: np.ndarray, channel_attention: np.ndarray) -> np.n
     return np.einsum("bc,bchw->bhw", weights, np.abs(np.asarray(features, dtype=np.float32)))[:, None]
 
 
+#: A map whose range is below this share of its magnitude counts as flat (all 0 after scaling):
+#: float32 rounding alone varies a near-uniform map by about 1e-7 of its value, and scaling that
+#: noise to [0, 1] would show a pattern that is not there (and differs between engines).
+FLAT_RELATIVE_RANGE = 1e-5
+
+
 def min_max(maps: np.ndarray) -> np.ndarray:
+    """``maps`` scaled to [0, 1] over all its values; all zeros when it is flat (see
+    :data:`FLAT_RELATIVE_RANGE`)."""
     low, high = float(maps.min()), float(maps.max())
-    if high - low <= 1e-12 * max(1.0, abs(high)):
+    if high - low <= FLAT_RELATIVE_RANGE * max(abs(low), abs(high)):
         return np.zeros_like(maps)
     return (maps - low) / (high - low)
 
@@ -432,14 +492,41 @@ def _torch_available() -> bool:
         return False
 
 
-def choose_engine(model: str | os.PathLike | None, engine: str = "auto", device: str = "auto") -> tuple[str, Path]:
+def _torch_cuda_available() -> bool:
+    """Whether PyTorch is installed and finds a CUDA GPU; imports torch only when it is installed."""
+    if not _torch_available():
+        return False
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except Exception:  # a broken install counts as none
+        return False
+
+
+def _gpu_needs_torch(device: str) -> bool:
+    """True when ``device`` asks for (cuda) or allows (auto) a GPU that only PyTorch can use here:
+    this onnxruntime has no CUDA execution provider, PyTorch is installed (and, for auto, finds a GPU)."""
+    name = str(device).strip().lower()
+    if name == "cpu" or not (name == "auto" or name.startswith("cuda")):
+        return False
+    from bigl import onnxengine
+
+    if onnxengine.has_cuda_provider() or not _torch_available():
+        return False
+    return name.startswith("cuda") or _torch_cuda_available()
+
+
+def choose_engine(model: str | os.PathLike | None, engine: str = "auto", device: str = "auto", *,
+                  translated: bool = False) -> tuple[str, Path]:
     """(engine, model file) for a ``--model`` argument (None: the shipped default model).
 
     ``auto``: ONNX Runtime when the model is an ``.onnx`` file, or a bundle with an up-to-date
-    ``.onnx`` export beside it, and onnxruntime is installed; PyTorch otherwise, and also for
-    ``device="cuda"`` when this onnxruntime has no CUDA provider but PyTorch is installed.
-    ``onnx`` and ``torch`` insist (ConfigError/BundleError with the fix when they cannot run
-    this model).
+    ``.onnx`` export beside it (with its translator file when ``translated`` output is wanted), and
+    onnxruntime is installed; PyTorch otherwise. PyTorch also when the device asks for a GPU
+    (``cuda``, or ``auto`` with a GPU PyTorch can use) and this onnxruntime has no CUDA provider.
+    Without PyTorch, auto uses the export anyway or says why it cannot. ``onnx`` and ``torch``
+    insist (ConfigError/BundleError with the fix when they cannot run this model).
     """
     from bigl import bundle as bundles
     from bigl import onnxengine
@@ -457,40 +544,50 @@ def choose_engine(model: str | os.PathLike | None, engine: str = "auto", device:
     export = onnxengine.export_path(path)
     if engine == "onnx":
         onnxengine.require_onnxruntime()
-        onnxengine.check_export_matches(export, path)
+        onnxengine.check_export_matches(export, path, translated=translated)
         return "onnx", export
     # auto
-    if onnxengine.onnxruntime_available() and onnxengine.export_is_current(export, path):
-        if not (str(device).lower().startswith("cuda") and _torch_available() and not onnxengine.has_cuda_provider()):
+    if onnxengine.onnxruntime_available() and onnxengine.export_is_current(export, path, translated=translated):
+        if not _gpu_needs_torch(device):
             return "onnx", export
     if not _torch_available():
         if not onnxengine.onnxruntime_available():
             onnxengine.require_onnxruntime()  # the install that needs no torch
-        onnxengine.check_export_matches(export, path)  # says why the export cannot be used
+        onnxengine.check_export_matches(export, path, translated=translated)  # says why the export cannot be used
         return "onnx", export  # pragma: no cover - check_export_matches raised
     return "torch", path
 
 
 def open_predictor(model: str | os.PathLike | None = None, *, engine: str = "auto", device: str = "auto",
                    batch_size: int = 16, num_threads: int | None = None, flip: bool | None = None,
-                   postprocess: bool | None = None) -> Predictor:
-    """The predictor for a model file (None: the shipped default), on the engine :func:`choose_engine` picks."""
+                   postprocess: bool | None = None, translated: bool = False) -> Predictor:
+    """The predictor for a model file (None: the shipped default), on the engine :func:`choose_engine`
+    picks; ``translated``: the translated image will be asked for (BundleError now when it cannot be)."""
     check_batch_size(batch_size)
     check_num_threads(num_threads)
-    chosen, path = choose_engine(model, engine, device)
+    chosen, path = choose_engine(model, engine, device, translated=translated)
     if chosen == "onnx":
-        from bigl.onnxengine import OnnxPredictor
+        from bigl import onnxengine
 
-        return OnnxPredictor.from_path(path, device=device, batch_size=batch_size, num_threads=num_threads,
-                                       flip=flip, postprocess=postprocess)
-    if not _torch_available():
-        raise ConfigError("PyTorch is not installed, and the torch engine needs it",
-                          "pip install 'bigl[train]' for PyTorch, or use an ONNX export of the model "
-                          "(`bigl export MODEL.safetensors` on a machine with PyTorch) with --engine onnx")
-    from bigl.inference import BiGLPredictor
+        from bigl.bundle import default_bundle_path
 
-    return BiGLPredictor.from_path(path, device=device, batch_size=batch_size, num_threads=num_threads,
-                                   flip=flip, postprocess=postprocess)
+        given = default_bundle_path() if model is None else Path(model).expanduser()
+        bundle = None if onnxengine.is_onnx_path(given) else given  # its export: the bundle's metadata is current
+        predictor = onnxengine.OnnxPredictor.from_path(path, device=device, batch_size=batch_size,
+                                                       num_threads=num_threads, flip=flip, postprocess=postprocess,
+                                                       bundle=bundle)
+    else:
+        if not _torch_available():
+            raise ConfigError("PyTorch is not installed, and the torch engine needs it",
+                              "pip install 'bigl[train]' for PyTorch, or use an ONNX export of the model "
+                              "(`bigl export MODEL.safetensors` on a machine with PyTorch) with --engine onnx")
+        from bigl.inference import BiGLPredictor
+
+        predictor = BiGLPredictor.from_path(path, device=device, batch_size=batch_size, num_threads=num_threads,
+                                            flip=flip, postprocess=postprocess)
+    if translated and not predictor.has_translator:
+        raise predictor.no_translator_error()
+    return predictor
 
 
 # --------------------------------------------------------------------------------------------
@@ -531,7 +628,7 @@ def segment_file(
     check_targets(source, targets, inputs=model_paths(model))
 
     scan = load_volume(source, kind="image")
-    predictor = _predictor_for(model, device, batch_size, num_threads, engine)
+    predictor = _predictor_for(model, device, batch_size, num_threads, engine, translated_out is not None)
     from_name = ""
     if modality is None:
         modality = modality_from_name(source)
@@ -557,14 +654,15 @@ def segment_file(
     return prediction
 
 
-def _predictor_for(model, device, batch_size, num_threads, engine="auto") -> Predictor:
+def _predictor_for(model, device, batch_size, num_threads, engine="auto", translated=False) -> Predictor:
     if isinstance(model, Predictor):
         return model
     if isinstance(model, Bundle):
         from bigl.inference import BiGLPredictor
 
         return BiGLPredictor(model, device=device, batch_size=batch_size, num_threads=num_threads)
-    return open_predictor(model, engine=engine, device=device, batch_size=batch_size, num_threads=num_threads)
+    return open_predictor(model, engine=engine, device=device, batch_size=batch_size, num_threads=num_threads,
+                          translated=translated)
 
 
 def output_targets(source: str | os.PathLike, output: str | os.PathLike, *, attention_out=None,

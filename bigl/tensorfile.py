@@ -118,14 +118,28 @@ def verify_digest(path: PathLike) -> bool:
     expected = metadata.get(DIGEST_KEY)
     if expected is None:
         return False
+    _compare(expected, _hash_data(path))
+    return True
+
+
+def data_digest(path: PathLike) -> str:
+    """The hex SHA-256 of the file's tensor data (every byte after the header): the one recorded in
+    the header (``bigl_sha256``) when BiGL wrote the file, else computed the same way. It changes
+    with the weights only, not with the metadata (e.g. :func:`bigl.bundle.annotate_bundle`).
+    Standard library only; ValueError for a malformed file, OSError when it cannot be read."""
+    metadata, _ = read_header(path)
+    recorded = metadata.get(DIGEST_KEY)
+    return recorded if isinstance(recorded, str) and recorded else _hash_data(Path(path))
+
+
+def _hash_data(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as stream:
         size = os.fstat(stream.fileno()).st_size
         stream.seek(8 + _header_length(stream.read(8), size))
         for chunk in iter(lambda: stream.read(_CHUNK), b""):
             digest.update(chunk)
-    _compare(expected, digest.hexdigest())
-    return True
+    return digest.hexdigest()
 
 
 def _header_digest(header: dict) -> str:

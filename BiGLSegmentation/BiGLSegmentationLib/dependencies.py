@@ -45,6 +45,9 @@ PROVIDED_BY_SLICER = frozenset(
 )
 #: Import names of distributions whose import name differs from the distribution name.
 IMPORT_NAMES = {"scikit-image": "skimage", "pillow": "PIL", "pyyaml": "yaml"}
+#: Distributions that provide the same module as a requirement: an installed onnxruntime-gpu (or
+#: another ONNX Runtime build) satisfies ``onnxruntime``, and the CPU wheel is never installed over it.
+ALTERNATIVES = {"onnxruntime": ("onnxruntime-gpu", "onnxruntime-directml", "onnxruntime-openvino")}
 
 
 def parse_requirements(text: str, *, source: str = "requirements") -> list[Requirement]:
@@ -74,10 +77,13 @@ def read_requirements(path: str | Path = REQUIREMENTS_PATH) -> list[Requirement]
 
 
 def installed_version(distribution: str) -> str | None:
-    try:
-        return importlib.metadata.version(distribution)
-    except importlib.metadata.PackageNotFoundError:
-        return None
+    """The installed version of ``distribution`` or of one that stands in for it (:data:`ALTERNATIVES`)."""
+    for name in (distribution, *ALTERNATIVES.get(canonicalize_name(distribution), ())):
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
 
 
 def missing_requirements(

@@ -26,7 +26,8 @@ from pathlib import Path
 from .process import JsonLineProcess
 
 #: Name of the exported scan. It states no modality, so ``bigl segment`` does not guess one from
-#: it; :func:`modality_warning` compares the node's name with the model instead.
+#: it: the run passes ``--modality`` (the model's, once the user chose the model for this scan and
+#: saw :func:`modality_warning`, which compares the node's name with the model).
 INPUT_FILE = "scan.nii.gz"
 
 
@@ -107,8 +108,11 @@ def segment_command(
     probabilities_path: Path | None = None,
     threads: int | None = None,
     engine: str = "auto",
+    modality: str | None = None,
 ) -> list[str]:
     """The argument list of one ``bigl segment`` run (never a shell string).
+
+    ``modality``: the scan's modality (``--modality``; None leaves it unchecked, with a warning).
 
     ``engine``: "auto" (ONNX Runtime when the model has an up-to-date ONNX export, which the
     shipped and trained models have; PyTorch otherwise, when installed), "onnx" or "torch"."""
@@ -128,6 +132,8 @@ def segment_command(
         command += ["--probabilities-out", str(probabilities_path)]
     if threads is not None:
         command += ["--threads", str(int(threads))]
+    if modality:
+        command += ["--modality", str(modality)]
     return command
 
 
@@ -185,6 +191,21 @@ def modality_warning(volume_name: str, model_metadata: dict) -> str | None:
             f"{str(expected).upper()} scans. Results on another modality are unreliable.")
 
 
+def model_modality(model_path: str | os.PathLike) -> str | None:
+    """The modality a model file (bundle or ONNX export) segments, from its header; None when it
+    cannot be read (``bigl segment`` then says what is wrong with the file)."""
+    try:
+        from bigl import onnxengine
+        from bigl.bundle import read_metadata
+
+        path = Path(model_path)
+        metadata = onnxengine.read_export(path)[0] if onnxengine.is_onnx_path(path) else read_metadata(path)
+    except Exception:  # noqa: BLE001 - any unreadable model: the run reports it
+        return None
+    modality = metadata.get("modality")
+    return str(modality) if modality else None
+
+
 def attention_files(folder: Path) -> dict[str, Path]:
     """The attention maps ``bigl segment --attention-out`` wrote for the exported scan."""
     from bigl.data.naming import attention_paths, case_name
@@ -218,7 +239,12 @@ class _RunFiles:
 
 
 class SegmentationRun:
-    """Segment one volume node with one model in a subprocess; poll, cancel or finish it."""
+    """Segment one volume node with one model in a subprocess; poll, cancel or finish it.
+
+    ``modality``: the scan's modality, passed to ``bigl segment``; default: the one the model
+    segments (the user chose the model for this scan). ``warnings``: what the run warned about
+    (``warning`` events: e.g. an implausible scan or tumour size), also on the outputs of ``finish``.
+    """
 
     def __init__(
         self,
@@ -231,6 +257,7 @@ class SegmentationRun:
         python: str | None = None,
         threads: int | None = None,
         engine: str = "auto",
+        modality: str | None = None,
     ):
         if input_node is None:
             raise SegmentationError("No input volume selected.", "Fix: select the scan to segment.")
@@ -243,6 +270,8 @@ class SegmentationRun:
         self.python = python or python_executable()
         self.threads = threads
         self.engine = engine
+        self.modality = modality if modality is not None else model_modality(self.model_path)
+        self.warnings: list[str] = []
         self._work_dir = Path(work_dir) if work_dir is not None else None
         self.files: _RunFiles | None = None
         self.process: JsonLineProcess | None = None
@@ -257,7 +286,7 @@ class SegmentationRun:
             attention_dir=files.attention if self.options.attention else None,
             translated_path=files.translated if self.options.translated else None,
             probabilities_path=files.probabilities if self.options.probabilities else None,
-            threads=self.threads, engine=self.engine,
+            threads=self.threads, engine=self.engine, modality=self.modality,
         )
 
     def start(self) -> None:
@@ -295,6 +324,10 @@ class SegmentationRun:
                 self.status.done = int(event.get("done", 0))
                 self.status.total = int(event.get("total", 0))
                 self.status.message = f"Segmenting: {self.status.done} of {self.status.total} slices"
+            elif kind == "warning":
+                message = str(event.get("message") or "").strip()
+                if message and message not in self.warnings:
+                    self.warnings.append(message)
             elif kind == "done":
                 self.status.message = "Loading the results..."
             elif kind == "error":
@@ -335,7 +368,7 @@ class SegmentationRun:
             if not succeeded or not self.files.labels.is_file():
                 raise describe_failure(self.events, self.process.returncode, self.process.log_tail(40),
                                        device=self.device)
-            return import_results(
+            outputs = import_results(
                 self.input_node,
                 self.files.labels,
                 attention_paths=attention_files(self.files.attention) if self.options.attention else None,
@@ -344,6 +377,8 @@ class SegmentationRun:
                 surface=self.options.surface,
                 model_name=model_name or self.model_path.name,
             )
+            outputs.warnings = list(self.warnings)
+            return outputs
         finally:
             status.running = False
             self.cleanup()

@@ -9,7 +9,6 @@ into that folder, so weights can come from a USB stick or a download made elsewh
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import shutil
@@ -111,6 +110,7 @@ def import_model(
     """
     from bigl.bundle import read_metadata
     from bigl.errors import BundleError
+    from bigl.onnxengine import file_digest
 
     source = Path(source).expanduser()
     metadata = read_metadata(source)  # BundleError with a fix for missing, foreign, corrupt or newer files
@@ -125,12 +125,13 @@ def import_model(
     stem = _safe_stem(f"{name}{BUNDLE_SUFFIX}" if name else source.name)
     if source.parent.resolve() == folder.resolve() and (name is None or source.name == f"{stem}{BUNDLE_SUFFIX}"):
         return ModelChoice(path=source, metadata=metadata)  # listed already
-    digest = _file_digest(source)
+    digest = file_digest(source)
     for number in range(1, 1000):
         target = folder / (f"{stem}{BUNDLE_SUFFIX}" if number == 1 else f"{stem}-{number}{BUNDLE_SUFFIX}")
         if not target.exists():
             break
-        if _file_digest(target) == digest:
+        if file_digest(target) == digest:
+            _copy_exports(source, target)  # an export made since the first import comes along now
             return ModelChoice(path=target, metadata=read_metadata(target))
     else:
         raise BundleError(f"too many models named {stem} in {folder}", "rename the file before importing it")
@@ -145,9 +146,11 @@ def _copy_exports(source: Path, target: Path) -> None:
     from bigl import onnxengine
 
     export = onnxengine.export_path(source)
-    if not onnxengine.export_is_current(export, source):
+    if not onnxengine.export_is_current(export, source, translated=False):
         return
     copied = onnxengine.export_path(target)
+    if onnxengine.export_is_current(copied, target):
+        return  # copied before, with its translator
     _copy_atomically(export, copied)
     translator = onnxengine.translator_path(export)
     if translator.is_file():
@@ -158,14 +161,6 @@ def _safe_stem(file_name: str) -> str:
     stem = file_name[: -len(BUNDLE_SUFFIX)] if file_name.lower().endswith(BUNDLE_SUFFIX) else Path(file_name).stem
     stem = re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("._") or "model"
     return stem[:80]
-
-
-def _file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _copy_atomically(source: Path, target: Path) -> None:

@@ -456,6 +456,7 @@ class SegmentationOutputs:
     translated: object | None = None
     attention: dict[str, object] = field(default_factory=dict)
     probabilities: dict[int, object] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)  # what bigl segment warned about (implausible scan or result)
 
     def overlays(self) -> list[object]:
         """The scalar outputs that can be shown over the input, most telling first."""

@@ -3,7 +3,6 @@ determinism and clear errors for unusable inputs or requests."""
 
 from __future__ import annotations
 
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -14,7 +13,8 @@ from synthetic import synthetic_scan
 from bigl.bundle import load_bundle, make_metadata, save_bundle
 from bigl.data.preprocess import PreprocessConfig, SliceGeometry, restore_maps
 from bigl.errors import BundleError, ConfigError, InputError
-from bigl.inference import BiGLPredictor, _channel_summary, _position_summary, out_of_memory_error, restore_on_grid
+from bigl.inference import BiGLPredictor, out_of_memory_error, restore_on_grid
+from bigl.prediction import channel_summary, position_summary
 from bigl.labels import classes_to_labels
 from bigl.models import DualAttentionUNet, SegmenterConfig
 
@@ -138,11 +138,11 @@ def test_position_summary_is_the_attention_each_position_receives():
     n = 4 * 4
     attention = torch.zeros(1, n, n)
     attention[0, :, 5] = 1.0  # every query attends only to position 5 = (row 1, col 1)
-    summary = _position_summary(SimpleNamespace(position_attention=attention), (4, 4))
+    summary = position_summary(attention.numpy(), (4, 4))
     assert summary.shape == (1, 1, 4, 4)
-    expected = torch.zeros(4, 4)
+    expected = np.zeros((4, 4), np.float32)
     expected[1, 1] = 1.0
-    assert torch.equal(summary[0, 0], expected)
+    assert np.array_equal(summary[0, 0], expected)
 
 
 def test_channel_summary_weights_features_by_received_channel_attention():
@@ -150,8 +150,8 @@ def test_channel_summary_weights_features_by_received_channel_attention():
     features[0, 0, 0, 0] = 3.0  # channel 0 active top-left
     features[0, 1, 1, 1] = -5.0  # channel 1 active bottom-right (magnitude counts)
     attention = torch.tensor([[[0.0, 1.0], [0.0, 1.0]]])  # all attention goes to channel 1
-    summary = _channel_summary(SimpleNamespace(features=features, channel_attention=attention))
-    assert torch.equal(summary[0, 0], torch.tensor([[0.0, 0.0], [0.0, 5.0]]))
+    summary = channel_summary(features.numpy(), attention.numpy())
+    assert np.array_equal(summary[0, 0], np.array([[0.0, 0.0], [0.0, 5.0]], np.float32))
 
 
 # ------------------------------------------------------------------------------------ errors

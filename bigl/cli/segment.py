@@ -34,7 +34,8 @@ def register(subparsers) -> None:
     parser.add_argument("--engine", choices=("auto", "torch", "onnx"), default="auto",
                         help="what runs the networks: onnx (ONNX Runtime, no PyTorch needed), torch (PyTorch), or auto "
                              "(default: ONNX Runtime when the model has an up-to-date .onnx export and onnxruntime is "
-                             "installed, else PyTorch)")
+                             "installed, else PyTorch; PyTorch also when only PyTorch can use the GPU --device asks for "
+                             "or allows)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="where to run the networks (default: auto, the GPU when there is one)")
     parser.add_argument("--attention-out", type=Path, metavar="DIR",
@@ -142,7 +143,8 @@ def _run(args: argparse.Namespace, reporter: Reporter) -> int:
                              "give an output folder (new or existing); each scan's labels go to <folder>/<case>_seg.nii.gz")
     _check_outputs(args, scans if source.is_dir() else [source], folder_mode=source.is_dir())
     predictor = open_predictor(args.model, engine=args.engine, device=args.device, batch_size=args.batch_size,
-                               num_threads=args.threads, flip=args.flip, postprocess=args.postprocess)
+                               num_threads=args.threads, flip=args.flip, postprocess=args.postprocess,
+                               translated=args.translated_out is not None)
     reporter.say(_model_line(predictor, shipped=args.model is None))
     if source.is_dir():
         return _segment_folder(args, scans, predictor, reporter)

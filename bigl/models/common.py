@@ -2,69 +2,12 @@
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any, TypeVar
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from bigl.errors import ConfigError
-
-ConfigT = TypeVar("ConfigT", bound="ModelConfig")
-
-
-class ModelConfig:
-    """Mixin for model config dataclasses: JSON-friendly ``to_dict`` / strict ``from_dict``.
-
-    Subclasses implement ``validate()`` (raising :class:`ConfigError`), which runs on construction,
-    so a config that exists can always build its model.
-    """
-
-    def __post_init__(self) -> None:
-        self.validate()
-
-    def validate(self) -> None:  # pragma: no cover - overridden
-        pass
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)  # type: ignore[call-overload]
-
-    @classmethod
-    def from_dict(cls: type[ConfigT], data: dict[str, Any]) -> ConfigT:
-        if not isinstance(data, dict):
-            raise ConfigError(
-                f"{cls.__name__} must be a JSON object (dict), got {type(data).__name__}",
-                "pass the dictionary written by to_dict()",
-            )
-        known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(
-                f"unknown {cls.__name__} key(s): {', '.join(unknown)}",
-                f"allowed keys are: {', '.join(sorted(known))}",
-            )
-        return cls(**data)
-
-
-def require_int(config: object, name: str, minimum: int) -> None:
-    """ConfigError unless ``config.<name>`` is an int (not a bool) >= minimum."""
-    value = getattr(config, name)
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(
-            f"{type(config).__name__}.{name} must be an integer >= {minimum}, got {value!r}",
-            f"set {name} to a whole number of at least {minimum}",
-        )
-
-
-def require_choice(config: object, name: str, choices: tuple[str, ...]) -> None:
-    value = getattr(config, name)
-    if value not in choices:
-        raise ConfigError(
-            f"{type(config).__name__}.{name} must be one of {', '.join(choices)}, got {value!r}",
-            f"set {name} to one of: {', '.join(choices)}",
-        )
-
+from bigl.modelconfig import ModelConfig, require_choice, require_int  # noqa: F401 (their home before)
 
 def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
     """Number of scalar parameters of ``module`` (all of them, or only those with requires_grad)."""

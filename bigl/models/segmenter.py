@@ -22,55 +22,8 @@ import torch
 from torch import nn
 
 from bigl.errors import ConfigError
-from bigl.models.common import ModelConfig, check_image_batch, conv_norm_relu, require_choice, require_int
-
-
-@dataclass
-class SegmenterConfig(ModelConfig):
-    """Size and options of :class:`DualAttentionUNet` (stored in model bundles as JSON).
-
-    ``attention_reduction``: query/key width of position attention is ``C // attention_reduction``
-    (DANet uses 8). ``norm``: 'batch' (default) or 'instance'. ``upsample``: 'transpose' or
-    'bilinear'. ``fuse_conv``: add a 3x3 conv-norm-ReLU after summing the two attention outputs.
-    ``dropout``: channel dropout on the attention output before the decoder.
-    """
-
-    in_channels: int = 1
-    num_classes: int = 4
-    base_channels: int = 16
-    depth: int = 4
-    attention_reduction: int = 8
-    dropout: float = 0.0
-    norm: str = "batch"
-    upsample: str = "transpose"
-    fuse_conv: bool = False
-
-    def validate(self) -> None:
-        require_int(self, "in_channels", 1)
-        require_int(self, "num_classes", 2)
-        require_int(self, "base_channels", 1)
-        require_int(self, "depth", 1)
-        require_int(self, "attention_reduction", 1)
-        require_choice(self, "norm", ("batch", "instance"))
-        require_choice(self, "upsample", ("transpose", "bilinear"))
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
-            raise ConfigError(
-                f"SegmenterConfig.dropout must be a number in [0, 1), got {self.dropout!r}",
-                "use 0.0 for no dropout",
-            )
-        if not isinstance(self.fuse_conv, bool):
-            raise ConfigError(
-                f"SegmenterConfig.fuse_conv must be true or false, got {self.fuse_conv!r}", "use a boolean"
-            )
-
-    @property
-    def bottleneck_channels(self) -> int:
-        return self.base_channels * 2**self.depth
-
-    @property
-    def size_multiple(self) -> int:
-        """Input height and width must be multiples of this."""
-        return 2**self.depth
+from bigl.modelconfig import SegmenterConfig
+from bigl.models.common import check_image_batch, conv_norm_relu
 
 
 @dataclass

@@ -18,30 +18,8 @@ from torch import nn
 
 from bigl.data.preprocess import BACKGROUND, EMPTY_SLICE_MAX
 from bigl.errors import ConfigError
-from bigl.models.common import ModelConfig, check_image_batch, require_choice, require_int, upsample_to_min_size
-
-
-@dataclass
-class TranslatorConfig(ModelConfig):
-    """Size of :class:`ResnetGenerator` (stored in model bundles as JSON)."""
-
-    channels: int = 1
-    base_channels: int = 32
-    n_downsample: int = 2
-    n_blocks: int = 6
-    upsample: str = "transpose"
-
-    def validate(self) -> None:
-        require_int(self, "channels", 1)
-        require_int(self, "base_channels", 1)
-        require_int(self, "n_downsample", 0)
-        require_int(self, "n_blocks", 0)
-        require_choice(self, "upsample", ("transpose", "resize"))
-
-    @property
-    def size_multiple(self) -> int:
-        """Input height and width must be multiples of this."""
-        return 2**self.n_downsample
+from bigl.modelconfig import TranslatorConfig
+from bigl.models.common import check_image_batch, upsample_to_min_size
 
 
 def _instance_norm(channels: int) -> nn.InstanceNorm2d:

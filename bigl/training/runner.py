@@ -244,14 +244,15 @@ class TrainingRun:
     def _export_onnx(self, bundle: Path) -> None:
         """model.onnx (and model.translator.onnx) beside the bundle, for inference without PyTorch.
 
-        A failed export does not fail the training: the bundle is the result, and the event log
-        and the terminal say how to export it later."""
-        from bigl.export import export_bundle
-
+        A failed export, whatever the error (the exporter of some torch versions raises its own
+        types), does not fail the training: the bundle is the result, and the event log and the
+        terminal say how to export it later."""
         try:
+            from bigl.export import export_bundle
+
             files = export_bundle(bundle)
-        except (BiGLError, OSError) as exc:
-            message = getattr(exc, "message", str(exc))
+        except Exception as exc:  # noqa: BLE001 - a finished run must never fail here
+            message = getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}"
             hint = f"{getattr(exc, 'hint', None) or 'fix the cause'}, then run `bigl export {bundle}`"
             self.log.write("warning", message=f"the ONNX export failed: {message}", hint=hint)
             print(f"bigl train: warning: the ONNX export failed: {message}\n  fix: {hint}", flush=True)

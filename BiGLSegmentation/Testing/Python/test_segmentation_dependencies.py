@@ -97,11 +97,38 @@ def test_testing_mode_installs_nothing_and_reports_what_is_missing(requirements,
 
 
 def test_segmentation_never_asks_for_torch(requirements, monkeypatch):
+    """Not in testing mode, where the installers would really run: torch is never installed nor
+    asked for, the other packages are."""
+    installed = []
+    fake_slicer = types.ModuleType("slicer")
+    fake_slicer.util = types.SimpleNamespace(pip_install=lambda names: installed.extend(names))
+    monkeypatch.setitem(sys.modules, "slicer", fake_slicer)
+    monkeypatch.setitem(sys.modules, "slicer.packaging", None)  # "import slicer.packaging" fails
+    monkeypatch.setitem(sys.modules, "PyTorchUtils", None)
     monkeypatch.setattr(dependencies, "torch_installed", lambda: False)
     monkeypatch.setattr(dependencies, "_install_torch", lambda *args, **kwargs: pytest.fail("tried to install torch"))
-    report = dependencies.ensure_dependencies(confirm=lambda question: pytest.fail("asked"),
-                                              requirements_path=requirements, testing=True)
-    assert report.missing == ["surely-not-installed-bigl-package>=1"]
+    questions = []
+    report = dependencies.ensure_dependencies(confirm=lambda question: questions.append(question) or True,
+                                              requirements_path=requirements, testing=False)
+    assert installed == ["surely-not-installed-bigl-package>=1"] and report.ready
+    assert len(questions) == 1 and "torch" not in questions[0].lower()
+
+
+def test_onnxruntime_gpu_satisfies_onnxruntime(monkeypatch):
+    """An installed onnxruntime-gpu is never replaced by the CPU wheel."""
+    versions = {"onnxruntime-gpu": "1.20.1", "nibabel": "5.2.0"}
+
+    def version(name):
+        if name not in versions:
+            raise dependencies.importlib.metadata.PackageNotFoundError(name)
+        return versions[name]
+
+    monkeypatch.setattr(dependencies.importlib.metadata, "version", version)
+    assert dependencies.installed_version("onnxruntime") == "1.20.1"
+    assert missing_requirements([Requirement("onnxruntime>=1.16"), Requirement("nibabel>=5")]) == []
+    assert [str(r) for r in missing_requirements([Requirement("onnxruntime>=1.21")])] == ["onnxruntime>=1.21"]
+    versions.pop("onnxruntime-gpu")
+    assert dependencies.installed_version("onnxruntime") is None
 
 
 def test_training_offers_the_pytorch_extension_when_it_is_missing(monkeypatch):

@@ -80,9 +80,13 @@ def test_running_again_updates_the_same_nodes(lps_scan, headless, varied_bundle)
     logic = SegmentationLogic()
     first = logic.segment(volume, varied_bundle, device="cpu", threads=1, timeout=300,
                           options=OutputOptions(attention=True))
+    # the run states the model's modality: no "cannot be checked" warning
+    assert not any("cannot be checked" in warning for warning in first.warnings), first.warnings
     nodes = {headless.scene.GetNthNode(i).GetID() for i in range(headless.scene.GetNumberOfNodes())}
+    # an unstated modality: bigl segment's warning event comes back with the outputs
     second = logic.segment(volume, varied_bundle, device="cpu", threads=1, timeout=300,
-                           options=OutputOptions(attention=True))
+                           options=OutputOptions(attention=True), modality="")
+    assert any("cannot be checked" in warning for warning in second.warnings), second.warnings
     assert {headless.scene.GetNthNode(i).GetID() for i in range(headless.scene.GetNumberOfNodes())} == nodes
     assert second.segmentation is first.segmentation and second.volumes_table is first.volumes_table
     assert sorted(scene.find_outputs(volume)) == sorted(
@@ -168,12 +172,16 @@ def test_onnx_runtime_segmentation_without_torch(lps_scan, headless, varied_bund
     monkeypatch.setenv("PYTHONPATH", str(blocker))  # the child keeps it, after the bigl root
 
     volume = headless.load_volume(lps_scan)
-    run = SegmentationLogic().start_segmentation(volume, bundle, device="cpu", threads=1, engine="onnx",
+    run = SegmentationLogic().start_segmentation(volume, bundle, device="cpu", threads=1,
                                                  options=OutputOptions(**ALL_OUTPUTS))
-    assert run.command()[run.command().index("--engine") + 1] == "onnx"
+    command = run.command()
+    assert command[command.index("--engine") + 1] == "auto"  # the module's default: auto picks the export
+    assert command[command.index("--modality") + 1] == "t2"
     run.wait(timeout=300)
     log = run.process.log_tail(40)
+    assert "ONNX Runtime" in log, log
     outputs = run.finish()
+    assert not any("cannot be checked" in warning for warning in outputs.warnings), outputs.warnings
     expected = _direct_prediction(lps_scan, bundle)
     assert len(np.unique(expected.labels)) > 1
     labels = scene.segmentation_to_labels(outputs.segmentation, volume)
@@ -193,4 +201,6 @@ def test_onnx_runtime_segmentation_without_torch(lps_scan, headless, varied_bund
 
     with pytest.raises(SegmentationError) as error:
         SegmentationLogic().segment(volume, alone, device="cpu", threads=1, timeout=120)
-    assert "bigl export" in error.value.hint or "PyTorch" in error.value.message, error.value.details
+    assert "no ONNX export" in error.value.message, error.value.details
+    assert "bigl export" in error.value.hint and "BiGL Training" in error.value.hint, error.value.hint
+    assert "--engine torch" not in error.value.hint

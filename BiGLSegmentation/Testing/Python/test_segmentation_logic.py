@@ -121,3 +121,21 @@ def test_attention_files_finds_both_maps_or_says_what_is_missing(tmp_path):
     (tmp_path / "scan_attention_channel.nii.gz").unlink()
     with pytest.raises(SegmentationError, match="channel"):
         attention_files(tmp_path)
+
+
+def test_the_command_states_the_modality(tmp_path):
+    from BiGLSegmentationLib.logic import model_modality, segment_command
+
+    command = segment_command("python", tmp_path / "scan.nii.gz", tmp_path / "labels.nii.gz", model_path=None,
+                              modality="t2")
+    assert command[command.index("--modality") + 1] == "t2"
+    assert "--modality" not in segment_command("python", tmp_path / "s.nii.gz", tmp_path / "l.nii.gz", model_path=None)
+    assert model_modality(tmp_path / "missing.safetensors") is None
+
+
+def test_the_model_modality_is_read_from_bundles_and_exports(tiny_bundle):
+    from BiGLSegmentationLib.logic import model_modality
+
+    from bigl.bundle import read_metadata
+
+    assert model_modality(tiny_bundle) == read_metadata(tiny_bundle)["modality"]

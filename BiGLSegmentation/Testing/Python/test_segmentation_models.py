@@ -130,3 +130,22 @@ def test_import_copies_the_onnx_export_under_the_new_name(tmp_path, tiny_bundle,
     assert onnxengine.translator_path(export).is_file()
     predictor = onnxengine.OnnxPredictor(export, device="cpu")
     assert predictor.has_translator  # found by its own name, not the one recorded at export
+
+
+def test_importing_again_after_exporting_copies_the_export(tmp_path, tiny_bundle, no_default_model):
+    """docs/slicer.md: a model imported before it had an export gets it by importing it again."""
+    pytest.importorskip("onnx")
+    from bigl import onnxengine
+    from bigl.export import export_bundle
+
+    source = tmp_path / "download" / "mine.safetensors"
+    source.parent.mkdir()
+    source.write_bytes(tiny_bundle.read_bytes())
+    first = import_model(source, tmp_path / "models")
+    export = onnxengine.export_path(first.path)
+    assert not export.exists()
+    export_bundle(source)
+    again = import_model(source, tmp_path / "models")
+    assert again.path == first.path  # the same copy, not a second one
+    assert onnxengine.export_is_current(export, again.path)
+    assert onnxengine.translator_path(export).is_file()
