@@ -46,7 +46,7 @@ def noisy_phantom():
 def test_config_round_trip_and_validation():
     config = PreprocessConfig(image_size=64, margin=3, slice_axis=1)
     assert PreprocessConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
-    with pytest.raises(ConfigError, match="unknown preprocessing setting"):
+    with pytest.raises(ConfigError, match="unknown PreprocessConfig key"):
         PreprocessConfig.from_dict({"image_size": 64, "colour": "red"})
     for bad in ({"image_size": 4}, {"margin": -1}, {"lower_percentile": 60, "upper_percentile": 40}, {"slice_axis": 3}):
         with pytest.raises(ConfigError):

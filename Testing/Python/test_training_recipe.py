@@ -33,6 +33,25 @@ def smoke(data, *overrides: str) -> dict:
     return load_config("smoke", [f"data.source_dir={folders}", f"data.target_dir={folders}", *overrides])
 
 
+def crash_then_resume(config: dict, out: Path, at_step: int, monkeypatch, between=None) -> Path:
+    """Run until adaptation step ``at_step`` fails (a simulated power cut), call ``between()``
+    (e.g. to change the machine), resume; returns the bundle."""
+    original = AdaptTrainer.train_step
+
+    def crashing(self, step):
+        if step == at_step:
+            raise SimulatedCrash("power cut")
+        return original(self, step)
+
+    monkeypatch.setattr(AdaptTrainer, "train_step", crashing)
+    with pytest.raises(SimulatedCrash):
+        run_training(config, out, progress=False)
+    monkeypatch.setattr(AdaptTrainer, "train_step", original)
+    if between is not None:
+        between()
+    return run_training(config, out, resume=True, progress=False)
+
+
 # ------------------------------------------------------------------------------------------
 # several data folders
 
@@ -284,18 +303,7 @@ def test_resume_inside_self_training_reproduces_the_uninterrupted_run(phantom_co
     reference = tmp_path / "reference"
     run_training(config, reference, progress=False)
     out = tmp_path / "run"
-    original = AdaptTrainer.train_step
-
-    def crashing(self, step):
-        if step == 7:  # second self-training round, its pseudo-labels made at step 6
-            raise SimulatedCrash("power cut")
-        return original(self, step)
-
-    monkeypatch.setattr(AdaptTrainer, "train_step", crashing)
-    with pytest.raises(SimulatedCrash):
-        run_training(config, out, progress=False)
-    monkeypatch.setattr(AdaptTrainer, "train_step", original)
-    run_training(config, out, resume=True, progress=False)
+    crash_then_resume(config, out, 7, monkeypatch)  # second self-training round, its pseudo-labels made at step 6
     rounds = [e["round"] for e in read_events(out / "events.jsonl") if e["event"] == "pseudo_labels"]
     assert rounds == [0, 1]  # the resumed run took round 1's pseudo-labels from the checkpoint
     assert_same_weights(out / "model.safetensors", reference / "model.safetensors")
@@ -393,18 +401,7 @@ def test_an_averaged_run_ships_the_average_and_resumes_exactly(phantom_cohort, t
     assert not all(torch.equal(shipped[k], live[k]) for k in shipped)
 
     out = tmp_path / "run"
-    original = AdaptTrainer.train_step
-
-    def crashing(self, step):
-        if step == 5:
-            raise SimulatedCrash("power cut")
-        return original(self, step)
-
-    monkeypatch.setattr(AdaptTrainer, "train_step", crashing)
-    with pytest.raises(SimulatedCrash):
-        run_training(config, out, progress=False)
-    monkeypatch.setattr(AdaptTrainer, "train_step", original)
-    run_training(config, out, resume=True, progress=False)
+    crash_then_resume(config, out, 5, monkeypatch)
     assert_same_weights(out / "model.safetensors", reference / "model.safetensors")
 
 
@@ -415,20 +412,9 @@ def test_a_resume_in_another_precision_is_announced_and_recorded(phantom_cohort,
     config = smoke(phantom_cohort, "adapt.iterations=4", "translator_training.iterations=2", "run.checkpoint_every=2",
                    "run.threads=1")
     out = tmp_path / "run"
-    original = AdaptTrainer.train_step
-
-    def crashing(self, step):
-        if step == 3:
-            raise SimulatedCrash("power cut")
-        return original(self, step)
-
     monkeypatch.setattr(loop, "cpu_supports_bf16", lambda: True)
-    monkeypatch.setattr(AdaptTrainer, "train_step", crashing)
-    with pytest.raises(SimulatedCrash):
-        run_training(config, out, progress=False)
-    monkeypatch.setattr(AdaptTrainer, "train_step", original)
-    monkeypatch.setattr(loop, "cpu_supports_bf16", lambda: False)  # resumed on a CPU without bfloat16
-    bundle = run_training(config, out, resume=True, progress=False)
+    # resumed on a CPU without bfloat16
+    bundle = crash_then_resume(config, out, 3, monkeypatch, between=lambda: monkeypatch.setattr(loop, "cpu_supports_bf16", lambda: False))
     warnings = [e for e in read_events(out / "events.jsonl") if e["event"] == "warning"]
     assert len(warnings) == 1 and "bfloat16 before the interruption and goes on in float32" in warnings[0]["message"]
     assert load_bundle(bundle).metadata["training"]["precision"] == "bfloat16, then float32"

@@ -10,7 +10,7 @@ voxel for voxel.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage as ndi
@@ -19,6 +19,7 @@ from skimage.transform import resize
 from bigl.data.io import Volume
 from bigl.errors import ConfigError, InputError
 from bigl.labels import NUM_CLASSES, classes_to_labels, labels_to_classes
+from bigl.modelconfig import ModelConfig
 
 BACKGROUND = -1.0
 #: A slice whose maximum is at most this holds no brain (all background, up to rounding).
@@ -34,7 +35,7 @@ def _is_integer(value) -> bool:
 
 
 @dataclass(frozen=True)
-class PreprocessConfig:
+class PreprocessConfig(ModelConfig):
     """How volumes become network inputs; stored in every model bundle."""
 
     image_size: int = 128
@@ -43,7 +44,7 @@ class PreprocessConfig:
     upper_percentile: float = 99.5
     slice_axis: int = 2
 
-    def __post_init__(self):
+    def validate(self) -> None:
         if not _is_integer(self.image_size) or self.image_size < 8:
             raise ConfigError(f"image_size must be an integer >= 8, not {self.image_size!r}", "use e.g. 128")
         if not _is_integer(self.margin) or self.margin < 0:
@@ -56,20 +57,6 @@ class PreprocessConfig:
             )
         if self.slice_axis not in (0, 1, 2):
             raise ConfigError(f"slice_axis must be 0, 1 or 2, not {self.slice_axis!r}", "use 2 for axial BraTS slices")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> PreprocessConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(
-                f"unknown preprocessing setting(s): {', '.join(unknown)}",
-                f"known settings: {', '.join(sorted(known))}",
-            )
-        return cls(**d)
 
 
 @dataclass
