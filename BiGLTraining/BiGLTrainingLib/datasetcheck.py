@@ -20,7 +20,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from bigl.data.brats import MODALITIES, Case, data_folders, find_cases, normalise_modality
+from bigl.data.brats import MODALITIES, Case, data_folders, find_cases, normalise_modality, same_folders
 from bigl.data.io import read_grid
 from bigl.errors import BiGLError
 
@@ -518,12 +518,16 @@ def check_datasets(
         problems += found
     report = DatasetReport(source=reports["source"], target=reports["target"], problems=problems)
 
-    if method == "bigl" and modalities["source"] == modalities["target"]:
+    allow_same = bool(((config or {}).get("data") or {}).get("allow_same_modality", False))
+    if (method == "bigl" and modalities["source"] == modalities["target"] and not allow_same
+            and same_folders(folders["source"], folders["target"])):  # the rule of bigl train
         problems.append(
             Problem(
                 "error",
-                f"source and target are both {modalities['source']}: there is no modality gap to adapt across",
-                "choose the labelled modality as source and the modality to segment as target (e.g. t1 -> t2)",
+                f"source and target are both {modalities['source']} from the same folder(s): there is no domain gap "
+                "to adapt across",
+                "choose the labelled modality as source and the modality to segment as target (e.g. t1 -> t2); "
+                "to adapt between scanners of one modality, choose separate source and target folders",
             )
         )
     if method == "bigl":

@@ -223,6 +223,18 @@ def data_folders(roots: PathLike | Sequence[PathLike]) -> list[Path]:
     return folders
 
 
+def same_folders(a: PathLike | Sequence[PathLike] | None, b: PathLike | Sequence[PathLike] | None) -> bool:
+    """Whether two data folder values (one folder or a list) name the same set of folders, however
+    spelled (``~``, relative paths, links): then source and target scans are the same scans."""
+
+    def resolved(value) -> frozenset[Path]:
+        values = [] if value is None else [value] if isinstance(value, (str, os.PathLike)) else list(value)
+        return frozenset(Path(str(v)).expanduser().resolve() for v in values if str(v).strip())
+
+    first = resolved(a)
+    return bool(first) and first == resolved(b)
+
+
 def find_cases(
     root: PathLike | Sequence[PathLike], *, modalities: Sequence[str] | str = (), require_labels: bool = False
 ) -> list[Case]:

@@ -520,12 +520,6 @@ def _validate_training(config: dict[str, Any]) -> None:
     run["device"] = device
 
 
-def _folder_set(value: Any) -> frozenset[Path]:
-    """The resolved folders of a data.*_dir value (one folder, or a list of them)."""
-    values = [value] if isinstance(value, (str, Path)) else list(value or [])
-    return frozenset(Path(str(v)).expanduser().resolve() for v in values)
-
-
 def _validate_domains(config: dict[str, Any]) -> None:
     """BiGL adapts across a domain gap: the same modality from the same scans has none."""
     data = config["data"]
@@ -533,10 +527,12 @@ def _validate_domains(config: dict[str, Any]) -> None:
         return
     if data["source_modality"] != data["target_modality"]:
         return
-    source, target = _folder_set(data["source_dir"]), _folder_set(data["target_dir"])
-    if not source or source != target:
+    from bigl.data.brats import data_folders, same_folders
+
+    if not same_folders(data["source_dir"], data["target_dir"]):
         return  # separate folders: e.g. one scanner to another, a real adaptation
     modality = data["source_modality"].upper()
+    source = data_folders(data["source_dir"])
     raise ConfigError(
         f"config data: source and target are both {modality} from the same folder(s) "
         f"({', '.join(sorted(map(str, source)))}): there is no domain gap to adapt across, "

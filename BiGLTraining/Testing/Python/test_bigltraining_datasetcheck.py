@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import shutil
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -85,9 +86,21 @@ def test_errors_block_the_start(cases, tmp_path, source, modality, expected):
     assert "NOT ready" in report.as_text()
 
 
-def test_same_modality_is_nothing_to_adapt(cases):
+def test_same_modality_from_the_same_folder_is_nothing_to_adapt(cases):
     report = check_datasets(cases, "t2", cases, "t2")
-    assert not report.ok and "no modality gap" in report.errors[0].message
+    assert not report.ok and "no domain gap" in report.errors[0].message
+    spelled_otherwise = cases.parent / "." / cases.name
+    assert not check_datasets(cases, "t2", [spelled_otherwise], "t2").ok
+
+
+def test_same_modality_from_other_folders_is_a_scanner_to_scanner_run(cases, tmp_path):
+    """As in bigl train: one modality from separate folders (two scanners) is a real adaptation,
+    and data.allow_same_modality permits even the same folder."""
+    other = Path(shutil.copytree(cases, tmp_path / "scanner_b"))
+    report = check_datasets(cases, "t2", other, "t2", config=load_config("cpu"))
+    assert not any("domain gap" in p.message for p in report.errors), report.as_text()
+    allowed = load_config("cpu", ["data.allow_same_modality=true"])
+    assert not any("domain gap" in p.message for p in check_datasets(cases, "t2", cases, "t2", config=allowed).errors)
 
 
 def test_no_folder_chosen(cases):
