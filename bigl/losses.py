@@ -96,6 +96,29 @@ def generalized_dice_loss(
     return (1 - numerator / denominator).mean()
 
 
+def mean_dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1e-5, ignore_index: int | None = None) -> torch.Tensor:
+    """1 - the mean over classes of the soft Dice (2 sum p g + eps) / (sum p + sum g + eps), counts
+    over the whole mini-batch (as MONAI's DiceLoss with batch=True). Every class weighs the same
+    whatever its size, so a rare class (enhancing tumour) pulls as hard as the background; a class
+    absent from the batch scores about 0 unless it is not predicted either."""
+    target = _check_segmentation_inputs(logits, target, ignore_index)
+    probabilities = torch.softmax(logits.float(), dim=1)
+    if ignore_index is not None:
+        keep = (target != ignore_index).unsqueeze(1).to(probabilities.dtype)
+        target = torch.where(target == ignore_index, torch.zeros_like(target), target)
+        probabilities = probabilities * keep
+    one_hot = F.one_hot(target, logits.shape[1]).permute(0, 3, 1, 2).to(probabilities.dtype)
+    if ignore_index is not None:
+        one_hot = one_hot * keep
+    intersection = (probabilities * one_hot).sum((0, 2, 3))
+    total = (probabilities + one_hot).sum((0, 2, 3))
+    return 1 - ((2 * intersection + eps) / (total + eps)).mean()
+
+
+#: Dice terms of :func:`segmentation_loss` (config key ``adapt.dice``).
+DICE_LOSSES = ("generalised", "mean")
+
+
 def segmentation_loss(
     logits: torch.Tensor,
     target: torch.Tensor,
@@ -106,8 +129,10 @@ def segmentation_loss(
     weight_power: float = 1.0,
     eps: float = 1e-5,
     ignore_index: int | None = None,
+    dice: str = "generalised",
 ) -> torch.Tensor:
-    """L_seg = ce_weight * cross-entropy (optionally class-weighted) + dice_weight * generalised Dice;
+    """L_seg = ce_weight * cross-entropy (optionally class-weighted) + dice_weight * Dice term
+    (``dice``: "generalised", :func:`generalized_dice_loss`, or "mean", :func:`mean_dice_loss`);
     voxels labelled ``ignore_index`` (e.g. :data:`IGNORE_INDEX`) take no part in either term."""
     target = _check_segmentation_inputs(logits, target, ignore_index)
     if class_weights is not None:
@@ -119,8 +144,13 @@ def segmentation_loss(
     if ignore_index is not None and not bool((target != ignore_index).any()):
         return logits.sum() * 0.0  # nothing confident to learn from in this batch
     cross_entropy = F.cross_entropy(logits.float(), target, weight=class_weights, ignore_index=-100 if ignore_index is None else ignore_index)
-    dice = generalized_dice_loss(logits, target, eps=eps, weight_power=weight_power, ignore_index=ignore_index)
-    return ce_weight * cross_entropy + dice_weight * dice
+    if dice == "mean":
+        overlap = mean_dice_loss(logits, target, eps=eps, ignore_index=ignore_index)
+    elif dice == "generalised":
+        overlap = generalized_dice_loss(logits, target, eps=eps, weight_power=weight_power, ignore_index=ignore_index)
+    else:
+        raise ValueError(f"dice must be one of {', '.join(DICE_LOSSES)}, got {dice!r}")
+    return ce_weight * cross_entropy + dice_weight * overlap
 
 
 def adversarial_loss(logits: torch.Tensor, is_real: bool, mode: str = "lsgan") -> torch.Tensor:

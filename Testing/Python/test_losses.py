@@ -178,3 +178,19 @@ def test_output_consistency_gradients_and_shapes():
     assert grad_a.abs().sum() > 0 and grad_b.abs().sum() > 0
     with pytest.raises(ValueError, match="same shape"):
         output_consistency_loss(a, b[:, :2])
+
+
+def test_mean_dice_weighs_every_class_alike():
+    from bigl.losses import mean_dice_loss, segmentation_loss
+
+    target = torch.zeros(1, 8, 8, dtype=torch.long)
+    target[0, :2, :2] = 1  # a rare class: 4 of 64 pixels
+    perfect = torch.nn.functional.one_hot(target, 2).permute(0, 3, 1, 2).float() * 20.0
+    assert float(mean_dice_loss(perfect, target)) < 1e-3
+    missed = perfect.clone()
+    missed[:, :, :2, :2] = torch.tensor([20.0, 0.0])[:, None, None]  # the rare class predicted as background
+    # a miss of the rare class costs about half the loss: one of two classes scores 0
+    assert float(mean_dice_loss(missed, target)) == pytest.approx(0.5 * (1 - 120 / 124) + 0.5, abs=0.01)
+    assert float(segmentation_loss(missed, target, dice="mean")) > float(mean_dice_loss(missed, target))
+    with pytest.raises(ValueError, match="dice must be one of"):
+        segmentation_loss(missed, target, dice="focal")

@@ -418,3 +418,20 @@ def test_a_resume_in_another_precision_is_announced_and_recorded(phantom_cohort,
     warnings = [e for e in read_events(out / "events.jsonl") if e["event"] == "warning"]
     assert len(warnings) == 1 and "bfloat16 before the interruption and goes on in float32" in warnings[0]["message"]
     assert load_bundle(bundle).metadata["training"]["precision"] == "bfloat16, then float32"
+
+
+def test_the_dice_switch_reaches_every_segmentation_loss(phantom_cohort, tmp_path, monkeypatch):
+    import bigl.training.adapt_stage as adapt_stage
+
+    with pytest.raises(ConfigError, match="adapt.dice"):
+        smoke(phantom_cohort, "adapt.dice=focal")
+    seen = []
+    original = adapt_stage.segmentation_loss
+
+    def recording(*args, dice="generalised", **kwargs):
+        seen.append(dice)
+        return original(*args, dice=dice, **kwargs)
+
+    monkeypatch.setattr(adapt_stage, "segmentation_loss", recording)
+    run_training(smoke(phantom_cohort, *SELF_TRAINING, "adapt.dice=mean"), tmp_path / "run", progress=False)
+    assert len(seen) == 4 * 2 + 4 * 3 and set(seen) == {"mean"}  # seg + seg_syn, then + seg_pseudo

@@ -386,19 +386,19 @@ class AdaptTrainer(StageTrainer):
         """Every term of the segmenter step (weighted sum in ``total``)."""
         adapt = self.adapt
         if self.method != "bigl":
-            seg = segmentation_loss(out["logits"], batch["y"])
+            seg = segmentation_loss(out["logits"], batch["y"], dice=adapt["dice"])
             return {"seg": seg, "total": seg}
         logits_s, logits_s2t, logits_t, logits_t2s = out["logits"].chunk(4)
         losses = {
-            "seg": segmentation_loss(logits_s, batch["y"]),
-            "seg_syn": segmentation_loss(logits_s2t, batch["y"]),
+            "seg": segmentation_loss(logits_s, batch["y"], dice=adapt["dice"]),
+            "seg_syn": segmentation_loss(logits_s2t, batch["y"], dice=adapt["dice"]),
         }
         total = losses["seg"] + adapt["synthetic_weight"] * losses["seg_syn"]
         if adapt["output"]:
             losses["out"] = output_consistency_loss(logits_t, logits_t2s)
             total = total + adapt["lambda_out"] * losses["out"]
         if "y_t" in batch:  # self-training: pseudo-labelled target instead of adversarial alignment
-            losses["seg_pseudo"] = segmentation_loss(logits_t, batch["y_t"], ignore_index=IGNORE_INDEX)
+            losses["seg_pseudo"] = segmentation_loss(logits_t, batch["y_t"], ignore_index=IGNORE_INDEX, dice=adapt["dice"])
             losses["total"] = total + losses["seg_pseudo"]
             return losses
         for level in self.levels:

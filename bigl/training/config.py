@@ -150,6 +150,7 @@ def default_config() -> dict[str, Any]:
             "pseudo_class_fraction": 0.5,
             "pseudo_views": "both",
             "ema_decay": 0.0,
+            "dice": "generalised",
         },
         "run": {
             "seed": 0,
@@ -500,6 +501,11 @@ def _validate_training(config: dict[str, Any]) -> None:
     if not 0.0 <= adapt["pseudo_class_fraction"] <= 1.0:
         raise _fail("adapt.pseudo_class_fraction", f"must be in [0, 1], got {adapt['pseudo_class_fraction']}",
                     "0.5 keeps at least the more confident half of each class's predicted voxels")
+    from bigl.losses import DICE_LOSSES
+
+    if adapt["dice"] not in DICE_LOSSES:
+        raise _fail("adapt.dice", f"must be one of {', '.join(DICE_LOSSES)}, got {json.dumps(adapt['dice'])}",
+                    "generalised (the default) or mean (every class weighs the same)")
     if adapt["pseudo_views"] not in PSEUDO_VIEWS:
         raise _fail("adapt.pseudo_views", f"must be one of {', '.join(PSEUDO_VIEWS)}, got {json.dumps(adapt['pseudo_views'])}",
                     "both averages Phi(x_t) and Phi(x_t->s); target takes Phi(x_t) alone")
