@@ -435,24 +435,3 @@ def test_the_dice_switch_reaches_every_segmentation_loss(phantom_cohort, tmp_pat
     monkeypatch.setattr(adapt_stage, "segmentation_loss", recording)
     run_training(smoke(phantom_cohort, *SELF_TRAINING, "adapt.dice=mean"), tmp_path / "run", progress=False)
     assert len(seen) == 4 * 2 + 4 * 3 and set(seen) == {"mean"}  # seg + seg_syn, then + seg_pseudo
-
-
-def test_a_zero_initialised_head_starts_every_class_alike(phantom_cohort, tmp_path):
-    run = TrainingRun(smoke(phantom_cohort, "adapt.zero_init_head=true", "run.threads=1"), tmp_path / "run", progress=False)
-    run.prepare()
-    run.translator_trainer().finish()
-    trainer: AdaptTrainer = run.adapt_trainer()
-    x, _ = to_tensors_of(run)
-    with torch.no_grad():
-        probabilities = torch.softmax(trainer.segmenter(x), 1)
-    np.testing.assert_allclose(probabilities.numpy(), 1.0 / probabilities.shape[1], atol=1e-6)
-    losses = trainer.train_step(0)  # and it trains: the head leaves zero after one step
-    assert float(trainer.segmenter.head.weight.abs().sum()) > 0 and torch.isfinite(losses["total"])
-
-
-def to_tensors_of(run: TrainingRun):
-    from bigl.training.data import to_tensors
-
-    labelled = run.ctx.data.labelled
-    rows = np.arange(min(4, len(labelled.images)))
-    return to_tensors(labelled, rows, np.zeros(len(rows), bool), run.ctx.device, with_labels=True)

@@ -172,11 +172,6 @@ class AdaptTrainer(StageTrainer):
         self.translator_iterations = translator_iterations
         device = ctx.device
         self.segmenter = DualAttentionUNet(SegmenterConfig(**config["segmenter"])).to(device)
-        if adapt["zero_init_head"]:
-            # every class starts at the same probability everywhere: none starts so low that the
-            # first steps (dominated by the background) silence it for the rest of the run
-            nn.init.zeros_(self.segmenter.head.weight)
-            nn.init.zeros_(self.segmenter.head.bias)
         if self.method == "bigl" and translators is None:
             raise ValueError("method bigl needs the trained translators")
         self.translators = translators.to(device) if self.method == "bigl" else None

@@ -151,7 +151,6 @@ def default_config() -> dict[str, Any]:
             "pseudo_views": "both",
             "ema_decay": 0.0,
             "dice": "generalised",
-            "zero_init_head": False,
         },
         "run": {
             "seed": 0,
