@@ -28,7 +28,6 @@ the ``onnx`` package nor onnxruntime.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 import re
@@ -39,7 +38,7 @@ import numpy as np
 
 from bigl import __version__
 from bigl.errors import BundleError, ConfigError
-from bigl.prediction import _OUT_OF_MEMORY, Predictor, check_num_threads, padded_size
+from bigl.prediction import _OUT_OF_MEMORY, Predictor, check_num_threads, module_installed, padded_size
 
 ONNX_SUFFIX = ".onnx"
 TRANSLATOR_SUFFIX = ".translator.onnx"
@@ -97,10 +96,7 @@ def file_digest(path: str | os.PathLike) -> str:
 
 
 def onnxruntime_available() -> bool:
-    try:
-        return importlib.util.find_spec("onnxruntime") is not None
-    except (ImportError, ValueError):  # a broken or blocked install counts as none
-        return False
+    return module_installed("onnxruntime")
 
 
 def has_cuda_provider() -> bool:

@@ -485,13 +485,18 @@ class Progress:
 # choosing an engine
 
 
-def _torch_available() -> bool:
+def module_installed(name: str) -> bool:
+    """Whether a package can be imported, without importing it."""
     import importlib.util
 
     try:
-        return importlib.util.find_spec("torch") is not None
+        return importlib.util.find_spec(name) is not None
     except (ImportError, ValueError):  # a broken or blocked install counts as none
         return False
+
+
+def _torch_available() -> bool:
+    return module_installed("torch")
 
 
 def _torch_cuda_available() -> bool:

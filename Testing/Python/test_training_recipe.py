@@ -22,7 +22,7 @@ from bigl.training.events import read_events
 from bigl.training.loop import RunContext
 from bigl.training.runner import TrainingRun
 
-from test_training_resume import SimulatedCrash, assert_same_weights
+from test_training_resume import SimulatedCrash, assert_same_weights, crash_at
 
 SELF_TRAINING = ["adapt.iterations=4", "adapt.self_training_iterations=4", "adapt.self_training_rounds=2",
                  "translator_training.iterations=3", "run.checkpoint_every=1", "run.threads=1"]
@@ -36,17 +36,10 @@ def smoke(data, *overrides: str) -> dict:
 def crash_then_resume(config: dict, out: Path, at_step: int, monkeypatch, between=None) -> Path:
     """Run until adaptation step ``at_step`` fails (a simulated power cut), call ``between()``
     (e.g. to change the machine), resume; returns the bundle."""
-    original = AdaptTrainer.train_step
-
-    def crashing(self, step):
-        if step == at_step:
-            raise SimulatedCrash("power cut")
-        return original(self, step)
-
-    monkeypatch.setattr(AdaptTrainer, "train_step", crashing)
+    repair = crash_at(monkeypatch, AdaptTrainer, at_step)
     with pytest.raises(SimulatedCrash):
         run_training(config, out, progress=False)
-    monkeypatch.setattr(AdaptTrainer, "train_step", original)
+    repair()
     if between is not None:
         between()
     return run_training(config, out, resume=True, progress=False)

@@ -29,6 +29,20 @@ class SimulatedCrash(RuntimeError):
     pass
 
 
+def crash_at(monkeypatch, trainer_class, crash_step: int):
+    """Make ``trainer_class`` fail at step ``crash_step`` (a simulated power cut); returns the
+    function that puts the real step back."""
+    original = trainer_class.train_step
+
+    def crashing(self, step):
+        if step == crash_step:
+            raise SimulatedCrash("power cut")
+        return original(self, step)
+
+    monkeypatch.setattr(trainer_class, "train_step", crashing)
+    return lambda: monkeypatch.setattr(trainer_class, "train_step", original)
+
+
 def config_for(data: Path, *overrides: str) -> dict:
     return load_config("smoke", [f"data.source_dir={data}", f"data.target_dir={data}", *SHORT, *overrides])
 
@@ -66,21 +80,14 @@ def test_resume_after_a_crash_reproduces_the_uninterrupted_run(
 ):
     config = config_for(phantom_cohort, f"translator_training.mode={mode}")
     out = tmp_path / "run"
-    original = trainer_class.train_step
-
-    def crashing(self, step):
-        if step == crash_step:
-            raise SimulatedCrash("power cut")
-        return original(self, step)
-
-    monkeypatch.setattr(trainer_class, "train_step", crashing)
+    repair = crash_at(monkeypatch, trainer_class, crash_step)
     with pytest.raises(SimulatedCrash):
         run_training(config, out, progress=False)
     events = read_events(out / "events.jsonl")
     assert events[-1]["event"] == "error" and "power cut" in events[-1]["message"]
     assert not (out / "model.safetensors").exists()
 
-    monkeypatch.setattr(trainer_class, "train_step", original)
+    repair()
     run_training(config, out, resume=True, progress=False)
     events = read_events(out / "events.jsonl")
     resumed = [e for e in events if e["event"] == "start" and e.get("resumed")]

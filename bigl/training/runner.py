@@ -285,15 +285,15 @@ def _slice_count(config: dict, cases: list) -> int:
     """Slices of the target images along the slice axis, read from their headers (no image data)."""
     if not config["adapt"]["self_training_iterations"]:
         return 0
-    import nibabel as nib
+    from bigl.data.io import read_grid
 
     axis = config["preprocessing"]["slice_axis"]
     modality = config["data"]["target_modality"]
     total = 0
     for case in cases:
         try:
-            total += int(nib.load(str(case.images[modality])).shape[axis])
-        except Exception:  # an unreadable file is reported, with its name, when the data are loaded
+            total += read_grid(case.images[modality])[0][axis]
+        except BiGLError:  # an unreadable file is reported, with its name, when the data are loaded
             total += 256
     return total
 
@@ -312,6 +312,7 @@ def estimate_disk_bytes(config: dict, stages: list[str], target_slices: int = 0)
     from bigl.training.translator_stage import TranslatorPair, translator_discriminators
 
     keep = config["run"]["keep_checkpoints"] + 1
+    pseudo_label_bytes = 0  # uint8, one per target voxel, in every kept checkpoint
     generators = _parameters(TranslatorPair(TranslatorConfig(**config["translator"])))
     image_discriminators = sum(_parameters(d) for d in translator_discriminators(config, "paired").values())
     total = 0
@@ -327,7 +328,6 @@ def estimate_disk_bytes(config: dict, stages: list[str], target_slices: int = 0)
             checkpoint += 3 * (generators + image_discriminators)
         total += keep * checkpoint + segmenter + (generators if adapt["method"] == "bigl" else 0)
         if adapt["self_training_iterations"] and adapt["method"] == "bigl":
-            pseudo_labels = target_slices * config["preprocessing"]["image_size"] ** 2
-            return 4 * total + keep * pseudo_labels + _DISK_MARGIN_BYTES
-    return 4 * total + _DISK_MARGIN_BYTES
+            pseudo_label_bytes = keep * target_slices * config["preprocessing"]["image_size"] ** 2
+    return 4 * total + pseudo_label_bytes + _DISK_MARGIN_BYTES
 

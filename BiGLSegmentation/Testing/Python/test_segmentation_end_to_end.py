@@ -27,6 +27,18 @@ def _direct_prediction(path, bundle):
     return predictor.predict(scan.data, scan.affine, probabilities=True, attention=True, translated=True)
 
 
+def assert_same_maps(scene, outputs, expected, *, attention: float, probabilities: float, translated: float) -> None:
+    """The module's attention, probability and translated-image nodes hold the library's values
+    (``expected``: a direct prediction), within the given absolute tolerances."""
+    for kind, node in outputs.attention.items():
+        np.testing.assert_allclose(scene.volume_to_array(node), expected.attention[kind], atol=attention)
+    for index, label in enumerate((0, 1, 2, 4)):
+        if label:
+            np.testing.assert_allclose(scene.volume_to_array(outputs.probabilities[label]),
+                                       expected.probabilities[index], atol=probabilities)
+    np.testing.assert_allclose(scene.volume_to_array(outputs.translated), expected.translated, atol=translated)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("scan", ["lps_scan", "anisotropic_scan"])
 def test_subprocess_segmentation_matches_the_core_library(scan, request, headless, varied_bundle):
@@ -54,13 +66,7 @@ def test_subprocess_segmentation_matches_the_core_library(scan, request, headles
     for node in outputs.overlays():
         np.testing.assert_array_equal(scene.ijk_to_ras_matrix(node), reference)
         assert scene.grid_shape(node) == scene.grid_shape(volume)
-    for kind, node in outputs.attention.items():
-        np.testing.assert_allclose(scene.volume_to_array(node), expected.attention[kind], atol=1e-5)
-    for index, label in enumerate((0, 1, 2, 4)):
-        if label:
-            np.testing.assert_allclose(scene.volume_to_array(outputs.probabilities[label]),
-                                       expected.probabilities[index], atol=1e-5)
-    np.testing.assert_allclose(scene.volume_to_array(outputs.translated), expected.translated, atol=1e-5)
+    assert_same_maps(scene, outputs, expected, attention=1e-5, probabilities=1e-5, translated=1e-5)
 
     # the volume table counts the direct output's voxels
     rows = {row["Region"]: row for row in scene.table_rows(outputs.volumes_table)}
@@ -186,13 +192,7 @@ def test_onnx_runtime_segmentation_without_torch(lps_scan, headless, varied_bund
     assert len(np.unique(expected.labels)) > 1
     labels = scene.segmentation_to_labels(outputs.segmentation, volume)
     assert (labels == expected.labels).mean() >= 0.999, log
-    for kind, node in outputs.attention.items():
-        np.testing.assert_allclose(scene.volume_to_array(node), expected.attention[kind], atol=1e-3)
-    for index, label in enumerate((0, 1, 2, 4)):
-        if label:
-            np.testing.assert_allclose(scene.volume_to_array(outputs.probabilities[label]),
-                                       expected.probabilities[index], atol=1e-4)
-    np.testing.assert_allclose(scene.volume_to_array(outputs.translated), expected.translated, atol=1e-3)
+    assert_same_maps(scene, outputs, expected, attention=1e-3, probabilities=1e-4, translated=1e-3)
 
     # without an export, segmenting where torch cannot be imported says what to do
     alone = tmp_path / "alone.safetensors"
