@@ -221,8 +221,10 @@ class TrainingRun:
                 trainer = self.translator_trainer() if stage == "translator" else self.adapt_trainer()
                 self._record_config()
                 result = trainer.run(resume=self.resume)
-            if self.stages[-1] == "adapt" and self.dist.is_main:
-                self._export_onnx(result)
+            if self.stages[-1] == "adapt":
+                if self.dist.is_main:
+                    self._export_onnx(result)
+                self.dist.barrier()  # the other ranks wait: all leave the process group together
             self.log.write("done", bundle=_relative(result, self.out_dir))
             return result
         except BiGLError as exc:
