@@ -72,16 +72,7 @@ def generalized_dice_loss(
     where a tumour class may cover a handful of pixels) or per image, averaging the per-image losses.
     Voxels labelled ``ignore_index`` count for neither the prediction nor the target.
     """
-    target = _check_segmentation_inputs(logits, target, ignore_index)
-    num_classes = logits.shape[1]
-    probabilities = torch.softmax(logits.float(), dim=1)
-    if ignore_index is not None:
-        keep = (target != ignore_index).unsqueeze(1).to(probabilities.dtype)
-        target = torch.where(target == ignore_index, torch.zeros_like(target), target)
-        probabilities = probabilities * keep
-    one_hot = F.one_hot(target, num_classes).permute(0, 3, 1, 2).to(probabilities.dtype)
-    if ignore_index is not None:
-        one_hot = one_hot * keep
+    probabilities, one_hot = _batch_soft_overlap(logits, target, ignore_index)
     dims = (2, 3) if per_image else (0, 2, 3)
     intersection = (probabilities * one_hot).sum(dims)  # [B, K] or [K]
     total = (probabilities + one_hot).sum(dims)
@@ -96,11 +87,10 @@ def generalized_dice_loss(
     return (1 - numerator / denominator).mean()
 
 
-def mean_dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1e-5, ignore_index: int | None = None) -> torch.Tensor:
-    """1 - the mean over classes of the soft Dice (2 sum p g + eps) / (sum p + sum g + eps), counts
-    over the whole mini-batch (as MONAI's DiceLoss with batch=True). Every class weighs the same
-    whatever its size, so a rare class (enhancing tumour) pulls as hard as the background; a class
-    absent from the batch scores about 0 unless it is not predicted either."""
+def _batch_soft_overlap(
+    logits: torch.Tensor, target: torch.Tensor, ignore_index: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax probabilities and one-hot targets [B, K, H, W], with ``ignore_index`` voxels zeroed in both."""
     target = _check_segmentation_inputs(logits, target, ignore_index)
     probabilities = torch.softmax(logits.float(), dim=1)
     if ignore_index is not None:
@@ -110,13 +100,52 @@ def mean_dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1e-5
     one_hot = F.one_hot(target, logits.shape[1]).permute(0, 3, 1, 2).to(probabilities.dtype)
     if ignore_index is not None:
         one_hot = one_hot * keep
+    return probabilities, one_hot
+
+
+def _soft_dice(probabilities: torch.Tensor, one_hot: torch.Tensor, eps: float) -> torch.Tensor:
+    """Soft Dice (2 sum p g + eps) / (sum p + sum g + eps) per channel, counts over the whole mini-batch."""
     intersection = (probabilities * one_hot).sum((0, 2, 3))
     total = (probabilities + one_hot).sum((0, 2, 3))
-    return 1 - ((2 * intersection + eps) / (total + eps)).mean()
+    return (2 * intersection + eps) / (total + eps)
+
+
+def mean_dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1e-5, ignore_index: int | None = None) -> torch.Tensor:
+    """1 - the mean over classes of the soft Dice (2 sum p g + eps) / (sum p + sum g + eps), counts
+    over the whole mini-batch (as MONAI's DiceLoss with batch=True). Every class weighs the same
+    whatever its size, so a rare class (enhancing tumour) pulls as hard as the background; a class
+    absent from the batch scores about 0 unless it is not predicted either."""
+    probabilities, one_hot = _batch_soft_overlap(logits, target, ignore_index)
+    return 1 - _soft_dice(probabilities, one_hot, eps).mean()
+
+
+def _region_matrix(num_classes: int, device: torch.device) -> torch.Tensor:
+    """[R, K] 0/1 matrix: which class indices make up each BraTS region (WT, TC, ET)."""
+    from bigl.labels import LABELS, REGIONS
+
+    if num_classes != len(LABELS):
+        raise ValueError(f"region Dice needs the {len(LABELS)} BraTS classes, got {num_classes}")
+    rows = [[1.0 if label in members else 0.0 for label in LABELS] for members in REGIONS.values()]
+    return torch.tensor(rows, device=device)
+
+
+def region_dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1e-5, ignore_index: int | None = None) -> torch.Tensor:
+    """1 - the mean soft Dice of the three BraTS evaluation regions (WT, TC, ET), each region's
+    probability being the sum of its classes' softmax probabilities; counts over the whole mini-batch.
+
+    The loss is the score BraTS reports: whole tumour is one large region, so a model cannot lower the
+    loss by dropping the tumour when a small class (necrosis) is hard, and necrosis and enhancing
+    tumour pull together as the tumour core. The background takes part only through the regions'
+    false positives. A region absent from the batch scores about 1 when it is not predicted."""
+    probabilities, one_hot = _batch_soft_overlap(logits, target, ignore_index)
+    regions = _region_matrix(logits.shape[1], logits.device)
+    region_probabilities = torch.einsum("rk,bkhw->brhw", regions, probabilities)
+    region_targets = torch.einsum("rk,bkhw->brhw", regions, one_hot)
+    return 1 - _soft_dice(region_probabilities, region_targets, eps).mean()
 
 
 #: Dice terms of :func:`segmentation_loss` (config key ``adapt.dice``).
-DICE_LOSSES = ("generalised", "mean")
+DICE_LOSSES = ("generalised", "mean", "regions")
 
 
 def segmentation_loss(
@@ -132,7 +161,8 @@ def segmentation_loss(
     dice: str = "generalised",
 ) -> torch.Tensor:
     """L_seg = ce_weight * cross-entropy (optionally class-weighted) + dice_weight * Dice term
-    (``dice``: "generalised", :func:`generalized_dice_loss`, or "mean", :func:`mean_dice_loss`);
+    (``dice``: "generalised", :func:`generalized_dice_loss`; "mean", :func:`mean_dice_loss`; or
+    "regions", :func:`region_dice_loss`);
     voxels labelled ``ignore_index`` (e.g. :data:`IGNORE_INDEX`) take no part in either term."""
     target = _check_segmentation_inputs(logits, target, ignore_index)
     if class_weights is not None:
@@ -146,6 +176,8 @@ def segmentation_loss(
     cross_entropy = F.cross_entropy(logits.float(), target, weight=class_weights, ignore_index=-100 if ignore_index is None else ignore_index)
     if dice == "mean":
         overlap = mean_dice_loss(logits, target, eps=eps, ignore_index=ignore_index)
+    elif dice == "regions":
+        overlap = region_dice_loss(logits, target, eps=eps, ignore_index=ignore_index)
     elif dice == "generalised":
         overlap = generalized_dice_loss(logits, target, eps=eps, weight_power=weight_power, ignore_index=ignore_index)
     else:

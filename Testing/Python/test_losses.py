@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from bigl.errors import ConfigError
-from bigl.losses import adversarial_loss, generalized_dice_loss, output_consistency_loss, segmentation_loss
+from bigl.losses import IGNORE_INDEX, adversarial_loss, generalized_dice_loss, output_consistency_loss, segmentation_loss
 
 CONFIDENT = 30.0  # logit margin giving softmax probabilities within 1e-13 of one-hot
 
@@ -194,3 +194,27 @@ def test_mean_dice_weighs_every_class_alike():
     assert float(segmentation_loss(missed, target, dice="mean")) > float(mean_dice_loss(missed, target))
     with pytest.raises(ValueError, match="dice must be one of"):
         segmentation_loss(missed, target, dice="focal")
+
+
+def test_region_dice_scores_the_brats_regions():
+    from bigl.losses import region_dice_loss, segmentation_loss
+
+    target = torch.zeros(1, 8, 8, dtype=torch.long)
+    target[0, :4, :4] = 2  # oedema
+    target[0, :2, :2] = 1  # necrosis inside it; no enhancing tumour anywhere
+    perfect = confident_logits(target, 4)
+    assert float(region_dice_loss(perfect, target)) < 1e-3
+    # necrosis called oedema: WT still perfect, TC scores 0, ET (absent, not predicted) 1
+    as_oedema = confident_logits(torch.where(target == 1, 2, target), 4)
+    assert float(region_dice_loss(as_oedema, target)) == pytest.approx(1 / 3, abs=1e-3)
+    # necrosis called enhancing tumour: WT and TC perfect, ET 0 (predicted where there is none)
+    as_enhancing = confident_logits(torch.where(target == 1, 3, target), 4)
+    assert float(region_dice_loss(as_enhancing, target)) == pytest.approx(1 / 3, abs=1e-3)
+    # no tumour at all: WT and TC 0, ET 1
+    assert float(region_dice_loss(confident_logits(torch.zeros_like(target), 4), target)) == pytest.approx(2 / 3, abs=1e-3)
+    # unconfident voxels take no part: ignoring the necrosis makes the oedema-only guess perfect
+    ignored = torch.where(target == 1, IGNORE_INDEX, target)
+    assert float(region_dice_loss(as_oedema, ignored, ignore_index=IGNORE_INDEX)) < 1e-3
+    assert float(segmentation_loss(as_oedema, target, dice="regions")) > float(region_dice_loss(as_oedema, target))
+    with pytest.raises(ValueError, match="4 BraTS classes"):
+        region_dice_loss(torch.zeros(1, 3, 8, 8), torch.zeros(1, 8, 8, dtype=torch.long))

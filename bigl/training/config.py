@@ -505,7 +505,7 @@ def _validate_training(config: dict[str, Any]) -> None:
 
     if adapt["dice"] not in DICE_LOSSES:
         raise _fail("adapt.dice", f"must be one of {', '.join(DICE_LOSSES)}, got {json.dumps(adapt['dice'])}",
-                    "generalised (the default) or mean (every class weighs the same)")
+                    "generalised (the default), mean (every class weighs the same) or regions (the WT / TC / ET Dice that BraTS scores)")
     if adapt["pseudo_views"] not in PSEUDO_VIEWS:
         raise _fail("adapt.pseudo_views", f"must be one of {', '.join(PSEUDO_VIEWS)}, got {json.dumps(adapt['pseudo_views'])}",
                     "both averages Phi(x_t) and Phi(x_t->s); target takes Phi(x_t) alone")
