@@ -39,6 +39,7 @@ _makeCoreLibraryImportable()
 
 from BiGLSegmentationLib import dependencies  # noqa: E402
 from BiGLSegmentationLib.logic import OutputOptions, SegmentationError, SegmentationLogic, modality_warning  # noqa: E402
+from bigl.runfolder import DEVICE_CHOICES  # noqa: E402
 
 try:  # Slicer 5.2+; the logic works without it (it only wraps the parameter node for the GUI)
     from slicer import vtkMRMLScalarVolumeNode
@@ -151,7 +152,7 @@ if parameterNodeWrapper is not None:
 
         inputVolume: vtkMRMLScalarVolumeNode
         modelPath: str = ""  # "" = the first available model (the shipped default)
-        device: Annotated[str, Choice(["auto", "cpu", "cuda"])] = "auto"
+        device: Annotated[str, Choice(list(DEVICE_CHOICES))] = "auto"
         attentionMaps: bool = False
         probabilityMaps: bool = False
         translatedImage: bool = False
@@ -335,7 +336,7 @@ class BiGLSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def updateDeviceChoices(self, checkGpu: bool = True) -> None:
         """Friendly labels for the device choices; GPU greyed out, with the reason, when unusable."""
         combo = self.ui.deviceComboBox
-        for index, device in enumerate(["auto", "cpu", "cuda"]):
+        for index, device in enumerate(DEVICE_CHOICES):
             if index < combo.count:
                 combo.setItemText(index, DEVICE_LABELS[device])
         if checkGpu:

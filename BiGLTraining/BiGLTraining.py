@@ -505,7 +505,7 @@ class BiGLTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def trainedBundle(self):
         """The model of the last finished run, else the one in the output folder, else None."""
-        from BiGLTrainingLib.command import BUNDLE_FILE
+        from bigl.runfolder import BUNDLE_FILE
 
         if self.logic is not None and self.logic.bundle is not None:
             return self.logic.bundle

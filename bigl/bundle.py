@@ -34,12 +34,12 @@ from bigl import __version__, tensorfile
 from bigl.errors import BundleError, ConfigError
 from bigl.files import atomic_write_bytes
 from bigl.labels import CLASS_NAMES, LABELS
+from bigl.runfolder import METHODS
 
 FORMAT = "bigl-bundle"
 #: Newest bundle format this BiGL reads and the one it writes.
 FORMAT_VERSION = 1
 METADATA_KEY = "bigl"
-METHODS = ("bigl", "source-only", "target-only")
 #: Tensor-name prefixes of the networks a bundle can hold.
 PARTS = ("segmenter", "translator_s2t", "translator_t2s")
 #: Where the shipped reference model lives (inside the installed package).

@@ -49,10 +49,9 @@ from bigl.data.io import affine_spacing
 from bigl.data.naming import ATTENTION_KINDS, attention_paths, case_name, is_nifti_path, modality_from_name
 from bigl.errors import ConfigError, InputError
 from bigl.labels import classes_to_labels
+from bigl.runfolder import ENGINE_CHOICES
 
 ProgressCallback = Callable[[int, int], None]
-#: Engines :func:`open_predictor` knows.
-ENGINES = ("auto", "torch", "onnx")
 
 #: Slices in the padded square background take this value (the normalised background).
 BACKGROUND = -1.0
@@ -538,7 +537,7 @@ def choose_engine(model: str | os.PathLike | None, engine: str = "auto", device:
     from bigl import bundle as bundles
     from bigl import onnxengine
 
-    if engine not in ENGINES:
+    if engine not in ENGINE_CHOICES:
         raise ConfigError(f"unknown engine {engine!r}", "use --engine auto, torch or onnx")
     path = bundles.default_bundle_path() if model is None else Path(model).expanduser()
     if onnxengine.is_onnx_path(path):

@@ -116,10 +116,12 @@ def segment_command(
 
     ``engine``: "auto" (ONNX Runtime when the model has an up-to-date ONNX export, which the
     shipped and trained models have; PyTorch otherwise, when installed), "onnx" or "torch"."""
-    if device not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"device must be auto, cpu or cuda, not {device!r}")
-    if engine not in ("auto", "onnx", "torch"):
-        raise ValueError(f"engine must be auto, onnx or torch, not {engine!r}")
+    from bigl.runfolder import DEVICE_CHOICES, ENGINE_CHOICES
+
+    if device not in DEVICE_CHOICES:
+        raise ValueError(f"device must be one of {', '.join(DEVICE_CHOICES)}, not {device!r}")
+    if engine not in ENGINE_CHOICES:
+        raise ValueError(f"engine must be one of {', '.join(ENGINE_CHOICES)}, not {engine!r}")
     command = [python, "-m", "bigl", "segment", "--input", str(input_path), "--output", str(output_path),
                "--device", device, "--engine", engine, "--progress", "json"]
     if model_path is not None:

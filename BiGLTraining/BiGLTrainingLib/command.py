@@ -22,12 +22,13 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from bigl.data.naming import MODALITIES
+from bigl.runfolder import CONFIG_FILE, DEVICE_CHOICES, TRANSLATOR_MODES
 
-#: Modalities offered in the form: BiGL's canonical names (bigl.data.naming needs the standard
-#: library only, so the form is built before BiGL's packages are installed).
+# bigl.data.naming and bigl.runfolder need the standard library only, so the form is built before
+# BiGL's heavier packages are installed.
+#: Modalities offered in the form: BiGL's canonical names.
 MODALITY_CHOICES = MODALITIES
-TRANSLATOR_MODE_CHOICES = ("auto", "paired", "unpaired")
-DEVICE_CHOICES = ("auto", "cpu", "cuda")
+TRANSLATOR_MODE_CHOICES = TRANSLATOR_MODES
 #: Preset id -> (ready config name, label shown in the module). "custom" takes a JSON file.
 PRESETS: dict[str, tuple[str | None, str]] = {
     "cpu": ("cpu", "CPU quick try"),
@@ -69,11 +70,6 @@ FOLDER_FIELDS = ("source_dir", "target_dir")
 EPOCH_KEYS = {"translator_iterations": "translator_training.epochs", "adapt_iterations": "adapt.epochs"}
 #: Always passed: the module follows the event log, so the console needs no progress bars.
 GUI_OVERRIDES = ("run.progress=false",)
-#: Console output of the trainer inside the run folder (the event log is events.jsonl).
-CONSOLE_LOG = "console.log"
-EVENTS_FILE = "events.jsonl"
-BUNDLE_FILE = "model.safetensors"
-CONFIG_FILE = "config.json"
 
 
 @dataclass
@@ -264,6 +260,6 @@ def evaluate_command(
     """``bigl evaluate`` on a labelled folder; the summary lands in ``out_dir/summary.json``."""
     args = ["bigl", "evaluate", "--model", os.fspath(bundle), "--data", os.fspath(data_dir),
             "--modality", modality, "--out", os.fspath(out_dir), "--json"]  # fmt: skip
-    if device in ("auto", "cpu", "cuda"):
+    if device in DEVICE_CHOICES:
         args += ["--device", device]
     return python_module_command(python or sys.executable, args)

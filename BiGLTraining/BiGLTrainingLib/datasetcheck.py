@@ -18,10 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-import numpy as np
 
 from bigl.data.brats import MODALITIES, Case, data_folders, find_cases, normalise_modality, same_folders
-from bigl.data.io import read_grid
+from bigl.data.io import files_share_grid, read_grid
 from bigl.errors import BiGLError
 
 from .command import config_value
@@ -446,11 +445,9 @@ def estimate_run(
 
 def _same_grid(source: Case, target: Case, source_modality: str, target_modality: str) -> bool:
     try:
-        shape_s, affine_s = read_grid(source.images[source_modality])
-        shape_t, affine_t = read_grid(target.images[target_modality])
+        return files_share_grid(source.images[source_modality], target.images[target_modality])
     except BiGLError:
         return False
-    return tuple(shape_s) == tuple(shape_t) and bool(np.allclose(affine_s, affine_t, atol=1e-3))
 
 
 #: Which roles a training method reads, and whether their labels are needed.

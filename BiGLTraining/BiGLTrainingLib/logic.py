@@ -18,21 +18,17 @@ from __future__ import annotations
 
 import collections
 import os
-import re
 import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from bigl.errors import BiGLError, InputError
+from bigl.runfolder import BUNDLE_FILE, CONFIG_FILE, CONSOLE_LOG, EVENTS_FILE, TRANSLATOR_FILE, latest_checkpoint_name
 
 from BiGLSegmentationLib.logic import child_environment
 
 from .command import (
-    BUNDLE_FILE,
-    CONFIG_FILE,
-    CONSOLE_LOG,
-    EVENTS_FILE,
     TrainingSettings,
     config_value,
     evaluate_command,
@@ -59,16 +55,10 @@ def resume_point(run_folder: str | os.PathLike) -> str | None:
     folder = Path(run_folder).expanduser()
     if not (folder / CONFIG_FILE).is_file() or (folder / BUNDLE_FILE).is_file():
         return None
-    latest: tuple[int, int, str] | None = None
-    order = {"translator": 0, "adapt": 1}
-    for path in (folder / "checkpoints").glob("*.safetensors"):
-        match = re.fullmatch(r"([a-z]+)_(\d+)\.safetensors", path.name)
-        if match:
-            key = (order.get(match[1], -1), int(match[2]), match[1])
-            latest = key if latest is None or key > latest else latest
+    latest = latest_checkpoint_name(folder)
     if latest is not None:
-        return f"{latest[2]} step {latest[1]}"
-    if (folder / "translator.safetensors").is_file():
+        return f"{latest[0]} step {latest[1]}"
+    if (folder / TRANSLATOR_FILE).is_file():
         return "adaptation start (translator done)"
     return "the start (no checkpoint yet)"
 

@@ -19,7 +19,7 @@ from bigl.bundle import annotate_bundle, default_bundle_path, load_bundle, read_
 from bigl.cli import main
 from bigl.errors import BundleError, ConfigError
 from bigl.training import load_config, run_training
-from bigl.training.checkpoint import latest_checkpoint, read_checkpoint, save_checkpoint
+from bigl.training.checkpoint import latest_checkpoint, read_checkpoint
 from bigl.training.events import read_events
 
 from test_cli_segment import write_scan

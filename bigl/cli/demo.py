@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from bigl.runfolder import DEVICE_CHOICES
 
 DESCRIPTION = """\
 Run the whole method on synthetic data, with nothing to download: writes a phantom cohort (T1 with
@@ -31,7 +32,7 @@ def register(subparsers) -> None:
     parser.add_argument("--quick", action="store_true",
                         help="smoke-sized run (seconds to a minute): checks that everything works, not how well")
     parser.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the phantoms and the training (default 0)")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+    parser.add_argument("--device", choices=DEVICE_CHOICES, default="auto",
                         help="where to train and evaluate (default: auto, the GPU when there is one)")
     parser.add_argument("--threads", type=int, metavar="N",
                         help="CPU threads for PyTorch (default: one per core; 1 is steadier on a busy machine)")

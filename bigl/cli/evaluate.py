@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from bigl.cli import add_inference_options
+from bigl.runfolder import DEVICE_CHOICES
 
 DESCRIPTION = """\
 Segment the given modality of every case in a BraTS-style folder that has labels, and score it:
@@ -40,7 +41,7 @@ def register(subparsers) -> None:
     parser.add_argument("--out", "-o", type=Path, metavar="DIR",
                         help="write tables, figure and predictions here (default: only print the summary)")
     parser.add_argument("--cases", metavar="A,B,...", help="only these cases (comma-separated names)")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+    parser.add_argument("--device", choices=DEVICE_CHOICES, default="auto",
                         help="where to run the networks (default: auto, the GPU when there is one)")
     parser.add_argument("--batch-size", type=int, default=16, metavar="N", help="slices per forward pass (default 16)")
     add_inference_options(parser)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from bigl.cli import add_inference_options
 from bigl.data.naming import case_name, is_nifti_path, is_output_name, output_path
+from bigl.runfolder import DEVICE_CHOICES, ENGINE_CHOICES
 
 #: Short names of the tumour labels in the one-line summaries.
 _SHORT_NAMES = {1: "NCR/NET", 2: "oedema", 4: "enhancing"}
@@ -31,12 +32,12 @@ def register(subparsers) -> None:
                         help="label map to write (.nii.gz), or a folder in folder mode (<case>_seg.nii.gz)")
     parser.add_argument("--model", "-m", type=Path, metavar="MODEL",
                         help="model bundle (.safetensors) or its ONNX export (.onnx); default: the model shipped with BiGL")
-    parser.add_argument("--engine", choices=("auto", "torch", "onnx"), default="auto",
+    parser.add_argument("--engine", choices=ENGINE_CHOICES, default="auto",
                         help="what runs the networks: onnx (ONNX Runtime, no PyTorch needed), torch (PyTorch), or auto "
                              "(default: ONNX Runtime when the model has an up-to-date .onnx export and onnxruntime is "
                              "installed, else PyTorch; PyTorch also when only PyTorch can use the GPU --device asks for "
                              "or allows)")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+    parser.add_argument("--device", choices=DEVICE_CHOICES, default="auto",
                         help="where to run the networks (default: auto, the GPU when there is one)")
     parser.add_argument("--attention-out", type=Path, metavar="DIR",
                         help="also write <case>_attention_position/_channel.nii.gz attention maps (0-1) here")

@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from bigl.runfolder import DEVICE_CHOICES
 
 
 def register(subparsers) -> None:
@@ -35,7 +36,7 @@ def register(subparsers) -> None:
                         help="run folder (default runs/<config>-<date>-<time>)")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --out from its last checkpoint (finished stages are skipped)")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="sets run.device (default: the config's, auto)")
+    parser.add_argument("--device", choices=DEVICE_CHOICES, help="sets run.device (default: the config's, auto)")
     parser.add_argument("--data", type=Path, metavar="DIR", action="append",
                         help="BraTS-style folder for both domains (sets data.source_dir and data.target_dir); repeat it to use several")
     parser.add_argument("--source-dir", type=Path, metavar="DIR", action="append",

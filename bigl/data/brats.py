@@ -21,7 +21,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from bigl.data.io import PathLike, Volume, compare_grids, load_volume, read_grid
+from bigl.data.io import GRID_ATOL, PathLike, Volume, compare_grids, load_volume, read_grid
 from bigl.data.naming import MODALITIES, normalise_modality  # noqa: F401 (both part of this module's API)
 from bigl.errors import InputError
 from bigl.labels import LABELS
@@ -133,7 +133,7 @@ class Case:
             files["labels"] = self.labels
         return files
 
-    def check_grid(self, atol: float = 1e-3) -> None:
+    def check_grid(self, atol: float = GRID_ATOL) -> None:
         """Check (from the headers) that all images and the labels share one voxel grid."""
         grids = {}
         for item, path in self.files().items():

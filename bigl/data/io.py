@@ -12,7 +12,7 @@ from __future__ import annotations
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Union
+from typing import Mapping, Sequence, Union
 
 import nibabel as nib
 import numpy as np
@@ -253,7 +253,30 @@ def _image_like(reference: PathLike, data: np.ndarray, affine: np.ndarray) -> ni
     return type(source)(data, None, header=header)
 
 
-def check_same_grid(volumes: Mapping[str, Volume], atol: float = 1e-3) -> None:
+#: Largest difference (mm) between two affines that still counts as one voxel grid.
+GRID_ATOL = 1e-3
+
+
+def grid_difference(shape_a: Sequence[int], affine_a: np.ndarray, shape_b: Sequence[int], affine_b: np.ndarray) -> float | None:
+    """How far apart two voxel grids are: None when the shapes differ, else the largest affine
+    difference in mm (the one place grids are compared; two grids are one within :data:`GRID_ATOL`)."""
+    if tuple(shape_a) != tuple(shape_b):
+        return None
+    return float(np.max(np.abs(np.asarray(affine_a, dtype=np.float64) - np.asarray(affine_b, dtype=np.float64))))
+
+
+def same_grid(shape_a: Sequence[int], affine_a: np.ndarray, shape_b: Sequence[int], affine_b: np.ndarray, atol: float = GRID_ATOL) -> bool:
+    """True when two grids have one shape and affines within ``atol`` mm."""
+    difference = grid_difference(shape_a, affine_a, shape_b, affine_b)
+    return difference is not None and difference <= atol
+
+
+def files_share_grid(path_a: PathLike, path_b: PathLike, atol: float = GRID_ATOL) -> bool:
+    """:func:`same_grid` from two files' headers (no voxel data read)."""
+    return same_grid(*read_grid(path_a), *read_grid(path_b), atol=atol)
+
+
+def check_same_grid(volumes: Mapping[str, Volume], atol: float = GRID_ATOL) -> None:
     """Check that all volumes share one voxel grid (shape and affine within ``atol`` mm).
 
     Raises :class:`InputError` naming the first volume that differs from the first one, and how
@@ -264,7 +287,7 @@ def check_same_grid(volumes: Mapping[str, Volume], atol: float = 1e-3) -> None:
 
 
 def compare_grids(
-    grids: Mapping[str, tuple[tuple[int, ...], np.ndarray, Path | None]], atol: float = 1e-3
+    grids: Mapping[str, tuple[tuple[int, ...], np.ndarray, Path | None]], atol: float = GRID_ATOL
 ) -> None:
     """Grid check on ``name -> (shape, affine, path)``; the shared core of the grid checks."""
     items = list(grids.items())
@@ -274,14 +297,14 @@ def compare_grids(
     ref_label = _describe(ref_name, ref_path)
     for name, (shape, affine, path) in items[1:]:
         label = _describe(name, path)
-        if tuple(shape) != tuple(ref_shape):
+        difference = grid_difference(shape, affine, ref_shape, ref_affine)
+        if difference is None:
             raise InputError(
                 f"{label} has shape {tuple(shape)} but {ref_label} has shape {tuple(ref_shape)}: "
                 "they are not on the same voxel grid",
                 "resample it onto the grid of the others (e.g. 3D Slicer 'Resample Image (BRAINS)' "
                 "or SimpleITK.Resample with the reference image), or co-register the scans",
             )
-        difference = float(np.max(np.abs(np.asarray(affine) - np.asarray(ref_affine))))
         if difference > atol:
             raise InputError(
                 f"{label} has the same shape as {ref_label} but a different position/orientation "

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bigl.errors import ConfigError
 from bigl.modelconfig import ModelConfig, require_choice, require_int  # noqa: F401 (their home before)
+
 
 def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
     """Number of scalar parameters of ``module`` (all of them, or only those with requires_grad)."""

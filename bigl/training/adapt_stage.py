@@ -45,6 +45,7 @@ from torch import nn
 
 from bigl.bundle import make_metadata, save_bundle
 from bigl.losses import IGNORE_INDEX, adversarial_loss, output_consistency_loss, segmentation_loss
+from bigl.runfolder import BUNDLE_FILE
 from bigl.training import augment
 from bigl.models import AttentionDiscriminator, DualAttentionUNet, FeatureDiscriminator, SegmenterConfig, TranslatorConfig
 from bigl.training.config import active_levels
@@ -67,7 +68,6 @@ from bigl.training.translator_stage import (
     translator_discriminators,
 )
 
-MODEL_FILE = "model.safetensors"
 #: Resolution of the pseudo-labelling confidences (bins of 1/1024).
 CONFIDENCE_BINS = 1024
 #: Segmenter outputs aligned at each level.
@@ -482,7 +482,7 @@ class AdaptTrainer(StageTrainer):
 
     # -- outputs ------------------------------------------------------------------------------
     def output_path(self) -> Path:
-        return self.ctx.out_dir / MODEL_FILE
+        return self.ctx.out_dir / BUNDLE_FILE
 
     def training_metadata(self) -> dict[str, Any]:
         data = self.ctx.data

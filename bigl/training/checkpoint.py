@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import random
-import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,11 +25,11 @@ import torch
 from bigl import tensorfile
 from bigl.errors import ConfigError
 from bigl.files import atomic_write_bytes
+from bigl.runfolder import checkpoint_name, parse_checkpoint_name
 
 FORMAT = "bigl-checkpoint"
 FORMAT_VERSION = 1
 METADATA_KEY = "bigl_checkpoint"
-_NAME = re.compile(r"^(?P<stage>[a-z]+)_(?P<step>\d+)\.safetensors$")
 
 
 @dataclass
@@ -43,7 +42,7 @@ class Checkpoint:
 
 
 def checkpoint_path(folder: Path, stage: str, step: int) -> Path:
-    return folder / f"{stage}_{step:08d}.safetensors"
+    return folder / checkpoint_name(stage, step)
 
 
 def _optimizer_parts(name: str, optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -133,9 +132,9 @@ def list_checkpoints(folder: Path, stage: str) -> list[Path]:
         return []
     found = []
     for path in folder.iterdir():
-        match = _NAME.match(path.name)
-        if match and match["stage"] == stage:
-            found.append((int(match["step"]), path))
+        parsed = parse_checkpoint_name(path.name)
+        if parsed and parsed[0] == stage:
+            found.append((parsed[1], path))
     return [path for _, path in sorted(found, reverse=True)]
 
 

@@ -19,14 +19,13 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from bigl.errors import BiGLError, ConfigError
+from bigl.runfolder import METHODS, TRANSLATOR_MODES, is_device
 
 #: Folder of the ready configs shipped with the package.
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 READY_CONFIGS = ("smoke", "cpu", "reference", "paper")
 SECTIONS = ("data", "preprocessing", "segmenter", "translator", "translator_training", "adapt", "run")
 
-METHODS = ("bigl", "source-only", "target-only")
-TRANSLATOR_MODES = ("auto", "paired", "unpaired")
 GAN_MODES = ("lsgan", "bce")
 OPTIMISERS = ("sgd", "adam")
 LEVELS = ("feature", "position", "channel")
@@ -521,7 +520,7 @@ def _validate_training(config: dict[str, Any]) -> None:
     _positive(config, "run.sample_every", zero=True)
     _positive(config, "run.threads")
     device = str(run["device"]).lower()
-    if device not in ("auto", "cpu", "cuda") and not (device.startswith("cuda:") and device[5:].isdigit()):
+    if not is_device(device):
         raise _fail("run.device", f"unknown device {json.dumps(run['device'])}", "use auto, cpu, cuda or cuda:N")
     run["device"] = device
 

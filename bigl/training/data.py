@@ -155,23 +155,19 @@ def find_training_cases(config: dict, *, need_source: bool, need_target: bool, l
 # loading
 
 
-def _same_grid(a, b) -> bool:
-    return a.shape == b.shape and np.allclose(a.affine, b.affine, atol=1e-3)
-
-
 def _prepare_case(jobs: dict[str, tuple[Any, str, bool]], preprocessing) -> dict[str, tuple[np.ndarray, np.ndarray | None, int]]:
     """Preprocess one subject: role -> (case, modality, with labels) to role -> (slices, labels, flip axis).
 
     Roles on one grid share one brain mask, so their slices line up.
     """
-    from bigl.data.io import check_same_grid
+    from bigl.data.io import check_same_grid, same_grid
     from bigl.data.preprocess import brain_mask, left_right_axis, prepare_labels, prepare_volume
 
     volumes = {role: case.load_image(modality) for role, (case, modality, _) in jobs.items()}
     shared_mask = None
     if len(volumes) == 2:
         first, second = volumes.values()
-        if _same_grid(first, second):
+        if same_grid(first.shape, first.affine, second.shape, second.affine):
             shared_mask = brain_mask(first.data) | brain_mask(second.data)
     result = {}
     for role, (case, modality, with_labels) in jobs.items():
@@ -264,11 +260,9 @@ def _co_registered_pairs(source: SliceSet, target: SliceSet, cases: dict[str, li
 
 
 def _grids_match(source_case, target_case, source_modality: str, target_modality: str) -> bool:
-    from bigl.data.io import read_grid
+    from bigl.data.io import files_share_grid
 
-    shape_a, affine_a = read_grid(source_case.images[source_modality])
-    shape_b, affine_b = read_grid(target_case.images[target_modality])
-    return tuple(shape_a) == tuple(shape_b) and np.allclose(affine_a, affine_b, atol=1e-3)
+    return files_share_grid(source_case.images[source_modality], target_case.images[target_modality])
 
 
 # --------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from typing import Any
 
 from bigl.files import atomic_output
 
-EVENTS_FILE = "events.jsonl"
+from bigl.runfolder import EVENTS_FILE  # noqa: F401  (the event log's name, re-exported)
 
 
 def _json_safe(value: Any) -> Any:

@@ -27,11 +27,9 @@ from bigl.training.checkpoint import (
 )
 from bigl.training.data import STAGE_CODES, StepSampler, TrainingData
 from bigl.training.distributed import DistributedContext, unwrap
-from bigl.training.events import EVENTS_FILE, EventLog, plot_losses
+from bigl.runfolder import CHECKPOINT_DIR, EVENTS_FILE, LOSS_FIGURE, SAMPLES_DIR
+from bigl.training.events import EventLog, plot_losses
 
-CHECKPOINT_DIR = "checkpoints"
-SAMPLES_DIR = "samples"
-LOSSES_FIGURE = "losses.png"
 
 
 @dataclass
@@ -307,7 +305,7 @@ class StageTrainer:
                 sample_every = run_cfg["sample_every"]
                 if sample_every and (done % sample_every == 0 or done == self.total) and ctx.dist.is_main:
                     self.write_samples(ctx.out_dir / SAMPLES_DIR / f"{self.stage}_{done:08d}.png")
-                    plot_losses(ctx.out_dir / EVENTS_FILE, ctx.out_dir / LOSSES_FIGURE)
+                    plot_losses(ctx.out_dir / EVENTS_FILE, ctx.out_dir / LOSS_FIGURE)
         finally:
             bar.close()
         seconds = time.perf_counter() - started
@@ -321,7 +319,7 @@ class StageTrainer:
             slices_per_s=round(slices / seconds, 2) if seconds > 0 else None,
         )
         if ctx.dist.is_main:
-            plot_losses(ctx.out_dir / EVENTS_FILE, ctx.out_dir / LOSSES_FIGURE)
+            plot_losses(ctx.out_dir / EVENTS_FILE, ctx.out_dir / LOSS_FIGURE)
         return output
 
 

@@ -3,16 +3,7 @@
 Everything that can be wrong with a run is checked before the first step (config values, data
 folders and modalities, labels, the translator a stage-2-only run needs, the device, disk space)
 and reported as a :class:`ConfigError`; any failure also ends the event log with an ``error``
-event. The run folder::
-
-    config.json          the resolved config (defaults filled in)
-    events.jsonl         the event log
-    checkpoints/         <stage>_<step>.safetensors, the newest run.keep_checkpoints per stage
-    samples/             <stage>_<step>.png sample grids
-    translator.safetensors   stage 1 result (both generators, their discriminators)
-    model.safetensors    the final bundle (segmenter + translators + metadata)
-    model.onnx, model.translator.onnx   its ONNX export (bigl.export), for inference without PyTorch
-    losses.png           loss curves of both stages
+event. The run folder's files are listed in :mod:`bigl.runfolder`.
 """
 
 from __future__ import annotations
@@ -32,11 +23,10 @@ from bigl.files import atomic_write_text, check_writable_folder
 from bigl.training.config import config_differences, validate_config
 from bigl.training.data import StepSampler, find_training_cases, iterations_for, load_training_data
 from bigl.training.distributed import DistributedContext, env_int, init_distributed
-from bigl.training.events import EVENTS_FILE, EventLog
+from bigl.runfolder import CONFIG_FILE, EVENTS_FILE, RUN_STAGES, TRANSLATOR_FILE
+from bigl.training.events import EventLog
 from bigl.training.loop import RunContext
 
-CONFIG_FILE = "config.json"
-RUN_STAGES = ("translator", "adapt", "all")
 #: Room for sample figures, the loss plot and the event log.
 _DISK_MARGIN_BYTES = 64 * 2**20
 
@@ -105,7 +95,6 @@ class TrainingRun:
             )
 
     def _translator_file(self, config: dict) -> Path:
-        from bigl.training.translator_stage import TRANSLATOR_FILE
 
         given = config["adapt"]["translator_bundle"]
         return Path(given).expanduser() if given else self.out_dir / TRANSLATOR_FILE

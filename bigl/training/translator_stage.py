@@ -30,6 +30,7 @@ from bigl import __version__, tensorfile
 from bigl.errors import ConfigError
 from bigl.files import atomic_write_bytes
 from bigl.losses import adversarial_loss
+from bigl.runfolder import TRANSLATOR_FILE
 from bigl.models import PatchDiscriminator, ResnetGenerator, TranslatorConfig
 from bigl.training.checkpoint import prefixed
 from bigl.training.data import to_tensors
@@ -42,7 +43,6 @@ from bigl.training.loop import (
     set_requires_grad,
 )
 
-TRANSLATOR_FILE = "translator.safetensors"
 TRANSLATOR_FORMAT = "bigl-translator"
 TRANSLATOR_FORMAT_VERSION = 1
 
