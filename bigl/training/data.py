@@ -244,12 +244,14 @@ def _slices_with_brain(slices: np.ndarray) -> np.ndarray:
 def _co_registered_pairs(source: SliceSet, target: SliceSet, cases: dict[str, list]) -> np.ndarray:
     """(source index, target index) of slices of the same case and position, for cases whose two
     modalities are on one grid (so they were cropped alike and have the same number of slices)."""
+    from bigl.data.io import files_share_grid
+
     source_cases = {case.name: case for case in cases["source"]}
     target_cases = {case.name: case for case in cases["target"]}
     target_lookup = {int(key): i for i, key in enumerate(target.keys)}
     pairs = []
     for name in sorted(set(source_cases) & set(target_cases)):
-        if not _grids_match(source_cases[name], target_cases[name], source.modality, target.modality):
+        if not files_share_grid(source_cases[name].images[source.modality], target_cases[name].images[target.modality]):
             continue
         case_id = source.case_names.index(name)
         for i in np.flatnonzero(source.case_index == case_id):
@@ -257,12 +259,6 @@ def _co_registered_pairs(source: SliceSet, target: SliceSet, cases: dict[str, li
             if j is not None:
                 pairs.append((i, j))
     return np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
-
-
-def _grids_match(source_case, target_case, source_modality: str, target_modality: str) -> bool:
-    from bigl.data.io import files_share_grid
-
-    return files_share_grid(source_case.images[source_modality], target_case.images[target_modality])
 
 
 # --------------------------------------------------------------------------------------------
