@@ -564,7 +564,8 @@ class BiGLTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.logTextEdit.appendPlainText(line)
 
     def updateProgress(self):
-        from BiGLTrainingLib.eventlog import format_duration, format_losses
+        from bigl.runplan import format_duration
+        from BiGLTrainingLib.eventlog import format_losses
 
         state = self.logic.state
         for stage, bar in (("translator", self.ui.translatorProgressBar), ("adapt", self.ui.adaptProgressBar)):

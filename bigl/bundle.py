@@ -40,6 +40,11 @@ FORMAT = "bigl-bundle"
 #: Newest bundle format this BiGL reads and the one it writes.
 FORMAT_VERSION = 1
 METADATA_KEY = "bigl"
+#: Stage 1's translator file (translator.safetensors in a run folder, or adapt.translator_bundle):
+#: both generators and their image discriminators, JSON under the same header key as a bundle.
+#: Not a model bundle: ``load_bundle`` refuses it, and ``read_translator_file`` reads it.
+TRANSLATOR_FORMAT = "bigl-translator"
+TRANSLATOR_FORMAT_VERSION = 1
 #: Tensor-name prefixes of the networks a bundle can hold.
 PARTS = ("segmenter", "translator_s2t", "translator_t2s")
 #: Where the shipped reference model lives (inside the installed package).
@@ -241,7 +246,7 @@ def make_metadata(
 def _check_metadata(metadata: Any, path: Path | None) -> dict:
     """Validate the parts of the metadata every reader relies on; returns it."""
     where = f"{path}: " if path else ""
-    if isinstance(metadata, dict) and metadata.get("format") == "bigl-translator":
+    if isinstance(metadata, dict) and metadata.get("format") == TRANSLATOR_FORMAT:
         raise BundleError(
             f"{where}this is a translator file from the first training stage, not a segmentation model",
             "use model.safetensors from the same run folder (written when training finishes)",
@@ -251,16 +256,7 @@ def _check_metadata(metadata: Any, path: Path | None) -> dict:
             f"{where}the file's 'bigl' metadata is not a BiGL bundle description",
             "use a bundle written by `bigl train` (model.safetensors in the run folder)",
         )
-    version = metadata.get("format_version")
-    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-        raise BundleError(f"{where}the bundle has an invalid format_version {version!r}", _REBUILD_HINT)
-    if version > FORMAT_VERSION:
-        made_by = metadata.get("bigl_version", "a newer version")
-        raise BundleError(
-            f"{where}the bundle was made by a newer BiGL ({made_by}, bundle format {version}); "
-            f"this BiGL {__version__} reads bundle format {FORMAT_VERSION} and older",
-            "upgrade BiGL (pip install -U bigl, or update the Slicer extension) to use this model",
-        )
+    _check_format_version(metadata, FORMAT_VERSION, f"{where}the bundle", "bundle format", BundleError)
     missing = [key for key in _REQUIRED_KEYS if key not in metadata]
     if missing:
         raise BundleError(f"{where}the bundle metadata lacks {', '.join(missing)}", _REBUILD_HINT)
@@ -281,6 +277,54 @@ def _check_metadata(metadata: Any, path: Path | None) -> dict:
             "use a bundle trained with BiGL's label convention",
         )
     return metadata
+
+
+def _check_format_version(metadata: dict, readable: int, what: str, name: str, error: type) -> None:
+    """``error`` unless the file's ``format_version`` is one this BiGL reads (1..``readable``)."""
+    version = metadata.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise error(f"{what} has an invalid format_version {version!r}", _REBUILD_HINT)
+    if version > readable:
+        made_by = metadata.get("bigl_version", "a newer version")
+        raise error(
+            f"{what} was made by a newer BiGL ({made_by}, {name} {version}); "
+            f"this BiGL {__version__} reads {name} {readable} and older",
+            "upgrade BiGL (pip install -U bigl, or update the Slicer extension) to use this file",
+        )
+
+
+def write_translator_file(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict) -> Path:
+    """Write a translator file atomically: ``tensors`` and ``metadata`` with the format, its version
+    and the BiGL version added."""
+    metadata = {"format": TRANSLATOR_FORMAT, "format_version": TRANSLATOR_FORMAT_VERSION, "bigl_version": __version__, **metadata}
+    path = Path(path)
+    atomic_write_bytes(path, tensorfile.encode(tensors, _metadata_header(metadata)))
+    return path
+
+
+def read_translator_file(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(metadata, verified tensors) of a translator file. ConfigError (it is an input of training)
+    when it is missing, damaged, not a translator file or from a newer BiGL."""
+    path = Path(path).expanduser()
+    retrain = "train the translator again (bigl train --stage translator)"
+    if not path.is_file():
+        raise ConfigError(
+            f"translator file not found: {path}",
+            "train it first (bigl train --stage translator, or --stage all), or set adapt.translator_bundle",
+        )
+    try:
+        raw, tensors = tensorfile.read_tensors(path)
+        metadata = json.loads(raw.get(METADATA_KEY, "null"))
+    except tensorfile.DamagedFile as exc:
+        raise ConfigError(f"the translator file {path} is damaged: {exc}", retrain) from None
+    except Exception as exc:
+        raise ConfigError(f"{path} cannot be read as a translator file ({exc})", retrain) from None
+    if not isinstance(metadata, dict) or metadata.get("format") != TRANSLATOR_FORMAT:
+        hint = ("give the translator.safetensors of its run folder, not the model" if isinstance(metadata, dict)
+                and metadata.get("format") == FORMAT else "give the translator.safetensors written by stage 1")
+        raise ConfigError(f"{path} is not a BiGL translator file", hint)
+    _check_format_version(metadata, TRANSLATOR_FORMAT_VERSION, f"the translator file {path}", "translator format", ConfigError)
+    return metadata, tensors
 
 
 def _read_header(path: str | os.PathLike) -> tuple[Path, dict, dict[str, tuple[int, ...]]]:

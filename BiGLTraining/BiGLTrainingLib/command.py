@@ -23,6 +23,7 @@ from typing import Any, Iterable, Mapping
 
 from bigl.data.naming import MODALITIES
 from bigl.runfolder import CONFIG_FILE, DEVICE_CHOICES, TRANSLATOR_MODES
+from bigl.runplan import config_value
 
 # bigl.data.naming and bigl.runfolder need the standard library only, so the form is built before
 # BiGL's heavier packages are installed.
@@ -32,7 +33,7 @@ TRANSLATOR_MODE_CHOICES = TRANSLATOR_MODES
 #: Preset id -> (ready config name, label shown in the module). "custom" takes a JSON file.
 PRESETS: dict[str, tuple[str | None, str]] = {
     "cpu": ("cpu", "CPU quick try"),
-    "reference": ("reference", "Reference model (CPU, about 30 min)"),
+    "reference": ("reference", "Reference model (CPU, about 1 hour)"),
     "paper": ("paper", "Paper scale (GPU)"),
     "custom": (None, "Custom config file"),
 }
@@ -195,16 +196,6 @@ def folder_value(folders: str | os.PathLike | Iterable[str | os.PathLike] | None
     if not unique:
         return None
     return unique[0] if len(unique) == 1 else unique
-
-
-def config_value(config: Mapping[str, Any] | None, dotted: str, default: Any = None) -> Any:
-    """``config_value(cfg, "adapt.iterations")`` -> ``cfg["adapt"]["iterations"]``, or ``default``."""
-    node: Any = config or {}
-    for part in dotted.split("."):
-        if not isinstance(node, Mapping) or part not in node:
-            return default
-        node = node[part]
-    return node
 
 
 def format_override(key: str, value: Any) -> str:

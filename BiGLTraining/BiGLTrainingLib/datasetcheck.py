@@ -12,7 +12,6 @@ run skips them through ``data.exclude`` / ``data.target_exclude``).
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,20 +22,8 @@ from bigl.data.brats import MODALITIES, Case, data_folders, find_cases, normalis
 from bigl.data.io import files_share_grid, read_grid
 from bigl.errors import BiGLError
 
-from .command import config_value
-from .eventlog import format_duration
+from bigl.runplan import RunEstimate, config_value, estimate_run
 
-#: Seconds per training sample of each stage at the reference size: 64 px slices and the networks
-#: of the cpu preset (translator base_channels 16, segmenter base_channels 8), measured with
-#: that preset on two shared cores of a desktop CPU. Other sizes scale with the work per
-#: sample (image area x network width squared).
-CPU_SECONDS_PER_SAMPLE = {"translator": 0.09, "adapt": 0.25}
-REFERENCE_IMAGE_SIZE = 64
-REFERENCE_WIDTH = {"translator": 16, "adapt": 8}
-#: How much faster one recent GPU is assumed to be than that CPU reference. An assumption, not a
-#: measurement: the estimate is an order of magnitude; the ETA shown while training runs is
-#: measured.
-GPU_SPEEDUP = 200.0
 #: The config key through which the run skips the cases the check leaves out, per role.
 EXCLUDE_KEYS = {"source": "data.exclude", "target": "data.target_exclude"}
 
@@ -144,40 +131,6 @@ class DomainReport:
             )
             lines.append(text + (f"; {len(self.excluded)} left out" if self.excluded else ""))
         return "\n".join(lines)
-
-
-@dataclass
-class RunEstimate:
-    """Size of the run and a rough duration."""
-
-    translator_steps: int
-    adapt_steps: int
-    translator_batch: int
-    adapt_batch: int
-    image_size: int
-    source_slices: int
-    target_slices: int
-    device_kind: str
-    translator_seconds: float
-    adapt_seconds: float
-
-    @property
-    def seconds(self) -> float:
-        return self.translator_seconds + self.adapt_seconds
-
-    @property
-    def source_epochs(self) -> float:
-        """Passes over the source slices during adaptation."""
-        return self.adapt_steps * self.adapt_batch / self.source_slices if self.source_slices else math.nan
-
-    def summary(self) -> str:
-        return (
-            f"run: translator {self.translator_steps} steps x batch {self.translator_batch}, adaptation "
-            f"{self.adapt_steps} steps x batch {self.adapt_batch} at {self.image_size} px "
-            f"(about {self.source_epochs:.2g} passes over the source slices); rough time on "
-            f"{self.device_kind.upper()}: {format_duration(self.seconds)} "
-            f"(translator {format_duration(self.translator_seconds)}, adaptation {format_duration(self.adapt_seconds)})"
-        )
 
 
 @dataclass
@@ -370,77 +323,6 @@ def _scan_domain(
             )
         )
     return domain, usable, problems
-
-
-def _device_kind(device: str | None) -> str:
-    device = (device or "auto").lower()
-    if device.startswith(("cuda", "gpu", "mps")):
-        return "gpu"
-    if device == "auto":
-        try:
-            import torch
-
-            return "gpu" if torch.cuda.is_available() else "cpu"
-        except ImportError:
-            return "cpu"
-    return "cpu"
-
-
-def seconds_per_sample(config: Mapping[str, Any] | None, stage: str) -> float:
-    """CPU seconds one training sample of ``stage`` takes with ``config`` (scaled from the reference)."""
-    image_size = float(config_value(config, "preprocessing.image_size", REFERENCE_IMAGE_SIZE))
-    width_key = "translator.base_channels" if stage == "translator" else "segmenter.base_channels"
-    width = float(config_value(config, width_key, REFERENCE_WIDTH[stage]))
-    work = (image_size / REFERENCE_IMAGE_SIZE) ** 2 * (width / REFERENCE_WIDTH[stage]) ** 2
-    return CPU_SECONDS_PER_SAMPLE[stage] * work
-
-
-def _iterations(config: Mapping[str, Any] | None, section: str, slices: int) -> int:
-    """Steps of a stage: its iterations, or what its epochs come to over ``slices`` slices."""
-    values = config_value(config, section, None)
-    if not isinstance(values, Mapping):
-        return 0
-    if values.get("epochs") is None:
-        return int(values.get("iterations", 0))
-    from bigl.training.data import iterations_for
-
-    return iterations_for(dict(values), max(1, slices))
-
-
-def estimate_run(
-    config: Mapping[str, Any] | None,
-    source_slices: int,
-    target_slices: int,
-    *,
-    device: str | None = None,
-    gpus: int = 1,
-) -> RunEstimate:
-    """Steps, batch sizes and a rough duration of a run with ``config`` (a resolved training config)."""
-    translator_runs = config_value(config, "adapt.method", "bigl") == "bigl"
-    image_size = int(config_value(config, "preprocessing.image_size", 128))
-    translator_batch = int(config_value(config, "translator_training.batch_size", 1))
-    adapt_batch = int(config_value(config, "adapt.batch_size", 1))
-    labelled_slices = source_slices or target_slices  # target-only runs train on the target
-    translator_steps = _iterations(config, "translator_training", labelled_slices) if translator_runs else 0
-    adapt_steps = _iterations(config, "adapt", labelled_slices)
-    kind = _device_kind(device or config_value(config, "run.device", "auto"))
-    speedup = GPU_SPEEDUP * max(1, int(gpus)) if kind == "gpu" else 1.0
-
-    def seconds(stage: str, steps: int, batch: int) -> float:
-        return steps * batch * seconds_per_sample(config, stage) / speedup
-
-    return RunEstimate(
-        translator_steps=translator_steps,
-        adapt_steps=adapt_steps,
-        translator_batch=translator_batch,
-        adapt_batch=adapt_batch,
-        image_size=image_size,
-        source_slices=source_slices,
-        target_slices=target_slices,
-        device_kind=kind,
-        translator_seconds=seconds("translator", translator_steps, translator_batch),
-        adapt_seconds=seconds("adapt", adapt_steps, adapt_batch),
-    )
 
 
 def _same_grid(source: Case, target: Case, source_modality: str, target_modality: str) -> bool:

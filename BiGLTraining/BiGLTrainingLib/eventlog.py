@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from bigl.runplan import format_duration
+
 #: The two stages of ``bigl train`` in the order they run.
 STAGES = ("translator", "adapt")
 STAGE_TITLES = {"translator": "Stage 1: image translator", "adapt": "Stage 2: adaptation"}
@@ -247,18 +249,6 @@ class TrainingState:
             self.apply(event)
 
 
-def format_duration(seconds: float | None) -> str:
-    """``3725`` -> ``"1h02m"``, ``584`` -> ``"9m44s"``, ``7.2`` -> ``"7s"``; ``"?"`` when unknown."""
-    if seconds is None or not math.isfinite(seconds) or seconds < 0:
-        return "?"
-    seconds = int(round(seconds))
-    if seconds >= 3600:
-        return f"{seconds // 3600}h{(seconds % 3600) // 60:02d}m"
-    if seconds >= 60:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds}s"
-
-
 def format_losses(losses: dict[str, float]) -> str:
     return "  ".join(f"{name} {value:.4g}" for name, value in losses.items())
 
@@ -290,6 +280,8 @@ def format_event(event: dict) -> str:
             for role, part in (("labelled", event.get("labelled")), ("unlabelled", event.get("unlabelled")))
             if isinstance(part, dict)
         ) + (f"; {event['pairs']} co-registered slice pairs" if isinstance(event.get("pairs"), int) else "")
+    if kind == "plan":
+        return str(event.get("summary", ""))
     if kind == "error":
         text = f"ERROR: {event.get('message', 'training failed')}"
         if event.get("hint"):

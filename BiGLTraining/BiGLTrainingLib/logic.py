@@ -28,15 +28,16 @@ from bigl.runfolder import BUNDLE_FILE, CONFIG_FILE, CONSOLE_LOG, EVENTS_FILE, T
 
 from BiGLSegmentationLib.logic import child_environment
 
+from bigl.runplan import config_value, format_duration
+
 from .command import (
     TrainingSettings,
-    config_value,
     evaluate_command,
     train_command,
 )
 from .curves import LossCurves
 from .evaluation import evaluation_table_node, read_summary
-from .eventlog import EventLogReader, FileTail, TrainingState, format_duration, format_event
+from .eventlog import EventLogReader, FileTail, TrainingState, format_event
 from .process import DEFAULT_STOP_TIMEOUT_S, TrainingProcess
 
 if TYPE_CHECKING:

@@ -163,6 +163,27 @@ def test_a_damaged_translator_file_is_refused(phantom_cohort, tmp_path):
         load_translator(path, config, torch.device("cpu"))
 
 
+def test_translator_files_from_a_newer_bigl_or_of_another_kind_are_refused(tmp_path, bundle_copy):
+    from bigl.bundle import TRANSLATOR_FORMAT_VERSION, read_translator_file, write_translator_file
+
+    tensors = {"translator_s2t.weight": torch.ones(2, 2)}
+    path = write_translator_file(tmp_path / "translator.safetensors", tensors, {"mode": "paired"})
+    metadata, read = read_translator_file(path)
+    assert metadata["format_version"] == TRANSLATOR_FORMAT_VERSION and metadata["mode"] == "paired"
+    assert torch.equal(read["translator_s2t.weight"], tensors["translator_s2t.weight"])
+    newer = write_translator_file(tmp_path / "newer.safetensors", tensors, {"format_version": TRANSLATOR_FORMAT_VERSION + 1})
+    with pytest.raises(ConfigError, match="newer BiGL") as caught:
+        read_translator_file(newer)
+    assert "upgrade BiGL" in caught.value.hint
+    with pytest.raises(ConfigError, match="invalid format_version"):
+        read_translator_file(write_translator_file(tmp_path / "bad.safetensors", tensors, {"format_version": "one"}))
+    with pytest.raises(ConfigError, match="not a BiGL translator file") as caught:
+        read_translator_file(bundle_copy)  # a model bundle given as adapt.translator_bundle
+    assert "not the model" in caught.value.hint
+    with pytest.raises(ConfigError, match="not found"):
+        read_translator_file(tmp_path / "missing.safetensors")
+
+
 # ---------------------------------------------------------------------------------- checkpoints
 
 

@@ -42,8 +42,10 @@ def test_device_names(name, known):
     assert is_device(name) is known
 
 
-def test_runfolder_needs_only_the_standard_library():
-    code = "import sys, bigl.runfolder; print(sorted({'numpy', 'torch'} & set(sys.modules)))"
+@pytest.mark.parametrize("module", ["bigl.runfolder", "bigl.runplan"])
+def test_run_names_and_plans_need_only_the_standard_library(module):
+    code = (f"import sys, {module}; import bigl.runplan as plan; plan.estimate_run({{}}, 10, 10, device='cpu'); "
+            "print(sorted({'numpy', 'torch'} & set(sys.modules)))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
 

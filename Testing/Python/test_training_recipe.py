@@ -218,8 +218,6 @@ def test_ignored_voxels_take_no_part_in_the_segmentation_loss():
 
 
 def test_self_training_config_is_checked(phantom_cohort):
-    with pytest.raises(ConfigError, match="needs method bigl"):
-        smoke(phantom_cohort, "adapt.method=source-only", "adapt.self_training_iterations=5")
     with pytest.raises(ConfigError, match="rounds"):
         smoke(phantom_cohort, "adapt.self_training_iterations=2", "adapt.self_training_rounds=3")
     with pytest.raises(ConfigError, match="translator frozen"):
@@ -228,6 +226,18 @@ def test_self_training_config_is_checked(phantom_cohort):
         smoke(phantom_cohort, "adapt.pseudo_threshold=1.0")
     with pytest.raises(ConfigError, match="pseudo_views"):
         smoke(phantom_cohort, "adapt.pseudo_views=source")
+
+
+def test_baselines_train_without_the_self_training_steps(phantom_cohort, tmp_path):
+    """A config that self-trains (as the reference config does) trains the baselines too: they have
+    no unlabelled scans, so their runs are the adaptation steps alone."""
+    config = smoke(phantom_cohort, "adapt.method=source-only", "adapt.iterations=3", "adapt.self_training_iterations=5",
+                   "run.threads=1")
+    run_training(config, tmp_path / "run", progress=False)
+    events = read_events(tmp_path / "run" / "events.jsonl")
+    assert [(e["stage"], e["total"]) for e in events if e["event"] == "start"] == [("adapt", 3)]
+    plan = next(e for e in events if e["event"] == "plan")
+    assert (plan["translator_steps"], plan["adapt_steps"], plan["self_training_steps"]) == (0, 3, 0)
 
 
 def test_pseudo_labels_from_the_target_view_alone_ignore_the_translation(phantom_cohort, tmp_path, monkeypatch):

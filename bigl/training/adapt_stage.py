@@ -48,6 +48,7 @@ from bigl.losses import IGNORE_INDEX, adversarial_loss, output_consistency_loss,
 from bigl.runfolder import BUNDLE_FILE
 from bigl.training import augment
 from bigl.models import AttentionDiscriminator, DualAttentionUNet, FeatureDiscriminator, SegmenterConfig, TranslatorConfig
+from bigl.runplan import self_training_steps
 from bigl.training.config import active_levels
 from bigl.training.data import to_tensors
 from bigl.training.loop import (
@@ -164,7 +165,7 @@ class AdaptTrainer(StageTrainer):
         self.method = adapt["method"]
         self.levels = active_levels(adapt)
         self.finetune = bool(adapt["finetune_translator"])
-        self.self_steps = int(adapt["self_training_iterations"]) if self.method == "bigl" else 0
+        self.self_steps = self_training_steps(adapt)
         self.adapt_steps = self.total - self.self_steps
         self.pseudo: np.ndarray | None = None  # uint8 [n, S, S] pseudo-labels of the unlabelled slices
         self.pseudo_round = -1

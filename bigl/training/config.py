@@ -20,6 +20,7 @@ from typing import Any, Iterable
 
 from bigl.errors import BiGLError, ConfigError
 from bigl.runfolder import METHODS, TRANSLATOR_MODES, is_device
+from bigl.runplan import self_training_steps
 
 #: Folder of the ready configs shipped with the package.
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -485,10 +486,7 @@ def _validate_training(config: dict[str, Any]) -> None:
     _positive(config, "adapt.self_training_iterations", zero=True)
     _positive(config, "adapt.self_training_rounds")
     _positive(config, "adapt.self_training_lr")
-    if adapt["self_training_iterations"]:
-        if adapt["method"] != "bigl":
-            raise _fail("adapt.self_training_iterations", f"needs method bigl (method is {adapt['method']}): self-training "
-                        "pseudo-labels the unlabelled target scans", "set adapt.self_training_iterations=0")
+    if self_training_steps(adapt):
         if adapt["finetune_translator"]:
             raise _fail("adapt.self_training_iterations", "self-training keeps the translator frozen, but adapt.finetune_translator is true "
                         "(its image losses are not part of the self-training steps)", "set adapt.finetune_translator=false or self_training_iterations=0")

@@ -14,7 +14,6 @@ draws the same global batch and trains on its own shard of it.
 
 from __future__ import annotations
 
-import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -331,13 +330,6 @@ class StepSampler:
         rows = rng.integers(0, len(self.data.pairs), batch_size)
         flips = self._flips(rng, batch_size)
         return Batch(self.data.pairs[rows, 0], self.data.pairs[rows, 1], flips, flips)
-
-
-def iterations_for(section: dict, dataset_slices: int) -> int:
-    """``iterations``, or ``ceil(epochs * slices / batch_size)`` when epochs is given."""
-    if section["epochs"] is None:
-        return int(section["iterations"])
-    return max(1, math.ceil(section["epochs"] * dataset_slices / section["batch_size"]))
 
 
 def to_tensors(

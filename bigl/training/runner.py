@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -20,8 +21,9 @@ import torch
 from bigl.bundle import resolve_device
 from bigl.errors import BiGLError, ConfigError
 from bigl.files import atomic_write_text, check_writable_folder
+from bigl.runplan import config_value, estimate_run, iterations_for, self_training_steps
 from bigl.training.config import config_differences, validate_config
-from bigl.training.data import StepSampler, find_training_cases, iterations_for, load_training_data
+from bigl.training.data import StepSampler, find_training_cases, load_training_data
 from bigl.training.distributed import DistributedContext, env_int, init_distributed
 from bigl.runfolder import CONFIG_FILE, EVENTS_FILE, RUN_STAGES, TRANSLATOR_FILE
 from bigl.training.events import EventLog
@@ -87,7 +89,7 @@ class TrainingRun:
             raise ConfigError(f"cannot read {stored}: {exc}", "restore the file or start a new run in another folder") from None
         changed = config_differences(old, config)
         if changed:
-            details = "; ".join(f"{key}: {json.dumps(_get(old, key))} -> {json.dumps(_get(config, key))}" for key in changed[:4])
+            details = "; ".join(f"{key}: {json.dumps(config_value(old, key))} -> {json.dumps(config_value(config, key))}" for key in changed[:4])
             raise ConfigError(
                 f"the config differs from the one the run in {self.out_dir} was started with ({details})",
                 "resume with the same config (only run.* settings such as device, logging and checkpoint "
@@ -158,6 +160,7 @@ class TrainingRun:
             pairs=int(len(data.pairs)),
             seconds=round(time.perf_counter() - started, 2),
         )
+        self._log_plan(config, stages, data, world_size)
         sampler = StepSampler(data, seed=config["run"]["seed"], tumour_fraction=config["data"]["tumour_fraction"], flip=config["data"]["flip"])
         self.config = config
         self.ctx = RunContext(
@@ -170,6 +173,20 @@ class TrainingRun:
             progress=self.progress and config["run"]["progress"],
         )
         return self.ctx
+
+    def _log_plan(self, config: dict, stages: list[str], data, world_size: int) -> None:
+        """The steps and rough duration of this run (bigl.runplan), as a ``plan`` event and on stderr."""
+        unlabelled = len(data.unlabelled) if data.unlabelled is not None else 0
+        plan = estimate_run(config, len(data.labelled), unlabelled, gpus=world_size)
+        if "translator" not in stages:
+            plan.translator_steps, plan.translator_seconds = 0, 0.0
+        if "adapt" not in stages:
+            plan.adapt_steps, plan.adapt_seconds, plan.self_training_steps = 0, 0.0, 0
+        summary = plan.summary()
+        self.log.write("plan", summary=summary, translator_steps=plan.translator_steps, adapt_steps=plan.adapt_steps,
+                       self_training_steps=plan.self_training_steps, estimated_seconds=round(plan.seconds))
+        if self.log.enabled:
+            print(f"bigl train: {summary}", file=sys.stderr, flush=True)
 
     # -- stages -------------------------------------------------------------------------------
     def translator_trainer(self):
@@ -188,7 +205,7 @@ class TrainingRun:
 
         ctx = self.ctx
         config = ctx.config
-        total = iterations_for(config["adapt"], len(ctx.data.labelled)) + config["adapt"]["self_training_iterations"]
+        total = iterations_for(config["adapt"], len(ctx.data.labelled)) + self_training_steps(config["adapt"])
         kwargs: dict[str, Any] = {}
         if config["adapt"]["method"] == "bigl":
             translators, discriminators, metadata = load_translator(self._translator_file(config), config, ctx.device)
@@ -263,18 +280,9 @@ class TrainingRun:
             pass  # the folder itself is unusable; the CLI still prints the error
 
 
-def _get(config: dict, dotted: str) -> Any:
-    node: Any = config
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return None
-        node = node[part]
-    return node
-
-
 def _slice_count(config: dict, cases: list) -> int:
     """Slices of the target images along the slice axis, read from their headers (no image data)."""
-    if not config["adapt"]["self_training_iterations"]:
+    if not self_training_steps(config["adapt"]):
         return 0
     from bigl.data.io import read_grid
 
@@ -318,7 +326,7 @@ def estimate_disk_bytes(config: dict, stages: list[str], target_slices: int = 0)
         if adapt["finetune_translator"]:
             checkpoint += 3 * (generators + image_discriminators)
         total += keep * checkpoint + segmenter + (generators if adapt["method"] == "bigl" else 0)
-        if adapt["self_training_iterations"] and adapt["method"] == "bigl":
+        if self_training_steps(adapt):
             pseudo_label_bytes = keep * target_slices * config["preprocessing"]["image_size"] ** 2
     return 4 * total + pseudo_label_bytes + _DISK_MARGIN_BYTES
 

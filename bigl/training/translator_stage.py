@@ -26,9 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bigl import __version__, tensorfile
+from bigl.bundle import read_translator_file, write_translator_file
 from bigl.errors import ConfigError
-from bigl.files import atomic_write_bytes
 from bigl.losses import adversarial_loss
 from bigl.runfolder import TRANSLATOR_FILE
 from bigl.models import PatchDiscriminator, ResnetGenerator, TranslatorConfig
@@ -43,8 +42,6 @@ from bigl.training.loop import (
     set_requires_grad,
 )
 
-TRANSLATOR_FORMAT = "bigl-translator"
-TRANSLATOR_FORMAT_VERSION = 1
 
 
 def resolve_mode(config: dict, pairs: int) -> str:
@@ -337,9 +334,6 @@ def save_translator(
         for name, value in module.state_dict().items():
             tensors[f"{prefix}.{name}"] = value.detach().to("cpu").contiguous().clone()
     metadata = {
-        "format": TRANSLATOR_FORMAT,
-        "format_version": TRANSLATOR_FORMAT_VERSION,
-        "bigl_version": __version__,
         "source_modality": config["data"]["source_modality"],
         "target_modality": config["data"]["target_modality"],
         "mode": mode,
@@ -352,29 +346,13 @@ def save_translator(
             "n_layers": config["translator_training"]["discriminator_layers"],
         },
     }
-    atomic_write_bytes(Path(path), tensorfile.encode(tensors, {"bigl": json.dumps(metadata)}))
-    return Path(path)
+    return write_translator_file(path, tensors, metadata)
 
 
 def load_translator(path: Path, config: dict, device: torch.device) -> tuple[TranslatorPair, dict[str, nn.Module] | None, dict]:
     """Generators (and discriminators, when stored) from a translator file, checked against the
     config: the same modalities, preprocessing and architecture. ConfigError when they differ."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(
-            f"translator file not found: {path}",
-            "train it first (bigl train --stage translator, or --stage all), or set adapt.translator_bundle",
-        )
-    try:
-        raw, tensors = tensorfile.read_tensors(path)
-        metadata = json.loads(raw.get("bigl", "null"))
-    except tensorfile.DamagedFile as exc:
-        raise ConfigError(f"the translator file {path} is damaged: {exc}",
-                          "train the translator again (bigl train --stage translator)") from None
-    except Exception as exc:
-        raise ConfigError(f"{path} cannot be read as a translator file ({exc})", "train the translator again") from None
-    if not isinstance(metadata, dict) or metadata.get("format") != TRANSLATOR_FORMAT:
-        raise ConfigError(f"{path} is not a BiGL translator file", "give the translator.safetensors written by stage 1")
+    metadata, tensors = read_translator_file(path)
     data = config["data"]
     expected = {
         "source_modality": data["source_modality"],

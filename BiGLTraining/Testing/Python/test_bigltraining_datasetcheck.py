@@ -10,7 +10,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from BiGLTrainingLib.datasetcheck import check_datasets, estimate_run, seconds_per_sample
+from bigl.runplan import estimate_run, seconds_per_sample
+from BiGLTrainingLib.datasetcheck import check_datasets
 from bigl.training.config import load_config
 
 

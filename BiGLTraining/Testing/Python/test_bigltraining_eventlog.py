@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import os
 
-from BiGLTrainingLib.eventlog import EventLogReader, FileTail, TrainingState, format_duration, format_event
+from bigl.runplan import format_duration
+from BiGLTrainingLib.eventlog import EventLogReader, FileTail, TrainingState, format_event
 
 
 def step(stage: str, n: int, total: int = 10, **losses: float) -> dict:
