@@ -1,13 +1,17 @@
-"""Package the BiGL model of a real-data benchmark run as the shipped default model.
+"""Package a BiGL model of a report-split protocol run as the shipped default model.
 
-    python benchmarks/make_reference_model.py RUN_DIR [--destination bigl/resources/default_model.safetensors]
+    python benchmarks/make_reference_model.py PROTOCOL_DIR --setting bigl --seed 0 \\
+        [--target-only target-only] [--destination bigl/resources/default_model.safetensors]
 
-RUN_DIR is the output folder of ``benchmarks/real_data_t1_t2.sh``. The BiGL bundle is copied with
-the measured report table (Dice and HD95 per region: mean, std and per case, for every method
-evaluated in RUN_DIR/eval-*), the report cases and the wall times recorded in its metadata, so
-``bigl info`` on the shipped model shows what it was measured to do. The weights are not touched; the
-ONNX export beside the destination is written again (`bigl export`), so it stays that of the bundle.
-Prints the report table as Markdown, for the model card.
+PROTOCOL_DIR is the output folder of ``benchmarks/protocol.py --split report --baselines``. The
+bundle of SETTING/seedN is copied with what was measured on the report cases in its metadata: for
+that seed, the Dice and HD95 per region (mean, std and per case) of the model, source-only, the
+no-learning invert + histogram-match baseline and (when given) the target-only setting; over every
+seed the protocol ran, each method's mean +- std of the per-seed Dice. The report cases and the
+training wall times (from the run folders' event logs) are recorded too, so ``bigl info`` on the
+shipped model shows what it was measured to do. The weights are not touched; the ONNX export
+beside the destination is written again (`bigl export`), so it stays that of the bundle. Prints
+the tables as Markdown, for the model card.
 """
 
 from __future__ import annotations
@@ -20,54 +24,93 @@ from pathlib import Path
 
 from bigl.bundle import annotate_bundle, read_metadata
 from bigl.metrics import format_comparison_markdown
+from bigl.runfolder import BUNDLE_FILE, EVENTS_FILE
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from protocol import REPORT_CASES, summarise  # noqa: E402
 
 DEFAULT_DESTINATION = Path(__file__).resolve().parents[1] / "bigl" / "resources" / "default_model.safetensors"
-#: Evaluation folders of the benchmark, in the order of the model card's table.
-EVALUATIONS = {
-    "eval-source-only": "Source only",
-    "eval-invert-histmatch": "Source only + invert-histmatch",
-    "eval-bigl": "BiGL",
-    "eval-target-only": "Target only",
-}
 MAX_BYTES = 50 * 1024 * 1024
+#: Row names of the model card's tables.
+LABELS = {"source-only": "Source only", "invert-histmatch": "Source only + invert/histogram match (no learning)",
+          "bigl": "**BiGL**", "target-only": "Target only (T2 labels, upper bound)"}
+
+
+def _summary(folder: Path) -> dict | None:
+    path = folder / "summary.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def _stage_seconds(run_dir: Path) -> dict[str, float]:
+    """Wall seconds of each finished stage of a run folder (``end`` events, summed over resumes)."""
+    seconds: dict[str, float] = {}
+    path = run_dir / EVENTS_FILE
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if event.get("event") == "end" and isinstance(event.get("seconds"), (int, float)):
+                seconds[event["stage"]] = seconds.get(event["stage"], 0.0) + float(event["seconds"])
+    return seconds
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("run_dir", type=Path, help="output folder of benchmarks/real_data_t1_t2.sh")
+    parser.add_argument("protocol_dir", type=Path, help="output folder of benchmarks/protocol.py --split report --baselines")
+    parser.add_argument("--setting", required=True, help="the protocol setting whose model is packaged")
+    parser.add_argument("--seed", type=int, default=0, help="which seed's model (default 0)")
+    parser.add_argument("--target-only", help="the protocol setting of the target-only upper bound, if it ran")
     parser.add_argument("--destination", type=Path, default=DEFAULT_DESTINATION, help="where to write the packaged model")
     args = parser.parse_args(argv)
 
-    summaries = {}
-    for folder in EVALUATIONS:
-        path = args.run_dir / folder / "summary.json"
-        if path.is_file():
-            summaries[folder.removeprefix("eval-")] = json.loads(path.read_text())
-    if "bigl" not in summaries:
-        sys.exit(f"{args.run_dir}/eval-bigl/summary.json not found: run benchmarks/real_data_t1_t2.sh first")
-    report_cases = sorted(summaries["bigl"]["cases"])
-    for method, summary in summaries.items():
-        if sorted(summary["cases"]) != report_cases:
-            sys.exit(f"eval-{method} was scored on other cases than eval-bigl: rerun the benchmark")
-    wall = {}
-    wall_file = args.run_dir / "wall_seconds.txt"
-    if wall_file.is_file():
-        for line in wall_file.read_text().splitlines():
-            method, _, seconds = line.partition(" ")
-            wall[method] = int(seconds)
-
-    model = args.run_dir / "bigl" / "model.safetensors"
+    root = args.protocol_dir
+    manifest_path = root / "manifest.json"
+    if not manifest_path.is_file():
+        sys.exit(f"{manifest_path} not found: give the output folder of benchmarks/protocol.py")
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    if manifest.get("split") != "report" or sorted(manifest.get("scored", [])) != sorted(REPORT_CASES):
+        sys.exit(f"{root} is a protocol on the {manifest.get('split')} split: the shipped model is measured on the report split")
+    #: protocol setting -> method key in the metadata (as `bigl info` and the tests read it)
+    methods = {"source-only": "source-only", "invert-histmatch": "invert-histmatch", args.setting: "bigl",
+               **({args.target_only: "target-only"} if args.target_only else {})}
+    model = root / args.setting / f"seed{args.seed}" / BUNDLE_FILE
+    if not model.is_file():
+        sys.exit(f"{model} not found: run the protocol with --setting {args.setting} and seed {args.seed} first")
     if read_metadata(model)["method"] != "bigl":
         sys.exit(f"{model} is not a BiGL model")
+
+    this_seed, over_seeds = {}, {}
+    for name in methods:
+        summary = _summary(root / name / f"eval-seed{args.seed}")
+        if summary is None:
+            sys.exit(f"{root / name / f'eval-seed{args.seed}'} has no summary.json: run the protocol with --baselines"
+                     + (f" and --setting {name}" if name in (args.setting, args.target_only) else ""))
+        if sorted(summary["cases"]) != sorted(REPORT_CASES):
+            sys.exit(f"{name} seed {args.seed} was scored on other cases than the report cases: rerun the protocol")
+        this_seed[name] = summary
+        seeds = {int(folder.name.removeprefix("eval-seed")): _summary(folder)
+                 for folder in sorted((root / name).glob("eval-seed*")) if folder.name.removeprefix("eval-seed").isdigit()}
+        over_seeds[name] = summarise({name: {seed: s for seed, s in seeds.items() if s is not None}})[name]
+
+    wall = {"translator": _stage_seconds(root / "translators" / f"seed{args.seed}").get("translator"),
+            **{f"{name}": _stage_seconds(root / name / f"seed{args.seed}").get("adapt")
+               for name in methods if name != "invert-histmatch"}}
     metrics = {
         "report": {
-            "modality": summaries["bigl"]["modality"],
-            "cases": report_cases,
+            "modality": this_seed[args.setting]["modality"],
+            "cases": sorted(REPORT_CASES),
+            "seed": args.seed,
             "note": "cases whose labels took part in no training, tuning or checkpoint choice",
-            "methods": {method: {**summary["summary"], "cases": summary["cases"]} for method, summary in summaries.items()},
+            "methods": {methods[name]: {**s["summary"], "cases": s["cases"]} for name, s in this_seed.items()},
+            "over_seeds": {methods[name]: entry for name, entry in over_seeds.items()},
         }
     }
-    training = {"wall_seconds": wall, "machine": f"{platform.machine()}, {platform.system()}, CPU", "report_cases": report_cases}
+    training = {"wall_seconds": {key: round(value) for key, value in wall.items() if value is not None},
+                "machine": f"{platform.machine()}, {platform.system()}, CPU", "report_cases": sorted(REPORT_CASES),
+                "protocol": {"setting": args.setting, "seed": args.seed, "data": manifest["data"],
+                             "overrides": manifest["settings"].get(args.setting, [])}}
     out = annotate_bundle(model, args.destination, metrics=metrics, training=training)
     size = out.stat().st_size
     if size > MAX_BYTES:
@@ -79,10 +122,19 @@ def main(argv: list[str] | None = None) -> int:
     exports = export_bundle(out)  # segmenting without PyTorch runs the export: keep it that of this bundle
     print(f"exported {', '.join(str(path) for path in exports)} ({sum(p.stat().st_size for p in exports) / 2**20:.2f} MiB)")
     print()
-    rows = {EVALUATIONS[f"eval-{method}"]: summary["summary"] for method, summary in summaries.items()}
+    rows = {LABELS[methods[name]]: s["summary"] for name, s in this_seed.items()}
+    print(f"Seed {args.seed}, {len(REPORT_CASES)} report cases:\n")
     print(format_comparison_markdown(rows, "dice"))
     print()
     print(format_comparison_markdown(rows, "hd95"))
+    print("\nDice % over seeds (mean ± sample std of the per-seed case means; per-seed means):\n")
+    print("| Method | seeds | WT | TC | ET | mean |")
+    print("|---|---|---:|---:|---:|---:|")
+    for name, entry in over_seeds.items():
+        cells = [f"{entry['regions'][r]['seed_mean']:.1f} ± {entry['regions'][r]['seed_std']:.1f} "
+                 f"({', '.join(f'{v:.1f}' for v in entry['regions'][r]['per_seed'])})" for r in ("WT", "TC", "ET", "mean")]
+        print(f"| {LABELS[methods[name]]} | {len(entry['seeds'])} | " + " | ".join(cells) + " |")
+    print(f"\nwall seconds: {training['wall_seconds']}")
     return 0
 
 

@@ -1,4 +1,22 @@
-"""Losses of BiGL (paper section 3.4).
+"""Losses of BiGL (paper section 3.4), one named function per term.
+
+Equation index (paper -> function; who calls it):
+
+- Eq. 1, generator of the translator (pix2pix): ``generator_adversarial_loss`` on D(x_s, x_s->t)
+  + ``lambda_l1`` x ``translation_l1_loss`` to the co-registered slice (both directions);
+  ``bigl.training.translator_stage.PairedObjective.generator_losses``. Unpaired data use the
+  CycleGAN objective instead: the same adversarial term on unconditional discriminators,
+  ``translation_l1_loss`` of the cycled and identity images (``UnpairedObjective``).
+- Eq. 2, the translator's discriminators: ``discriminator_loss``; ``TranslatorObjective.discriminator_losses``.
+- Eq. 3, position and channel attention: not a loss (``bigl.models.segmenter``).
+- Eq. 4, segmentation: ``segmentation_loss`` (cross-entropy + generalised Dice; the mean-class and
+  BraTS-region Dice are switches beyond the paper); ``AdaptTrainer.segmenter_losses``.
+- Eq. 5, output consistency: ``output_consistency_loss``; ``AdaptTrainer.segmenter_losses``.
+- Eq. 6 and 8, attention and feature consistency (the segmenter fools D_s with the maps of
+  x_t->s and D_t with those of x_t): ``generator_adversarial_loss``; ``AdaptTrainer.segmenter_losses``.
+- Eq. 7 and 9, the attention and feature discriminators (D_s: maps of x_s real, x_t->s fake; D_t:
+  x_s->t real, x_t fake): ``discriminator_loss``; ``AdaptTrainer.discriminator_pairs`` pairs them.
+- Eq. 10, the weighted sum: ``AdaptTrainer.segmenter_losses`` (lambda_out, lambda_gtl, lambda_syn).
 
 Segmentation (Eq. 4): cross-entropy + generalised Dice. The paper gives the Dice class weight as
 ``w_i = 1 / num(class i)``; Sudre et al. (2017), who introduced the generalised Dice loss, use
@@ -11,10 +29,12 @@ it would push the two predictions apart, contrary to its stated purpose. We mini
 squared L2 distance between the two softmax maps instead (zero when the predictions agree).
 
 Adversarial losses come in the two usual flavours: least squares (LSGAN, used by CycleGAN) and
-binary cross-entropy on logits (the log-likelihood form of Eq. 6-9).
+binary cross-entropy on logits (the log-likelihood form of Eq. 1-2 and 6-9).
 """
 
 from __future__ import annotations
+
+from typing import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -197,6 +217,23 @@ def adversarial_loss(logits: torch.Tensor, is_real: bool, mode: str = "lsgan") -
     if mode == "bce":
         return F.binary_cross_entropy_with_logits(logits, target)
     raise ConfigError(f"unknown adversarial loss mode {mode!r}", f"use one of: {', '.join(ADVERSARIAL_MODES)}")
+
+
+def generator_adversarial_loss(fake_logits: Iterable[torch.Tensor], mode: str = "lsgan") -> torch.Tensor:
+    """Generator side of adversarial learning (Eq. 1's first term; Eq. 6 and 8): the sum over
+    discriminators of their logits on the fakes against "real". The discriminators should be frozen."""
+    return sum(adversarial_loss(logits, True, mode) for logits in fake_logits)
+
+
+def discriminator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor, mode: str = "lsgan") -> torch.Tensor:
+    """One discriminator's loss (Eq. 2, 7, 9): (real as real + fake as fake) / 2, on detached fakes."""
+    return 0.5 * (adversarial_loss(real_logits, True, mode) + adversarial_loss(fake_logits, False, mode))
+
+
+def translation_l1_loss(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """Sum of the mean absolute differences of (image, reference) pairs: Eq. 1's L1 term (the
+    translations against the co-registered slices) and CycleGAN's cycle and identity terms."""
+    return sum(F.l1_loss(image, reference) for image, reference in pairs)
 
 
 def output_consistency_loss(logits_a: torch.Tensor, logits_b: torch.Tensor) -> torch.Tensor:

@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from bigl.bundle import make_metadata, save_bundle
-from bigl.losses import IGNORE_INDEX, adversarial_loss, output_consistency_loss, segmentation_loss
+from bigl.losses import IGNORE_INDEX, generator_adversarial_loss, output_consistency_loss, segmentation_loss
 from bigl.runfolder import BUNDLE_FILE
 from bigl.training import augment
 from bigl.models import AttentionDiscriminator, DualAttentionUNet, FeatureDiscriminator, SegmenterConfig, TranslatorConfig
@@ -61,12 +61,12 @@ from bigl.training.loop import (
     weight_average,
 )
 from bigl.training.translator_stage import (
+    TranslatorObjective,
     TranslatorPair,
-    generator_losses,
-    judge_pairs,
     sample_rows,
     translator_batch,
     translator_discriminators,
+    translator_objective,
 )
 
 #: Resolution of the pseudo-labelling confidences (bins of 1/1024).
@@ -79,14 +79,13 @@ class AdaptNetwork(nn.Module):
     """Segmenter (and translators) of one segmenter step in one ``forward``, for one DDP wrapper."""
 
     def __init__(
-        self, segmenter: DualAttentionUNet, translators: TranslatorPair | None, *, finetune: bool, translator_mode: str, identity: bool
+        self, segmenter: DualAttentionUNet, translators: TranslatorPair | None, *, finetune: bool, objective: TranslatorObjective
     ):
         super().__init__()
         self.segmenter = segmenter
         self.translators = translators
         self.finetune = finetune
-        self.translator_mode = translator_mode
-        self.identity = identity
+        self.objective = objective
         if translators is not None and not finetune:
             set_requires_grad(translators, False)
             translators.eval()
@@ -113,7 +112,7 @@ class AdaptNetwork(nn.Module):
         out: dict[str, torch.Tensor] = {}
         if self.finetune:
             fake_t, fake_s = self.translators.s2t(x_labelled), self.translators.t2s(x_target)
-            stage1 = self.translators(translator_batch["x_s"], translator_batch["x_t"], self.translator_mode, self.identity)
+            stage1 = self.objective.translate(self.translators, translator_batch)
             out.update({f"translator.{key}": value for key, value in stage1.items()})
         else:
             with torch.no_grad():
@@ -170,6 +169,7 @@ class AdaptTrainer(StageTrainer):
         self.pseudo: np.ndarray | None = None  # uint8 [n, S, S] pseudo-labels of the unlabelled slices
         self.pseudo_round = -1
         self.translator_mode = translator_mode
+        self.objective = translator_objective(config, translator_mode)
         self.translator_iterations = translator_iterations
         device = ctx.device
         self.segmenter = DualAttentionUNet(SegmenterConfig(**config["segmenter"])).to(device)
@@ -180,8 +180,7 @@ class AdaptTrainer(StageTrainer):
             self.segmenter,
             self.translators,
             finetune=self.finetune,
-            translator_mode=translator_mode,
-            identity=config["translator_training"]["lambda_identity"] > 0,
+            objective=self.objective,
         )
         self.network_ddp = ctx.dist.wrap(self.network)
         #: exponential moving average of the segmenter's weights (adapt.ema_decay > 0): the
@@ -405,13 +404,14 @@ class AdaptTrainer(StageTrainer):
         for level in self.levels:
             _, _, m_t, m_t2s = out[LEVEL_OUTPUTS[level]].chunk(4)
             gan = adapt["gan_mode"]
-            losses[f"adv_{level}"] = adversarial_loss(self.bank.judge(f"{level}_s", m_t2s), True, gan) + adversarial_loss(
-                self.bank.judge(f"{level}_t", m_t), True, gan
+            # Eq. 6 / 8: the maps of x_t->s should pass D_s as source, those of x_t pass D_t as x_s->t
+            losses[f"adv_{level}"] = generator_adversarial_loss(
+                [self.bank.judge(f"{level}_s", m_t2s), self.bank.judge(f"{level}_t", m_t)], gan
             )
             total = total + adapt["lambda_gtl"] * adapt["level_weights"][level] * losses[f"adv_{level}"]
         if self.finetune:
             stage1 = {key.split(".", 1)[1]: value for key, value in out.items() if key.startswith("translator.")}
-            translator = generator_losses(batch["translator"], stage1, self.bank, self.ctx.config, self.translator_mode)
+            translator = self.objective.generator_losses(batch["translator"], stage1, self.bank)
             losses["translator_g"] = translator["total"]
             total = total + adapt["lambda_syn"] * translator["total"]
         losses["total"] = total
@@ -426,7 +426,7 @@ class AdaptTrainer(StageTrainer):
             pairs[f"{level}_t"] = (m_s2t, m_t)
         if self.finetune:
             stage1 = {key.split(".", 1)[1]: value.detach() for key, value in out.items() if key.startswith("translator.")}
-            pairs.update(judge_pairs(batch["translator"], stage1, self.translator_mode))
+            pairs.update(self.objective.judge_pairs(batch["translator"], stage1))
         return pairs
 
     def segmenter_step(self, batch: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:

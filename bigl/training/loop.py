@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from bigl.errors import ConfigError
-from bigl.losses import adversarial_loss
+from bigl.losses import discriminator_loss
 from bigl.training.checkpoint import (
     announce_resume,
     checkpoint_path,
@@ -139,11 +139,8 @@ class DiscriminatorBank(nn.Module):
 
 
 def discriminator_losses(outputs: dict[str, tuple[torch.Tensor, torch.Tensor]], gan_mode: str) -> dict[str, torch.Tensor]:
-    """Per discriminator: (loss on real as real + loss on fake as fake) / 2."""
-    return {
-        name: 0.5 * (adversarial_loss(real, True, gan_mode) + adversarial_loss(fake, False, gan_mode))
-        for name, (real, fake) in outputs.items()
-    }
+    """:func:`bigl.losses.discriminator_loss` (Eq. 2, 7, 9) of each discriminator's (real, fake) logits."""
+    return {name: discriminator_loss(real, fake, gan_mode) for name, (real, fake) in outputs.items()}
 
 
 def step_seed(seed: int, stage: str, step: int, rank: int) -> int:

@@ -23,12 +23,11 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from bigl.bundle import read_translator_file, write_translator_file
 from bigl.errors import ConfigError
-from bigl.losses import adversarial_loss
+from bigl.losses import generator_adversarial_loss, translation_l1_loss
 from bigl.runfolder import TRANSLATOR_FILE
 from bigl.models import PatchDiscriminator, ResnetGenerator, TranslatorConfig
 from bigl.training.checkpoint import prefixed
@@ -59,69 +58,135 @@ def resolve_mode(config: dict, pairs: int) -> str:
 
 
 class TranslatorPair(nn.Module):
-    """G_s->t and G_t->s; ``forward`` computes everything a generator step needs in one call."""
+    """G_s->t and G_t->s; ``forward`` computes everything a generator step needs in one call
+    (the objective says what: the cycled images, the identity images)."""
 
     def __init__(self, config: TranslatorConfig):
         super().__init__()
         self.s2t = ResnetGenerator(config)
         self.t2s = ResnetGenerator(config)
 
-    def forward(self, x_s: torch.Tensor, x_t: torch.Tensor, mode: str = "paired", identity: bool = False) -> dict[str, torch.Tensor]:
+    def forward(self, x_s: torch.Tensor, x_t: torch.Tensor, cycle: bool = False, identity: bool = False) -> dict[str, torch.Tensor]:
         n = len(x_s)
         out: dict[str, torch.Tensor] = {}
-        if mode == "unpaired" and identity:
+        if identity:
             # instance norm works per image, so one batch gives the same as two calls
             fake_t, out["identity_t"] = self.s2t(torch.cat([x_s, x_t])).split([n, len(x_t)])
             fake_s, out["identity_s"] = self.t2s(torch.cat([x_t, x_s])).split([len(x_t), n])
         else:
             fake_t, fake_s = self.s2t(x_s), self.t2s(x_t)
         out["fake_t"], out["fake_s"] = fake_t, fake_s
-        if mode == "unpaired":
+        if cycle:
             out["cycled_s"] = self.t2s(fake_t)
             out["cycled_t"] = self.s2t(fake_s)
         return out
+
+
+class TranslatorObjective:
+    """What stage 1 minimises for one kind of training data (``translator_training.mode``); the
+    two kinds are :class:`PairedObjective` and :class:`UnpairedObjective`. ``batch`` holds
+    ``x_s`` and ``x_t``; ``out`` is what :meth:`translate` returned; ``bank`` the discriminators."""
+
+    mode = ""
+    #: input channels of each image discriminator
+    discriminator_channels = 1
+    #: whether the discriminators see earlier fakes through an image pool
+    image_pool = False
+
+    def __init__(self, translator_training: dict):
+        self.tt = translator_training
+        self.gan = translator_training["gan_mode"]
+
+    def translate(self, generators: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """One forward of both generators (``generators`` may be wrapped for DDP)."""
+        raise NotImplementedError
+
+    def judge_pairs(self, batch: dict[str, torch.Tensor], out: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """{discriminator: (real input, fake input)}; fakes as given (detach them for the D step)."""
+        raise NotImplementedError
+
+    def generator_losses(self, batch: dict[str, torch.Tensor], out: dict[str, torch.Tensor], bank: DiscriminatorBank) -> dict[str, torch.Tensor]:
+        """Generator-side terms (the discriminators should be frozen); ``total`` is what is minimised."""
+        raise NotImplementedError
+
+    def discriminator_losses(self, batch: dict[str, torch.Tensor], fakes: dict[str, torch.Tensor], bank: nn.Module) -> dict[str, torch.Tensor]:
+        """Eq. 2 for each image discriminator, on detached ``fakes``."""
+        return discriminator_losses(bank(self.judge_pairs(batch, fakes)), self.gan)
+
+    def _adversarial(self, batch: dict[str, torch.Tensor], out: dict[str, torch.Tensor], bank: DiscriminatorBank) -> torch.Tensor:
+        pairs = self.judge_pairs(batch, out)
+        return generator_adversarial_loss((bank.judge(name, fake) for name, (_, fake) in pairs.items()), self.gan)
+
+
+class PairedObjective(TranslatorObjective):
+    """Paper Eq. 1-2 (pix2pix) for co-registered slices: conditional discriminators D(input,
+    candidate) and ``lambda_l1`` x the L1 distance to the real slice of the other modality."""
+
+    mode = "paired"
+    discriminator_channels = 2
+
+    def translate(self, generators, batch):
+        return generators(batch["x_s"], batch["x_t"])
+
+    def judge_pairs(self, batch, out):
+        x_s, x_t = batch["x_s"], batch["x_t"]
+        return {
+            "image_t": (torch.cat([x_s, x_t], 1), torch.cat([x_s, out["fake_t"]], 1)),
+            "image_s": (torch.cat([x_t, x_s], 1), torch.cat([x_t, out["fake_s"]], 1)),
+        }
+
+    def generator_losses(self, batch, out, bank):
+        losses = {"g_adv": self._adversarial(batch, out, bank)}
+        losses["g_l1"] = translation_l1_loss([(out["fake_t"], batch["x_t"]), (out["fake_s"], batch["x_s"])])
+        losses["total"] = losses["g_adv"] + self.tt["lambda_l1"] * losses["g_l1"]
+        return losses
+
+
+class UnpairedObjective(TranslatorObjective):
+    """CycleGAN for scans of different subjects: unconditional discriminators (with the image
+    pool), cycle consistency ``lambda_cycle`` and identity ``lambda_identity`` (relative to it)."""
+
+    mode = "unpaired"
+    image_pool = True
+
+    def __init__(self, translator_training: dict):
+        super().__init__(translator_training)
+        self.identity = translator_training["lambda_identity"] > 0
+
+    def translate(self, generators, batch):
+        return generators(batch["x_s"], batch["x_t"], cycle=True, identity=self.identity)
+
+    def judge_pairs(self, batch, out):
+        return {"image_t": (batch["x_t"], out["fake_t"]), "image_s": (batch["x_s"], out["fake_s"])}
+
+    def generator_losses(self, batch, out, bank):
+        x_s, x_t = batch["x_s"], batch["x_t"]
+        losses = {"g_adv": self._adversarial(batch, out, bank)}
+        losses["g_cycle"] = translation_l1_loss([(out["cycled_s"], x_s), (out["cycled_t"], x_t)])
+        losses["total"] = losses["g_adv"] + self.tt["lambda_cycle"] * losses["g_cycle"]
+        if "identity_t" in out:
+            losses["g_identity"] = translation_l1_loss([(out["identity_t"], x_t), (out["identity_s"], x_s)])
+            losses["total"] = losses["total"] + self.tt["lambda_cycle"] * self.tt["lambda_identity"] * losses["g_identity"]
+        return losses
+
+
+OBJECTIVES: dict[str, type[TranslatorObjective]] = {"paired": PairedObjective, "unpaired": UnpairedObjective}
+
+
+def translator_objective(config: dict, mode: str) -> TranslatorObjective:
+    """The objective of a resolved mode (see :func:`resolve_mode`)."""
+    return OBJECTIVES[mode](config["translator_training"])
 
 
 def translator_discriminators(config: dict, mode: str) -> dict[str, nn.Module]:
     """``image_s`` judges source-modality images, ``image_t`` target-modality ones; conditional
     (input and candidate stacked, 2 channels) in paired mode."""
     tt = config["translator_training"]
-    channels = 2 if mode == "paired" else 1
+    channels = OBJECTIVES[mode].discriminator_channels
     return {
         name: PatchDiscriminator(channels, tt["discriminator_channels"], tt["discriminator_layers"])
         for name in ("image_s", "image_t")
     }
-
-
-def judge_pairs(batch: dict[str, torch.Tensor], out: dict[str, torch.Tensor], mode: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """{discriminator: (real input, fake input)}; fakes as computed (detach for the D step)."""
-    x_s, x_t = batch["x_s"], batch["x_t"]
-    if mode == "paired":
-        return {
-            "image_t": (torch.cat([x_s, x_t], 1), torch.cat([x_s, out["fake_t"]], 1)),
-            "image_s": (torch.cat([x_t, x_s], 1), torch.cat([x_t, out["fake_s"]], 1)),
-        }
-    return {"image_t": (x_t, out["fake_t"]), "image_s": (x_s, out["fake_s"])}
-
-
-def generator_losses(
-    batch: dict[str, torch.Tensor], out: dict[str, torch.Tensor], bank: DiscriminatorBank, config: dict, mode: str
-) -> dict[str, torch.Tensor]:
-    """Generator-side losses (the discriminators should be frozen); ``total`` is what is minimised."""
-    tt = config["translator_training"]
-    gan = tt["gan_mode"]
-    pairs = judge_pairs(batch, out, mode)
-    losses = {"g_adv": sum(adversarial_loss(bank.judge(name, fake), True, gan) for name, (_, fake) in pairs.items())}
-    if mode == "paired":
-        losses["g_l1"] = F.l1_loss(out["fake_t"], batch["x_t"]) + F.l1_loss(out["fake_s"], batch["x_s"])
-        losses["total"] = losses["g_adv"] + tt["lambda_l1"] * losses["g_l1"]
-    else:
-        losses["g_cycle"] = F.l1_loss(out["cycled_s"], batch["x_s"]) + F.l1_loss(out["cycled_t"], batch["x_t"])
-        losses["total"] = losses["g_adv"] + tt["lambda_cycle"] * losses["g_cycle"]
-        if "identity_t" in out:
-            losses["g_identity"] = F.l1_loss(out["identity_t"], batch["x_t"]) + F.l1_loss(out["identity_s"], batch["x_s"])
-            losses["total"] = losses["total"] + tt["lambda_cycle"] * tt["lambda_identity"] * losses["g_identity"]
-    return losses
 
 
 def translator_batch(ctx: RunContext, mode: str, stage: str, step: int, size: int, stream: int = 0) -> dict[str, torch.Tensor]:
@@ -190,7 +255,7 @@ class TranslatorTrainer(StageTrainer):
         self.opt_d = torch.optim.Adam(self.bank.parameters(), lr=self.tt["lr"], betas=betas)
         self.scaler_g, self.scaler_d = ctx.grad_scaler(), ctx.grad_scaler()
         self.pools = {"image_s": ImagePool(self.tt["pool_size"]), "image_t": ImagePool(self.tt["pool_size"])}
-        self.identity = self.tt["lambda_identity"] > 0
+        self.objective = translator_objective(config, mode)
 
     def checkpoint_modules(self) -> dict[str, nn.Module]:
         return {"generators": self.generators, "discriminators": self.bank}
@@ -233,8 +298,8 @@ class TranslatorTrainer(StageTrainer):
         ctx = self.ctx
         set_requires_grad(self.bank, False)
         with ctx.autocast():
-            out = self.generators_ddp(batch["x_s"], batch["x_t"], self.mode, self.identity)
-            losses = generator_losses(batch, out, self.bank, ctx.config, self.mode)
+            out = self.objective.translate(self.generators_ddp, batch)
+            losses = self.objective.generator_losses(batch, out, self.bank)
         self.opt_g.zero_grad(set_to_none=True)
         self.scaler_g.scale(losses["total"]).backward()
         self.scaler_g.step(self.opt_g)
@@ -246,12 +311,12 @@ class TranslatorTrainer(StageTrainer):
         """Update both discriminators on detached fakes (through the image pool when unpaired)."""
         ctx = self.ctx
         fakes = {key: value.detach() for key, value in out.items()}
-        if self.mode == "unpaired":
+        if self.objective.image_pool:
             rng = ctx.sampler.rng(self.stage, step, stream=1 + ctx.dist.rank)
             fakes["fake_t"] = self.pools["image_t"].query(fakes["fake_t"], rng)
             fakes["fake_s"] = self.pools["image_s"].query(fakes["fake_s"], rng)
         with ctx.autocast():
-            d_losses = discriminator_losses(self.bank_ddp(judge_pairs(batch, fakes, self.mode)), self.tt["gan_mode"])
+            d_losses = self.objective.discriminator_losses(batch, fakes, self.bank_ddp)
             d_total = sum(d_losses.values())
         self.opt_d.zero_grad(set_to_none=True)
         self.scaler_d.scale(d_total).backward()
@@ -341,7 +406,7 @@ def save_translator(
         "translator": TranslatorConfig(**config["translator"]).to_dict(),
         "preprocessing": config["preprocessing"],
         "discriminator": {
-            "channels": 2 if mode == "paired" else 1,
+            "channels": OBJECTIVES[mode].discriminator_channels,
             "base_channels": config["translator_training"]["discriminator_channels"],
             "n_layers": config["translator_training"]["discriminator_layers"],
         },
