@@ -19,10 +19,14 @@ import qt
 import slicer
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
     ScriptedLoadableModuleTest,
     ScriptedLoadableModuleWidget,
 )
 from slicer.util import VTKObservationMixin
+
+import BiGLSegmentation  # noqa: F401  (importing it makes the core library importable in a source checkout)
+from BiGLTrainingLib.logic import TrainingLogic  # noqa: E402
 
 #: Where the form is remembered between sessions (QSettings).
 SETTINGS_KEY = "BiGLTraining/LastSettings"
@@ -93,16 +97,9 @@ class BiGLTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
 
-        from BiGLSegmentationLib.logic import python_executable
         from BiGLTrainingLib.command import DEVICE_CHOICES, MODALITY_CHOICES, PRESETS, TRANSLATOR_MODE_CHOICES
-        from BiGLTrainingLib.logic import TrainingLogic
 
-        self.logic = TrainingLogic(
-            slicer.mrmlScene,
-            python=python_executable(),
-            env=slicer.util.startupEnvironment(),
-            models_folder=self.modelsFolder(),
-        )
+        self.logic = BiGLTrainingLogic()
         self.logic.on_log = self.appendLog
 
         for combo in (self.ui.sourceModalityComboBox, self.ui.targetModalityComboBox):
@@ -628,6 +625,26 @@ class BiGLTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._shownCharts = set()
 
 
+class BiGLTrainingLogic(ScriptedLoadableModuleLogic, TrainingLogic):
+    """The module logic, usable from a script without the panel
+    (``BiGLTraining.BiGLTrainingLogic().start(settings)``): :class:`BiGLTrainingLib.logic.TrainingLogic`
+    on Slicer's scene, running ``bigl`` with PythonSlicer in Slicer's startup environment, and
+    registering finished models in BiGL Segmentation's models folder (or ``models_folder``)."""
+
+    def __init__(self, models_folder=None):
+        from BiGLSegmentation import modelsFolder
+        from BiGLSegmentationLib.logic import python_executable
+
+        ScriptedLoadableModuleLogic.__init__(self)
+        TrainingLogic.__init__(
+            self,
+            slicer.mrmlScene,
+            python=python_executable(),
+            env=slicer.util.startupEnvironment(),
+            models_folder=models_folder or modelsFolder(),
+        )
+
+
 class BiGLTrainingTest(ScriptedLoadableModuleTest):
     """Smoke training on generated phantoms inside Slicer: start, follow, stop, resume, register.
 
@@ -713,18 +730,12 @@ class BiGLTrainingTest(ScriptedLoadableModuleTest):
         if not self._packagesInstalled():
             return
         from bigl.data.phantoms import write_cohort
-        from BiGLSegmentationLib.logic import python_executable
         from BiGLTrainingLib.command import TrainingSettings
-        from BiGLTrainingLib.logic import FINISHED, STOPPED, TrainingLogic
+        from BiGLTrainingLib.logic import FINISHED, STOPPED
 
         folder = self._workFolder()
         write_cohort(folder / "cases", cases=3, size=48, modalities=("t1", "t2"))
-        logic = TrainingLogic(
-            slicer.mrmlScene,
-            python=python_executable(),
-            env=slicer.util.startupEnvironment(),
-            models_folder=folder / "models",
-        )
+        logic = BiGLTrainingLogic(models_folder=folder / "models")
         settings = TrainingSettings(
             output_dir=str(folder / "run"),
             preset="custom",

@@ -46,7 +46,12 @@ def test_every_ui_name_the_module_uses_exists_and_every_control_is_used():
 def test_module_file_defines_what_slicer_looks_for():
     tree = ast.parse(MODULE_FILE.read_text(encoding="utf-8"))
     classes = {node.name: node for node in tree.body if isinstance(node, ast.ClassDef)}
-    assert {"BiGLTraining", "BiGLTrainingWidget", "BiGLTrainingTest"} <= set(classes)
+    assert {"BiGLTraining", "BiGLTrainingWidget", "BiGLTrainingLogic", "BiGLTrainingTest"} <= set(classes)
+    # the scripted-module template: the logic is the library's, and the widget and the self-test build it
+    assert {base.id for base in classes["BiGLTrainingLogic"].bases} == {"ScriptedLoadableModuleLogic", "TrainingLogic"}
+    for owner in ("BiGLTrainingWidget", "BiGLTrainingTest"):
+        built = {node.func.id for node in ast.walk(classes[owner]) if isinstance(node, ast.Call) and isinstance(node.func, ast.Name)}
+        assert "BiGLTrainingLogic" in built and "TrainingLogic" not in built, owner
     test_methods = {n.name for n in classes["BiGLTrainingTest"].body if isinstance(n, ast.FunctionDef)}
     assert {"setUp", "runTest"} <= test_methods and any(name.startswith("test_") for name in test_methods)
     widget_methods = {n.name for n in classes["BiGLTrainingWidget"].body if isinstance(n, ast.FunctionDef)}
