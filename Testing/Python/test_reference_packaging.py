@@ -1,0 +1,72 @@
+"""Packaging a report-split protocol run as the shipped model (benchmarks/make_reference_model.py),
+on a protocol folder built here: the bundle gets the report table of its seed and the over-seeds
+summary of every method, and refuses runs that were not scored on the report cases."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from bigl.bundle import read_metadata
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("make_reference_model", REPO / "benchmarks" / "make_reference_model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _summary(cases: list[str], dice: float) -> dict:
+    scores = {region: {"dice": dice, "hd95": 10.0} for region in ("WT", "TC", "ET")}
+    zero = {region: {"dice": 0.0, "hd95": 0.0} for region in ("WT", "TC", "ET")}
+    return {"modality": "t2", "cases": {case: scores for case in cases}, "summary": {"mean": scores, "std": zero}}
+
+
+def _protocol(root: Path, bundle: Path, cases: list[str], split: str = "report") -> Path:
+    root.mkdir()
+    (root / "manifest.json").write_text(json.dumps({"split": split, "scored": cases, "data": ["/data"],
+                                                    "settings": {"recipe": ["adapt.dice=regions"]}}))
+    (root / "recipe" / "seed0").mkdir(parents=True)
+    shutil.copy(bundle, root / "recipe" / "seed0" / "model.safetensors")
+    (root / "recipe" / "seed0" / "events.jsonl").write_text(
+        json.dumps({"event": "end", "stage": "adapt", "seconds": 120.0}) + "\n" + "a line cut by a crash\n")
+    dice = {"recipe": (0.6, 0.5), "source-only": (0.1, 0.1), "invert-histmatch": (0.4, 0.4), "target-only": (0.8, 0.7)}
+    for name, per_seed in dice.items():
+        for seed, value in enumerate(per_seed):
+            folder = root / name / f"eval-seed{seed}"
+            folder.mkdir(parents=True)
+            (folder / "summary.json").write_text(json.dumps(_summary(cases, value)))
+    return root
+
+
+def test_the_packaged_model_carries_its_seed_and_the_spread_over_seeds(tiny_bundle, tmp_path, capsys):
+    script = _script()
+    root = _protocol(tmp_path / "protocol", tiny_bundle, script.REPORT_CASES)
+    destination = tmp_path / "shipped" / "default_model.safetensors"
+    destination.parent.mkdir()
+    assert script.main([str(root), "--setting", "recipe", "--seed", "0", "--target-only", "target-only",
+                        "--destination", str(destination)]) == 0
+    report = read_metadata(destination)["metrics"]["report"]
+    assert set(report["methods"]) == {"source-only", "invert-histmatch", "bigl", "target-only"}
+    assert report["methods"]["bigl"]["mean"]["WT"]["dice"] == pytest.approx(0.6)  # seed 0's, not seed 1's
+    spread = report["over_seeds"]["bigl"]
+    assert spread["seeds"] == [0, 1] and spread["regions"]["WT"]["per_seed"] == [60.0, 50.0]
+    assert spread["regions"]["WT"]["seed_mean"] == pytest.approx(55.0)
+    training = read_metadata(destination)["training"]
+    assert training["wall_seconds"] == {"recipe": 120} and training["protocol"]["overrides"] == ["adapt.dice=regions"]
+    assert destination.with_suffix(".onnx").is_file()  # the export is written again beside it
+    assert "55.0 ± 7.1" in capsys.readouterr().out
+
+
+def test_a_development_split_run_is_not_packaged(tiny_bundle, tmp_path):
+    script = _script()
+    root = _protocol(tmp_path / "protocol", tiny_bundle, ["Dev_1", "Dev_2"], split="dev")
+    with pytest.raises(SystemExit, match="report split"):
+        script.main([str(root), "--setting", "recipe", "--destination", str(tmp_path / "model.safetensors")])
