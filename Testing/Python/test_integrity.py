@@ -130,10 +130,10 @@ def test_bundles_written_before_checksums_still_load(bundle_copy, tmp_path, caps
     assert main(["info", str(bundle_copy)]) == 0 and "checksum:      verified" in capsys.readouterr().out
 
 
-def test_the_shipped_model_has_no_checksum_and_loads():
+def test_the_shipped_model_carries_a_checksum_that_verifies_and_loads():
     path = default_bundle_path()
-    assert tensorfile.DIGEST_KEY not in header(path)[1]["__metadata__"]
-    assert verify_checksum(path) is False
+    assert tensorfile.DIGEST_KEY in header(path)[1]["__metadata__"]
+    assert verify_checksum(path) is True
     load_bundle(path)
 
 
