@@ -137,6 +137,48 @@ def test_intensity_augmentation_changes_brain_only():
     assert torch.equal(out, augment.intensity(images, np.random.default_rng(5)))
 
 
+def test_inversion_mirrors_the_brain_of_the_chosen_slices_only():
+    images, _ = brain_batch()
+    background = images == -1.0
+    everything = augment.invert(images, np.random.default_rng(0), 1.0)
+    assert torch.equal(everything[background], images[background])
+    assert bool((everything[~background] > -1.0).all())
+    u, mirrored = (images[~background] + 1) / 2, (everything[~background] + 1) / 2
+    torch.testing.assert_close(mirrored, (1 - u).clamp_min(1e-3))
+    assert torch.equal(augment.invert(images, np.random.default_rng(0), 0.0), images)
+    some = augment.invert(images, np.random.default_rng(3), 0.5)
+    changed = [not torch.equal(some[i], images[i]) for i in range(len(images))]
+    assert any(changed) and not all(changed)
+    assert torch.equal(some, augment.invert(images, np.random.default_rng(3), 0.5))
+    torch.testing.assert_close(augment.invert_all(everything)[~background], images[~background].clamp(-1 + 2e-3, 1 - 2e-3))
+
+
+def test_the_segmenter_sees_inverted_source_slices_and_the_translator_the_originals(phantom_cohort, tmp_path):
+    run = TrainingRun(smoke(phantom_cohort, "run.threads=1", "data.augment_invert=1.0"), tmp_path / "run", progress=False)
+    run.prepare()
+    run.translator_trainer().finish()
+    trainer = run.adapt_trainer()
+    seen = {}
+    hooks = [
+        trainer.translators.s2t.register_forward_hook(lambda module, inputs, output: seen.update(translator_input=inputs[0].detach().clone())),
+        trainer.segmenter.register_forward_pre_hook(lambda module, inputs: seen.update(segmenter_input=inputs[0].detach().clone())),
+    ]
+    batch = trainer.batch(0)
+    trainer.segmenter_step(batch)
+    for hook in hooks:
+        hook.remove()
+    assert torch.equal(seen["translator_input"], batch["x"])
+    x_s = seen["segmenter_input"].chunk(4)[0]
+    torch.testing.assert_close(x_s, augment.invert_all(batch["x"]))
+    assert trainer.training_metadata()["augmentation"]["invert"] == 1.0
+
+
+def test_inversion_probability_is_checked(phantom_cohort):
+    for value in ("1.5", "-0.1", "true"):
+        with pytest.raises(ConfigError, match="augment_invert"):
+            smoke(phantom_cohort, f"data.augment_invert={value}")
+
+
 def test_augmented_training_step_uses_the_switches(phantom_cohort, tmp_path, monkeypatch):
     calls = {"spatial": 0, "intensity": 0}
     for name in calls:
@@ -258,6 +300,28 @@ def test_pseudo_labels_from_the_target_view_alone_ignore_the_translation(phantom
             monkeypatch.undo()
     np.testing.assert_array_equal(pseudo["target", False], pseudo["target", True])
     assert not np.array_equal(pseudo["both", False], pseudo["both", True])
+
+
+def test_inverted_pseudo_labels_average_the_mirrored_view_and_ignore_the_translation(phantom_cohort, tmp_path, monkeypatch):
+    """pseudo_views "inverted": Phi(x_t) with Phi(mirrored x_t); the translator takes no part."""
+    pseudo = {}
+    for views, wipe in (("target", False), ("inverted", False), ("inverted", True)):
+        run = TrainingRun(smoke(phantom_cohort, *SELF_TRAINING, f"adapt.pseudo_views={views}"), tmp_path / f"{views}-{wipe}",
+                          progress=False)
+        run.prepare()
+        run.translator_trainer().finish()
+        trainer: AdaptTrainer = run.adapt_trainer()
+        if wipe:
+            monkeypatch.setattr(trainer.translators.t2s, "forward", lambda x: torch.zeros_like(x))
+        calls = []
+        original = augment.invert_all
+        monkeypatch.setattr(augment, "invert_all", lambda x: calls.append(len(x)) or original(x))
+        trainer.make_pseudo_labels(0)
+        monkeypatch.undo()
+        pseudo[views, wipe] = trainer.pseudo
+        assert sum(calls) == (len(trainer.pseudo) if views == "inverted" else 0)
+    np.testing.assert_array_equal(pseudo["inverted", False], pseudo["inverted", True])
+    assert not np.array_equal(pseudo["target", False], pseudo["inverted", False])
 
 
 def test_pseudo_labels_keep_confident_voxels_and_the_most_confident_share_of_each_class(phantom_cohort, tmp_path):

@@ -22,16 +22,18 @@ Methods ``source-only`` and ``target-only`` train the same network on labelled s
 
 Self-training (beyond the paper; ``adapt.self_training_iterations`` > 0, method bigl): after the
 adaptation steps, the adapted segmenter pseudo-labels every unlabelled target slice (softmax of
-Phi(x_t) and Phi(x_t->s) averaged, or of Phi(x_t) alone with ``pseudo_views`` "target"; a voxel is kept when its confidence reaches
+Phi(x_t) and Phi(x_t->s) averaged, of Phi(x_t) alone with ``pseudo_views`` "target", or of Phi(x_t) and
+Phi(x_t with mirrored brain intensities) with "inverted"; a voxel is kept when its confidence reaches
 ``min(pseudo_threshold, the (1 - pseudo_class_fraction) quantile of its class)``, so rare classes
 keep their most confident share; the rest is ignored), and the segmenter goes on with
 L_seg(x_s) + synthetic_weight * L_seg(x_s->t) + L_seg(x_t, pseudo-labels) [+ lambda_out * L_out],
 without the adversarial terms. With ``self_training_rounds`` > 1 the pseudo-labels are made anew
 at the start of each round. The pseudo-labels travel in the checkpoints, so resume is exact.
 
-Augmentation (``data.augment_spatial``, ``data.augment_intensity``; :mod:`bigl.training.augment`):
-spatial to x_s with y_s before translation (and to the pseudo-labelled x_t in self-training),
-intensity to x_s and x_s->t as the segmenter sees them (the translator gets x_s un-augmented).
+Augmentation (``data.augment_spatial``, ``data.augment_intensity``, ``data.augment_invert``;
+:mod:`bigl.training.augment`): spatial to x_s with y_s before translation (and to the
+pseudo-labelled x_t in self-training), intensity to x_s and x_s->t as the segmenter sees them,
+inversion to x_s as the segmenter sees it (the translator gets x_s un-augmented).
 """
 
 from __future__ import annotations
@@ -287,6 +289,10 @@ class AdaptTrainer(StageTrainer):
             batch["augment_labelled"] = lambda t: augment.intensity(t, np.random.default_rng(seeds[0]), **rows)
             brain = augment.brain_of(x)
             batch["augment_translated"] = lambda t: augment.intensity(t, np.random.default_rng(seeds[1]), brain=brain, **rows)
+        if data["augment_invert"] > 0:
+            invert_seed = int(rng.integers(0, 2**63 - 1))
+            after = batch.get("augment_labelled", lambda t: t)
+            batch["augment_labelled"] = lambda t: after(augment.invert(t, np.random.default_rng(invert_seed), data["augment_invert"], **rows))
         if self.method == "bigl":
             if self.self_training(step):
                 picked = self.pseudo_rows(step, size)
@@ -352,6 +358,8 @@ class AdaptTrainer(StageTrainer):
                 probabilities = torch.softmax(teacher(x).float(), 1)
                 if adapt["pseudo_views"] == "both":
                     probabilities = 0.5 * (probabilities + torch.softmax(teacher(self.translators.t2s(x)).float(), 1))
+                elif adapt["pseudo_views"] == "inverted":
+                    probabilities = 0.5 * (probabilities + torch.softmax(teacher(augment.invert_all(x)).float(), 1))
             best, classes = probabilities.max(1)
             confidence[begin:begin + chunk] = (best * bins).clamp(0, bins - 1).to(torch.int32).cpu().numpy()
             predicted[begin:begin + chunk] = classes.cpu().numpy()
@@ -497,8 +505,9 @@ class AdaptTrainer(StageTrainer):
             "precision": self.precision_record,
         }
         data_cfg = self.ctx.config["data"]
-        if data_cfg["augment_spatial"] or data_cfg["augment_intensity"]:
-            info["augmentation"] = {"spatial": data_cfg["augment_spatial"], "intensity": data_cfg["augment_intensity"], **augment.describe()}
+        if data_cfg["augment_spatial"] or data_cfg["augment_intensity"] or data_cfg["augment_invert"]:
+            info["augmentation"] = {"spatial": data_cfg["augment_spatial"], "intensity": data_cfg["augment_intensity"],
+                                    "invert": data_cfg["augment_invert"], **augment.describe()}
         if self.self_steps:
             info["iterations"]["self_training"] = self.self_steps
             info["self_training"] = {key: self.adapt[key] for key in (

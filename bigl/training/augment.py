@@ -12,6 +12,11 @@ Two independent switches, both applied to a batch of slices in [-1, 1] with back
   Applied to the x_s the segmenter sees and, drawn anew, to x_s->t (inside x_s's brain); the
   translator itself always gets the un-augmented x_s, as in stage 1: scans from other sites
   differ in exactly these ways.
+- inversion (``data.augment_invert`` = a probability): per source slice the segmenter sees, the
+  brain intensities are mirrored (u -> 1 - u on the [0, 1] brain scale). T1 and T2 order most
+  brain tissues in opposite directions (the no-learning baseline of :mod:`bigl.baselines` rests on
+  it), so an inverted T1 slice is a T2-like view with exactly the source anatomy and labels, which
+  no translator error can blur. Applied before the intensity augmentation.
 
 Parameters come from the sampler's generator for ``(seed, stage, step)``: a resumed run draws
 the same augmentations. Written on whole tensors rather than with MONAI's per-sample dictionary transforms: one call
@@ -108,6 +113,24 @@ def intensity(images: torch.Tensor, rng: np.random.Generator, *, brain: torch.Te
     u = u.clamp(1e-3, 1.0)
     out = torch.where(brain, 2.0 * u + BACKGROUND, torch.full_like(x, BACKGROUND))
     return out.to(images.dtype)
+
+
+def invert(images: torch.Tensor, rng: np.random.Generator, probability: float, *,
+           batch: int | None = None, rows: slice | None = None) -> torch.Tensor:
+    """Mirror the brain intensities (u -> 1 - u on [0, 1]) of each slice with ``probability``; the
+    background stays -1 and a mirrored brain voxel stays above it. ``batch`` / ``rows`` as for
+    :func:`spatial`."""
+    n = images.shape[0]
+    total, rows = _draw_rows(batch, n, rows)
+    active = torch.as_tensor((rng.random(total) < probability)[rows], device=images.device).view(n, 1, 1, 1)
+    return torch.where(active, invert_all(images), images)
+
+
+def invert_all(images: torch.Tensor) -> torch.Tensor:
+    """Every slice mirrored (see :func:`invert`): the inverted view of the pseudo-labels."""
+    x = images.float()
+    mirrored = 2.0 * (1.0 - ((x - BACKGROUND) / 2.0).clamp(0.0, 1.0)).clamp_min(1e-3) + BACKGROUND
+    return torch.where(brain_of(x), mirrored, x).to(images.dtype)
 
 
 def describe() -> dict[str, object]:

@@ -31,7 +31,7 @@ GAN_MODES = ("lsgan", "bce")
 OPTIMISERS = ("sgd", "adam")
 LEVELS = ("feature", "position", "channel")
 #: Views whose predictions make the self-training pseudo-labels.
-PSEUDO_VIEWS = ("both", "target")
+PSEUDO_VIEWS = ("both", "target", "inverted")
 
 #: Keys that may differ between a run and its resume: they change how a run is driven and
 #: logged, not what it computes.
@@ -95,6 +95,7 @@ def default_config() -> dict[str, Any]:
             "flip": True,
             "augment_spatial": False,
             "augment_intensity": False,
+            "augment_invert": 0.0,
             "workers": 2,
             "allow_same_modality": False,
         },
@@ -397,6 +398,10 @@ def _validate_data(config: dict[str, Any]) -> None:
     _positive(config, "data.workers")
     if not 0.0 <= data["tumour_fraction"] <= 1.0:
         raise _fail("data.tumour_fraction", f"must be in [0, 1], got {data['tumour_fraction']}", "0.5 draws half of each source batch from slices with tumour")
+    invert = data["augment_invert"]
+    if isinstance(invert, bool) or not isinstance(invert, (int, float)) or not 0.0 <= invert <= 1.0:
+        raise _fail("data.augment_invert", f"must be a probability in [0, 1], got {json.dumps(invert)}",
+                    "0 (off) or e.g. 0.5: the segmenter sees half of the source slices with their brain intensities mirrored")
 
 
 def _validate_models(config: dict[str, Any]) -> None:
@@ -505,7 +510,8 @@ def _validate_training(config: dict[str, Any]) -> None:
                     "generalised (the default), mean (every class weighs the same) or regions (the WT / TC / ET Dice that BraTS scores)")
     if adapt["pseudo_views"] not in PSEUDO_VIEWS:
         raise _fail("adapt.pseudo_views", f"must be one of {', '.join(PSEUDO_VIEWS)}, got {json.dumps(adapt['pseudo_views'])}",
-                    "both averages Phi(x_t) and Phi(x_t->s); target takes Phi(x_t) alone")
+                    "both averages Phi(x_t) and Phi(x_t->s); target takes Phi(x_t) alone; inverted averages Phi(x_t) "
+                    "and Phi of x_t with mirrored intensities")
     if isinstance(adapt["ema_decay"], bool) or not 0.0 <= adapt["ema_decay"] < 1.0:
         raise _fail("adapt.ema_decay", f"must be in [0, 1), got {json.dumps(adapt['ema_decay'])}",
                     "0 ships the last weights; 0.99 ships their exponential moving average over about the last 100 steps")
