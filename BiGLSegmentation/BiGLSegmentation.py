@@ -214,6 +214,8 @@ class BiGLSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.removeObservers()
 
     def enter(self) -> None:
+        if self.ui.modelsFolderPathLineEdit.currentPath != str(modelsFolder()):  # changed by BiGL Training
+            self.ui.modelsFolderPathLineEdit.currentPath = str(modelsFolder())
         self.initializeParameterNode()
         if self._gpuStatus is None:
             qt.QTimer.singleShot(0, self.updateDeviceChoices)  # imports torch once: after the panel shows
@@ -327,8 +329,7 @@ class BiGLSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onModelsFolderChanged(self, path: str) -> None:
         if not path:
             return
-        qt.QSettings().setValue(MODELS_FOLDER_SETTING, path)
-        self.logic.models_folder = Path(path)
+        self.logic.setModelsFolder(path)
         self.refreshModels()
 
     # device ----------------------------------------------------------------------------------
@@ -507,6 +508,11 @@ class BiGLSegmentationLogic(ScriptedLoadableModuleLogic, SegmentationLogic):
     def __init__(self, models_folder=None) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
         SegmentationLogic.__init__(self, models_folder or modelsFolder())
+
+    def setModelsFolder(self, path) -> None:
+        """Use ``path`` as the models folder and remember it (the setting both BiGL modules read)."""
+        qt.QSettings().setValue(MODELS_FOLDER_SETTING, str(path))
+        self.models_folder = Path(path)
 
     def getParameterNode(self):
         node = super().getParameterNode()

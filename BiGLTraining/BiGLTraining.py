@@ -35,12 +35,12 @@ POLL_INTERVAL_MS = 500
 LOG_VIEW_LINES = 2000
 #: The data folders of the form: role -> settings field (one folder or a list of folders each).
 DATA_ROLES = {"source": "source_dir", "target": "target_dir"}
-#: Settings fields shown in the Parameters section.
-HYPER_PARAMETERS = (
-    "image_size", "translator_mode", "translator_iterations", "translator_batch_size", "translator_lr",
-    "adapt_iterations", "adapt_batch_size", "lr", "discriminator_lr", "lambda_out", "lambda_gtl", "lambda_syn",
-    "output_alignment", "feature_alignment", "attention_alignment", "finetune_translator",
-)  # fmt: skip
+
+def selectItemData(comboBox, value):
+    """Select the combo box item whose data is ``value`` (no change when there is none)."""
+    index = comboBox.findData(value)
+    if index >= 0:
+        comboBox.currentIndex = index
 
 
 class BiGLTraining(ScriptedLoadableModule):
@@ -184,15 +184,14 @@ class BiGLTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return None
 
     def onModelsFolderChanged(self, path):
-        from BiGLSegmentation import MODELS_FOLDER_SETTING
+        """One models folder for both modules, kept by BiGL Segmentation's logic (its panel shows the
+        change when it is next entered)."""
+        from BiGLSegmentation import BiGLSegmentationLogic
 
         if not path:
             return
-        qt.QSettings().setValue(MODELS_FOLDER_SETTING, path)
+        BiGLSegmentationLogic().setModelsFolder(path)
         self.logic.models_folder = Path(path)
-        segmentationWidget = self.segmentationWidget()
-        if segmentationWidget is not None and segmentationWidget.ui.modelsFolderPathLineEdit.currentPath != path:
-            segmentationWidget.ui.modelsFolderPathLineEdit.currentPath = path
 
     def presetId(self):
         return self.ui.presetComboBox.currentData
@@ -250,43 +249,22 @@ class BiGLTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         return "; ".join(notes)
 
     def fillForm(self, settings):
+        from BiGLTrainingLib.command import HYPER_PARAMETERS
+
         ui = self.ui
-
-        def setCombo(combo, value):
-            index = combo.findData(value)
-            if index >= 0:
-                combo.currentIndex = index
-
         for role, name in DATA_ROLES.items():
             if getattr(settings, name):
                 self.setFolders(role, getattr(settings, name))
         if settings.source_modality:
-            setCombo(ui.sourceModalityComboBox, settings.source_modality)
+            selectItemData(ui.sourceModalityComboBox, settings.source_modality)
         if settings.target_modality:
-            setCombo(ui.targetModalityComboBox, settings.target_modality)
-        numbers = {
-            "image_size": ui.imageSizeSpinBox, "translator_iterations": ui.translatorIterationsSpinBox,
-            "translator_batch_size": ui.translatorBatchSizeSpinBox, "translator_lr": ui.translatorLrSpinBox,
-            "adapt_iterations": ui.adaptIterationsSpinBox, "adapt_batch_size": ui.adaptBatchSizeSpinBox,
-            "lr": ui.lrSpinBox, "discriminator_lr": ui.discriminatorLrSpinBox, "lambda_out": ui.lambdaOutSpinBox,
-            "lambda_gtl": ui.lambdaGtlSpinBox, "lambda_syn": ui.lambdaSynSpinBox,
-        }  # fmt: skip
-        for name, spinBox in numbers.items():
+            selectItemData(ui.targetModalityComboBox, settings.target_modality)
+        for name in HYPER_PARAMETERS:
             value = getattr(settings, name)
             if value is not None:
-                spinBox.value = value
-        switches = {
-            "output_alignment": ui.outputAlignmentCheckBox, "feature_alignment": ui.featureAlignmentCheckBox,
-            "attention_alignment": ui.attentionAlignmentCheckBox, "finetune_translator": ui.finetuneTranslatorCheckBox,
-        }  # fmt: skip
-        for name, checkBox in switches.items():
-            value = getattr(settings, name)
-            if value is not None:
-                checkBox.checked = bool(value)
-        if settings.translator_mode:
-            setCombo(ui.translatorModeComboBox, settings.translator_mode)
+                self.setFieldValue(name, value)
         if settings.device:
-            setCombo(ui.deviceComboBox, settings.device.split(":")[0])
+            selectItemData(ui.deviceComboBox, settings.device.split(":")[0])
         ui.gpusSpinBox.value = max(1, int(settings.gpus or 1))
         if settings.adapt_iterations is not None:
             self._formFilled = True
@@ -297,7 +275,7 @@ class BiGLTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         Until the form was filled (from the preset or the last session) its hyper-parameter fields hold
         placeholders, and the preset's own values are used instead.
         """
-        from BiGLTrainingLib.command import TrainingSettings
+        from BiGLTrainingLib.command import HYPER_PARAMETERS, TrainingSettings
 
         ui = self.ui
         evaluationDir = ui.evaluationDirPathLineEdit.currentPath
@@ -316,27 +294,36 @@ class BiGLTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         )
         if not self._formFilled:
             return settings
-        hyperParameters = TrainingSettings(
-            image_size=ui.imageSizeSpinBox.value,
-            translator_mode=ui.translatorModeComboBox.currentData,
-            translator_iterations=ui.translatorIterationsSpinBox.value,
-            translator_batch_size=ui.translatorBatchSizeSpinBox.value,
-            translator_lr=ui.translatorLrSpinBox.value,
-            adapt_iterations=ui.adaptIterationsSpinBox.value,
-            adapt_batch_size=ui.adaptBatchSizeSpinBox.value,
-            lr=ui.lrSpinBox.value,
-            discriminator_lr=ui.discriminatorLrSpinBox.value,
-            lambda_out=ui.lambdaOutSpinBox.value,
-            lambda_gtl=ui.lambdaGtlSpinBox.value,
-            lambda_syn=ui.lambdaSynSpinBox.value,
-            output_alignment=ui.outputAlignmentCheckBox.checked,
-            feature_alignment=ui.featureAlignmentCheckBox.checked,
-            attention_alignment=ui.attentionAlignmentCheckBox.checked,
-            finetune_translator=ui.finetuneTranslatorCheckBox.checked,
-        )
         for name in HYPER_PARAMETERS:
-            setattr(settings, name, getattr(hyperParameters, name))
+            setattr(settings, name, self.fieldValue(name))
         return settings
+
+    def fieldWidget(self, name):
+        from BiGLTrainingLib.command import FIELDS
+
+        return getattr(self.ui, FIELDS[name].widget)
+
+    def fieldValue(self, name):
+        """A Parameters field as the form shows it (BiGLTrainingLib.command.FIELDS says which widget)."""
+        from BiGLTrainingLib.command import CHOICE, FIELDS, SWITCH
+
+        widget, kind = self.fieldWidget(name), FIELDS[name].kind
+        if kind == SWITCH:
+            return widget.checked
+        if kind == CHOICE:
+            return widget.currentData
+        return widget.value
+
+    def setFieldValue(self, name, value):
+        from BiGLTrainingLib.command import CHOICE, FIELDS, SWITCH
+
+        widget, kind = self.fieldWidget(name), FIELDS[name].kind
+        if kind == SWITCH:
+            widget.checked = bool(value)
+        elif kind == CHOICE:
+            selectItemData(widget, value)
+        else:
+            widget.value = value
 
     # ------------------------------------------------------------------------ data folders
     def folderWidgets(self, role):

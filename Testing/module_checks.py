@@ -22,6 +22,7 @@ import textwrap
 import time
 import xml.etree.ElementTree as ElementTree
 from pathlib import Path
+from typing import Iterable
 
 #: Files of these kinds in a module folder must be listed in its CMakeLists.txt.
 LISTED_SUFFIXES = (".py", ".ui", ".png", ".txt", ".json", ".nii.gz", ".md")
@@ -132,10 +133,11 @@ def parameter_bindings(widgets: dict[str, ElementTree.Element]) -> dict[str, str
     }
 
 
-def check_ui_form(module_dir: Path) -> dict[str, ElementTree.Element]:
+def check_ui_form(module_dir: Path, table_names: Iterable[str] = ()) -> dict[str, ElementTree.Element]:
     """``Resources/UI/<Module>.ui`` is a Designer form whose top widget is a qMRMLWidget named after
     the module, with its custom widgets declared and unique names; it holds every name the module
-    file uses, and every control is used by the code or bound to the parameter node. Returns the widgets."""
+    file uses, and every control is used by the code (by name, or through a table of widget names
+    the module reads: ``table_names``) or bound to the parameter node. Returns the widgets."""
     name = module_dir.name
     ui_file = module_dir / "Resources" / "UI" / f"{name}.ui"
     root = ElementTree.parse(ui_file).getroot()
@@ -150,6 +152,7 @@ def check_ui_form(module_dir: Path) -> dict[str, ElementTree.Element]:
     widgets = ui_widgets(ui_file)
     used = used_ui_names(module_dir / f"{name}.py")
     assert used, f"{name}.py uses no widget of its form?"
+    used |= set(table_names)
     assert used <= set(widgets), f"{ui_file.name} lacks widgets {name}.py uses: {sorted(used - set(widgets))}"
     controls = {widget_name for widget_name, widget in widgets.items() if widget.get("class") not in PASSIVE_WIDGETS}
     unused = controls - used - set(parameter_bindings(widgets))

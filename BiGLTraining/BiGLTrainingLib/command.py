@@ -37,34 +37,53 @@ PRESETS: dict[str, tuple[str | None, str]] = {
     "paper": ("paper", "Paper scale (GPU)"),
     "custom": (None, "Custom config file"),
 }
-#: Settings field -> the config key it overrides.
-CONFIG_KEYS: dict[str, str] = {
-    "source_dir": "data.source_dir",
-    "source_modality": "data.source_modality",
-    "target_dir": "data.target_dir",
-    "target_modality": "data.target_modality",
-    "exclude": "data.exclude",
-    "target_exclude": "data.target_exclude",
-    "image_size": "preprocessing.image_size",
-    "translator_mode": "translator_training.mode",
-    "translator_iterations": "translator_training.iterations",
-    "translator_batch_size": "translator_training.batch_size",
-    "translator_lr": "translator_training.lr",
-    "method": "adapt.method",
-    "adapt_iterations": "adapt.iterations",
-    "adapt_batch_size": "adapt.batch_size",
-    "lr": "adapt.lr",
-    "discriminator_lr": "adapt.discriminator_lr",
-    "lambda_out": "adapt.lambda_out",
-    "lambda_gtl": "adapt.lambda_gtl",
-    "lambda_syn": "adapt.lambda_syn",
-    "output_alignment": "adapt.output",
-    "feature_alignment": "adapt.feature",
-    "attention_alignment": "adapt.attention",
-    "finetune_translator": "adapt.finetune_translator",
-    "device": "run.device",
-    "seed": "run.seed",
+#: How the form shows a field: a spin box's ``value``, a check box's ``checked``, a combo box's item data.
+NUMBER, SWITCH, CHOICE = "number", "switch", "choice"
+
+
+@dataclass(frozen=True)
+class FormField:
+    """A settings field: the config key it overrides and, for the form's Parameters section, its
+    widget (object name in Resources/UI/BiGLTraining.ui) and how that widget shows it."""
+
+    config_key: str
+    widget: str | None = None
+    kind: str | None = None
+
+
+#: Settings field -> config key and widget: the one table that the command line, the preset's
+#: values and the module's form (fillForm / formSettings) read.
+FIELDS: dict[str, FormField] = {
+    "source_dir": FormField("data.source_dir"),
+    "source_modality": FormField("data.source_modality"),
+    "target_dir": FormField("data.target_dir"),
+    "target_modality": FormField("data.target_modality"),
+    "exclude": FormField("data.exclude"),
+    "target_exclude": FormField("data.target_exclude"),
+    "image_size": FormField("preprocessing.image_size", "imageSizeSpinBox", NUMBER),
+    "translator_mode": FormField("translator_training.mode", "translatorModeComboBox", CHOICE),
+    "translator_iterations": FormField("translator_training.iterations", "translatorIterationsSpinBox", NUMBER),
+    "translator_batch_size": FormField("translator_training.batch_size", "translatorBatchSizeSpinBox", NUMBER),
+    "translator_lr": FormField("translator_training.lr", "translatorLrSpinBox", NUMBER),
+    "method": FormField("adapt.method"),
+    "adapt_iterations": FormField("adapt.iterations", "adaptIterationsSpinBox", NUMBER),
+    "adapt_batch_size": FormField("adapt.batch_size", "adaptBatchSizeSpinBox", NUMBER),
+    "lr": FormField("adapt.lr", "lrSpinBox", NUMBER),
+    "discriminator_lr": FormField("adapt.discriminator_lr", "discriminatorLrSpinBox", NUMBER),
+    "lambda_out": FormField("adapt.lambda_out", "lambdaOutSpinBox", NUMBER),
+    "lambda_gtl": FormField("adapt.lambda_gtl", "lambdaGtlSpinBox", NUMBER),
+    "lambda_syn": FormField("adapt.lambda_syn", "lambdaSynSpinBox", NUMBER),
+    "output_alignment": FormField("adapt.output", "outputAlignmentCheckBox", SWITCH),
+    "feature_alignment": FormField("adapt.feature", "featureAlignmentCheckBox", SWITCH),
+    "attention_alignment": FormField("adapt.attention", "attentionAlignmentCheckBox", SWITCH),
+    "finetune_translator": FormField("adapt.finetune_translator", "finetuneTranslatorCheckBox", SWITCH),
+    "device": FormField("run.device"),
+    "seed": FormField("run.seed"),
 }
+#: Settings field -> the config key it overrides.
+CONFIG_KEYS: dict[str, str] = {name: spec.config_key for name, spec in FIELDS.items()}
+#: Settings fields shown in the form's Parameters section.
+HYPER_PARAMETERS: tuple[str, ...] = tuple(name for name, spec in FIELDS.items() if spec.widget)
 #: Settings fields holding data folders: one folder (a string) or a list of folders (one data set).
 FOLDER_FIELDS = ("source_dir", "target_dir")
 #: An iteration count given here replaces an epoch count the preset may use for that stage.

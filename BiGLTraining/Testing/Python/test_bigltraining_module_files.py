@@ -9,11 +9,14 @@ Segmentation (``Testing/module_checks.py``).
 from __future__ import annotations
 
 import ast
+import dataclasses
+import re
 from pathlib import Path
 
 import pytest
 
 import module_checks  # Testing/, on sys.path through conftest.py
+from BiGLTrainingLib.command import CHOICE, CONFIG_KEYS, FIELDS, HYPER_PARAMETERS, NUMBER, SWITCH, TrainingSettings
 
 MODULE_DIR = Path(__file__).resolve().parents[2]
 MODULE_FILE = MODULE_DIR / "BiGLTraining.py"
@@ -38,9 +41,27 @@ def test_library_needs_neither_qt_nor_the_slicer_application(path):
 
 
 def test_every_ui_name_the_module_uses_exists_and_every_control_is_used():
-    widgets = module_checks.check_ui_form(MODULE_DIR)
+    widgets = module_checks.check_ui_form(MODULE_DIR, [spec.widget for spec in FIELDS.values() if spec.widget])
     assert not module_checks.parameter_bindings(widgets)  # the form is filled from TrainingSettings by the code
     assert len(module_checks.used_ui_names(MODULE_FILE)) > 30
+
+
+def test_the_field_table_names_a_widget_of_the_right_kind_for_every_parameter():
+    """FIELDS drives fillForm / formSettings: each Parameters field's widget exists in the .ui file,
+    is a control of its kind (a whole-number field a QSpinBox, a real one a QDoubleSpinBox), and no
+    widget serves two fields."""
+    widgets = module_checks.ui_widgets(MODULE_DIR / "Resources" / "UI" / "BiGLTraining.ui")
+    types = {f.name: str(f.type) for f in dataclasses.fields(TrainingSettings)}
+    shown = {name: spec for name, spec in FIELDS.items() if spec.widget}
+    assert tuple(shown) == HYPER_PARAMETERS and len(shown) >= 16
+    assert len({spec.widget for spec in shown.values()}) == len(shown)
+    for name, spec in shown.items():
+        kind = widgets[spec.widget].get("class")
+        if spec.kind == NUMBER:
+            assert kind == ("QSpinBox" if types[name].startswith("int") else "QDoubleSpinBox"), name
+        else:
+            assert kind == {SWITCH: "QCheckBox", CHOICE: "QComboBox"}[spec.kind], name
+    assert set(FIELDS) <= set(types) and CONFIG_KEYS == {name: spec.config_key for name, spec in FIELDS.items()}
 
 
 def test_module_file_defines_what_slicer_looks_for():
@@ -61,3 +82,17 @@ def test_module_file_defines_what_slicer_looks_for():
 
 def test_icon_is_a_128_px_png():
     assert module_checks.png_size(MODULE_DIR / "Resources" / "Icons" / "BiGLTraining.png") == (128, 128)
+
+
+def test_the_models_folder_changes_through_bigl_segmentations_logic():
+    """BiGL Training sets the shared models folder with BiGL Segmentation's logic, never through the
+    other module's widgets; that logic is the one place that writes the setting."""
+    source = MODULE_FILE.read_text(encoding="utf-8")
+    assert "BiGLSegmentationLogic().setModelsFolder(path)" in source
+    assert not re.search(r"[sS]egmentationWidget(\(\))?\.ui\.", source)
+    segmentation = MODULE_DIR.parent / "BiGLSegmentation" / "BiGLSegmentation.py"
+    classes = {node.name: node for node in ast.parse(segmentation.read_text(encoding="utf-8")).body if isinstance(node, ast.ClassDef)}
+    assert "setModelsFolder" in {node.name for node in classes["BiGLSegmentationLogic"].body if isinstance(node, ast.FunctionDef)}
+    for owner in ("BiGLSegmentationWidget", "BiGLTrainingWidget"):
+        tree = classes.get(owner) or next(node for node in ast.parse(source).body if getattr(node, "name", "") == owner)
+        assert "MODELS_FOLDER_SETTING" not in ast.unparse(tree), owner
