@@ -556,7 +556,8 @@ def annotate_bundle(
     inference: dict | None = None,
 ) -> Path:
     """Copy a bundle with its ``metrics`` replaced, ``training`` merged into its training record and
-    (when given) a new description and ``inference`` defaults (``{"flip": bool, "postprocess": bool}``,
+    (when given) a new description and ``inference`` defaults (``{"flip": bool, "postprocess": bool,
+    "invert_view": bool}``, each optional,
     what :class:`bigl.inference.BiGLPredictor` does unless told otherwise); the weights are copied
     byte for byte. Used to record what was measured on a model after training (e.g. the shipped
     reference model's report table) and how it is best run."""
@@ -570,9 +571,9 @@ def annotate_bundle(
     if description is not None:
         metadata["description"] = description
     if inference is not None:
-        unknown = sorted(set(inference) - {"flip", "postprocess"})
+        unknown = sorted(set(inference) - {"flip", "postprocess", "invert_view"})
         if unknown or not all(isinstance(value, bool) for value in inference.values()):
-            raise ConfigError(f"inference defaults take flip and postprocess (true/false), got {inference}",
+            raise ConfigError(f"inference defaults take flip, postprocess and invert_view (true/false), got {inference}",
                               'e.g. {"flip": true, "postprocess": true}')
         metadata["inference"] = dict(inference)
     metadata = _check_metadata(metadata, None)

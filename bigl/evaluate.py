@@ -182,7 +182,7 @@ def evaluate_bundle(
             "model_modality": predictor.bundle.modality,
             "source_modality": predictor.bundle.source_modality,
             "transform": getattr(transform, "name", repr(transform)) if transform is not None else None,
-            "inference": {"flip": predictor.flip, "postprocess": predictor.postprocess},
+            "inference": {"flip": predictor.flip, "postprocess": predictor.postprocess, "invert_view": predictor.invert_view},
             "cases": scores,
             "summary": summarise(scores),
             "n_cases": len(scores),

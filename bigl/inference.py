@@ -42,8 +42,9 @@ class BiGLPredictor(Predictor):
     engine = "torch"
 
     def __init__(self, bundle: Bundle, device: str | torch.device = "auto", batch_size: int = 16,
-                 num_threads: int | None = None, *, flip: bool | None = None, postprocess: bool | None = None):
-        self._setup(bundle.metadata, bundle.path, batch_size, flip, postprocess)
+                 num_threads: int | None = None, *, flip: bool | None = None, postprocess: bool | None = None,
+                 invert_view: bool | None = None):
+        self._setup(bundle.metadata, bundle.path, batch_size, flip, postprocess, invert_view)
         if check_num_threads(num_threads) is not None:
             torch.set_num_threads(num_threads)
         self.device = resolve_device(device)
@@ -54,14 +55,15 @@ class BiGLPredictor(Predictor):
     @classmethod
     def from_path(cls, path: str | os.PathLike | None = None, device: str | torch.device = "auto",
                   batch_size: int = 16, num_threads: int | None = None, *, flip: bool | None = None,
-                  postprocess: bool | None = None) -> BiGLPredictor:
-        """Load a bundle file (``None``: the shipped default model) and wrap it. ``flip`` and
-        ``postprocess`` left at None take the bundle's ``inference`` metadata (default off)."""
+                  postprocess: bool | None = None, invert_view: bool | None = None) -> BiGLPredictor:
+        """Load a bundle file (``None``: the shipped default model) and wrap it. ``flip``,
+        ``postprocess`` and ``invert_view`` left at None take the bundle's ``inference`` metadata (default off)."""
         from bigl.bundle import default_bundle_path
 
         target = resolve_device(device)
         bundle = load_bundle(default_bundle_path() if path is None else path, device=target)
-        return cls(bundle, device=target, batch_size=batch_size, num_threads=num_threads, flip=flip, postprocess=postprocess)
+        return cls(bundle, device=target, batch_size=batch_size, num_threads=num_threads, flip=flip, postprocess=postprocess,
+                   invert_view=invert_view)
 
     @property
     def has_translator(self) -> bool:

@@ -99,13 +99,16 @@ class Predictor(ModelDescription):
     model_path: Path | None = None
 
     def _setup(self, metadata: dict, model_path: Path | None, batch_size: int, flip: bool | None,
-               postprocess: bool | None) -> None:
+               postprocess: bool | None, invert_view: bool | None = None) -> None:
         self.metadata = metadata
         self.model_path = model_path
         self.batch_size = check_batch_size(batch_size)
         defaults = metadata.get("inference") or {}
         #: Test-time flips: average the class probabilities of each slice and its left-right mirror.
         self.flip = bool(defaults.get("flip", False)) if flip is None else bool(flip)
+        #: Inverted view: average them also with those of the slice with mirrored brain intensities
+        #: (bigl.data.preprocess.mirror_brain), which looks like the source modality.
+        self.invert_view = bool(defaults.get("invert_view", False)) if invert_view is None else bool(invert_view)
         #: bigl.postprocess rules on the label map (the probabilities are left as predicted).
         self.postprocess = bool(defaults.get("postprocess", False)) if postprocess is None else bool(postprocess)
 
@@ -263,7 +266,10 @@ class Predictor(ModelDescription):
     def _segment_slices(self, slices: np.ndarray, attention: bool, report: ProgressCallback,
                         flip_axis: int = 0) -> dict[str, np.ndarray]:
         """Softmax maps [n, K, S, S] and, when asked, raw attention summaries [n, S, S]; with a
-        ``flip_axis`` (-2 or -1) the softmax maps average each slice and its mirror image."""
+        ``flip_axis`` (-2 or -1) the softmax maps average each slice and its mirror image, with
+        ``invert_view`` also the slice with mirrored brain intensities (two or three views)."""
+        from bigl.data.preprocess import mirror_brain
+
         config = self.segmenter_config
         count, size = len(slices), slices.shape[-1]
         out = {"probabilities": np.empty((count, config.num_classes, size, size), dtype=np.float32)}
@@ -273,10 +279,15 @@ class Predictor(ModelDescription):
         for start, batch in self._batches(slices, config.size_multiple):
             stop, padded = start + len(batch), batch.shape[-2:]
             results = self._run_segmenter(batch, attention)
-            probabilities = softmax(results["logits"], axis=1)
+            probabilities, views = softmax(results["logits"], axis=1), 1
             if flip_axis:
                 mirrored = self._run_segmenter(np.ascontiguousarray(np.flip(batch, flip_axis)), False)["logits"]
-                probabilities = 0.5 * (probabilities + np.flip(softmax(mirrored, axis=1), flip_axis))
+                probabilities, views = probabilities + np.flip(softmax(mirrored, axis=1), flip_axis), views + 1
+            if self.invert_view:
+                inverted = self._run_segmenter(mirror_brain(batch).astype(np.float32), False)["logits"]
+                probabilities, views = probabilities + softmax(inverted, axis=1), views + 1
+            if views > 1:
+                probabilities = probabilities / views
             out["probabilities"][start:stop] = probabilities[..., :size, :size]
             if attention:
                 position = position_summary(results["position_attention"], results["features"].shape[-2:])
@@ -566,7 +577,7 @@ def choose_engine(model: str | os.PathLike | None, engine: str = "auto", device:
 
 def open_predictor(model: str | os.PathLike | None = None, *, engine: str = "auto", device: str = "auto",
                    batch_size: int = 16, num_threads: int | None = None, flip: bool | None = None,
-                   postprocess: bool | None = None, translated: bool = False) -> Predictor:
+                   postprocess: bool | None = None, translated: bool = False, invert_view: bool | None = None) -> Predictor:
     """The predictor for a model file (None: the shipped default), on the engine :func:`choose_engine`
     picks; ``translated``: the translated image will be asked for (BundleError now when it cannot be)."""
     check_batch_size(batch_size)
@@ -581,7 +592,7 @@ def open_predictor(model: str | os.PathLike | None = None, *, engine: str = "aut
         bundle = None if onnxengine.is_onnx_path(given) else given  # its export: the bundle's metadata is current
         predictor = onnxengine.OnnxPredictor.from_path(path, device=device, batch_size=batch_size,
                                                        num_threads=num_threads, flip=flip, postprocess=postprocess,
-                                                       bundle=bundle)
+                                                       invert_view=invert_view, bundle=bundle)
     else:
         if not _torch_available():
             raise ConfigError("PyTorch is not installed, and the torch engine needs it",
@@ -590,7 +601,7 @@ def open_predictor(model: str | os.PathLike | None = None, *, engine: str = "aut
         from bigl.inference import BiGLPredictor
 
         predictor = BiGLPredictor.from_path(path, device=device, batch_size=batch_size, num_threads=num_threads,
-                                            flip=flip, postprocess=postprocess)
+                                            flip=flip, postprocess=postprocess, invert_view=invert_view)
     if translated and not predictor.has_translator:
         raise predictor.no_translator_error()
     return predictor

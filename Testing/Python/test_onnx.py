@@ -50,9 +50,9 @@ def _both(bundle: Path, **options):
     return torch_result, onnx_result
 
 
-@pytest.mark.parametrize("flip", [False, True], ids=["plain", "flip"])
-def test_onnx_runtime_agrees_with_torch(exported, flip):
-    expected, got = _both(exported, flip=flip)
+@pytest.mark.parametrize("options", [{}, {"flip": True}, {"invert_view": True}], ids=["plain", "flip", "invert-view"])
+def test_onnx_runtime_agrees_with_torch(exported, options):
+    expected, got = _both(exported, **options)
     assert len(np.unique(expected.labels)) > 1, "the test model must predict more than one label"
     assert got.labels.shape == expected.labels.shape and got.labels.dtype == np.uint8
     assert (got.labels == expected.labels).mean() >= 0.999

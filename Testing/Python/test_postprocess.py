@@ -51,6 +51,38 @@ def test_test_time_flips_are_mirror_equivariant(tiny_bundle):
     assert np.abs(unflipped - straight).max() > 1e-4  # the flips do change the prediction
 
 
+def test_mirroring_the_brain_is_the_same_on_numpy_and_torch_and_keeps_the_background():
+    import torch
+
+    from bigl.data.preprocess import MIRROR_FLOOR, mirror_brain
+
+    slices = np.full((3, 8, 8), -1.0, np.float32)
+    slices[:, 2:6, 2:6] = np.random.default_rng(1).uniform(-0.99, 1.0, (3, 4, 4))
+    mirrored = mirror_brain(slices)
+    np.testing.assert_array_equal(mirrored, mirror_brain(torch.from_numpy(slices)).numpy())
+    assert (mirrored[slices == -1.0] == -1.0).all()
+    u, v = (slices[slices > -1] + 1) / 2, (mirrored[slices > -1] + 1) / 2
+    np.testing.assert_allclose(v, np.maximum(1 - u, MIRROR_FLOOR), atol=1e-6)
+    assert (mirrored[slices > -1] > -1 + 1e-3).all()  # a mirrored brain never turns into background
+
+
+def test_the_inverted_view_averages_each_slice_with_its_mirrored_intensities(tiny_bundle):
+    from bigl.data.preprocess import mirror_brain, prepare_volume
+
+    plain = BiGLPredictor.from_path(tiny_bundle, device="cpu")
+    inverted = BiGLPredictor.from_path(tiny_bundle, device="cpu", invert_view=True)
+    assert not plain.invert_view and inverted.invert_view
+    slices = prepare_volume(scan(), plain.preprocessing).slices
+
+    def probabilities(predictor, images):
+        return predictor._segment_slices(images, False, lambda done: None)["probabilities"]
+
+    expected = 0.5 * (probabilities(plain, slices) + probabilities(plain, mirror_brain(slices).astype(np.float32)))
+    got = probabilities(inverted, slices)
+    np.testing.assert_allclose(got, expected, atol=1e-6)
+    assert np.abs(got - probabilities(plain, slices)).max() > 1e-4
+
+
 def test_inference_defaults_come_from_the_bundle_and_yield_to_the_caller(tiny_bundle, tmp_path):
     annotated = annotate_bundle(tiny_bundle, tmp_path / "m.safetensors", inference={"flip": True, "postprocess": True})
     assert load_bundle(annotated).metadata["inference"] == {"flip": True, "postprocess": True}
@@ -59,6 +91,9 @@ def test_inference_defaults_come_from_the_bundle_and_yield_to_the_caller(tiny_bu
     told = BiGLPredictor.from_path(annotated, device="cpu", flip=False, postprocess=False)
     assert not told.flip and not told.postprocess
     assert not BiGLPredictor.from_path(tiny_bundle, device="cpu").flip
+    inverted = annotate_bundle(tiny_bundle, tmp_path / "i.safetensors", inference={"invert_view": True})
+    assert BiGLPredictor.from_path(inverted, device="cpu").invert_view
+    assert not BiGLPredictor.from_path(inverted, device="cpu", invert_view=False).invert_view
     with pytest.raises(ConfigError, match="inference defaults"):
         annotate_bundle(tiny_bundle, tmp_path / "bad.safetensors", inference={"tta": True})
 

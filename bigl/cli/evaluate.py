@@ -82,7 +82,8 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("--reference-data / --reference-modality / --reference-exclude are only used with --baseline",
                          "add --baseline invert-histmatch, or leave them out")
     predictor = BiGLPredictor.from_path(args.model, device=args.device, batch_size=args.batch_size,
-                                        num_threads=args.threads, flip=args.flip, postprocess=args.postprocess)
+                                        num_threads=args.threads, flip=args.flip, postprocess=args.postprocess,
+                                        invert_view=args.invert_view)
     transform = reference_file = None
     if args.baseline is not None:
         transform = _baseline_transform(args, predictor.bundle.source_modality)

@@ -308,6 +308,24 @@ def restore_labels(classes: np.ndarray, geometry: SliceGeometry) -> np.ndarray:
     return _from_slices(classes_to_labels(stack), geometry, 0, np.uint8)
 
 
+#: Smallest brain intensity of a mirrored slice on the [0, 1] brain scale: it stays above the background.
+MIRROR_FLOOR = 1e-3
+
+
+def mirror_brain(slices):
+    """Preprocessed slices (numpy array or torch tensor, background -1) with the brain intensities
+    mirrored: u -> max(1 - u, MIRROR_FLOOR) on the [0, 1] brain scale, background left as it is.
+
+    T1 and T2 order most brain tissues in opposite directions (CSF, oedema), so a mirrored T1 slice
+    looks T2-like and a mirrored T2 slice T1-like, with the anatomy untouched: the inversion
+    augmentation of training (``data.augment_invert``), the ``inverted`` pseudo-label view, and the
+    inverted test-time view (``invert_view``). Written with operators both array types share, so
+    training and inference mirror alike."""
+    brain = slices > EMPTY_SLICE_MAX
+    mirrored = (1.0 - (slices - BACKGROUND) / 2.0).clip(MIRROR_FLOOR, 1.0) * 2.0 + BACKGROUND
+    return brain * mirrored + ~brain * slices
+
+
 def left_right_axis(affine: np.ndarray, slice_axis: int) -> int:
     """The axis of a slice (-2 or -1) along which the patient's left-right runs, 0 when it runs
     through the slices (sagittal slices): flips (training augmentation, test-time flips) mirror

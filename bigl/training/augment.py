@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bigl.data.preprocess import BACKGROUND
+from bigl.data.preprocess import BACKGROUND, mirror_brain
 
 MAX_ROTATION_DEGREES = 15.0
 SCALE_RANGE = (0.85, 1.15)
@@ -117,9 +117,8 @@ def intensity(images: torch.Tensor, rng: np.random.Generator, *, brain: torch.Te
 
 def invert(images: torch.Tensor, rng: np.random.Generator, probability: float, *,
            batch: int | None = None, rows: slice | None = None) -> torch.Tensor:
-    """Mirror the brain intensities (u -> 1 - u on [0, 1]) of each slice with ``probability``; the
-    background stays -1 and a mirrored brain voxel stays above it. ``batch`` / ``rows`` as for
-    :func:`spatial`."""
+    """Mirror the brain intensities (:func:`bigl.data.preprocess.mirror_brain`) of each slice with
+    ``probability``. ``batch`` / ``rows`` as for :func:`spatial`."""
     n = images.shape[0]
     total, rows = _draw_rows(batch, n, rows)
     active = torch.as_tensor((rng.random(total) < probability)[rows], device=images.device).view(n, 1, 1, 1)
@@ -127,10 +126,8 @@ def invert(images: torch.Tensor, rng: np.random.Generator, probability: float, *
 
 
 def invert_all(images: torch.Tensor) -> torch.Tensor:
-    """Every slice mirrored (see :func:`invert`): the inverted view of the pseudo-labels."""
-    x = images.float()
-    mirrored = 2.0 * (1.0 - ((x - BACKGROUND) / 2.0).clamp(0.0, 1.0)).clamp_min(1e-3) + BACKGROUND
-    return torch.where(brain_of(x), mirrored, x).to(images.dtype)
+    """Every slice mirrored (:func:`bigl.data.preprocess.mirror_brain`): the inverted view of the pseudo-labels."""
+    return mirror_brain(images.float()).to(images.dtype)
 
 
 def describe() -> dict[str, object]:
