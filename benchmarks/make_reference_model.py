@@ -23,8 +23,10 @@ import sys
 from pathlib import Path
 
 from bigl.bundle import annotate_bundle, read_metadata
+from bigl.errors import BiGLError
 from bigl.metrics import format_comparison_markdown
 from bigl.runfolder import BUNDLE_FILE, EVENTS_FILE
+from bigl.training.events import read_events
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from protocol import REPORT_CASES, summarise  # noqa: E402
@@ -36,23 +38,32 @@ LABELS = {"source-only": "Source only", "invert-histmatch": "Source only + inver
           "bigl": "**BiGL**", "target-only": "Target only (T2 labels, upper bound)"}
 
 
+def _read_json(path: Path) -> dict:
+    """A JSON object the protocol wrote; exits naming the file when it is damaged."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        sys.exit(f"cannot read {path} ({exc}): run the protocol again for it")
+    if not isinstance(data, dict):
+        sys.exit(f"{path} does not hold a JSON object: run the protocol again for it")
+    return data
+
+
 def _summary(folder: Path) -> dict | None:
     path = folder / "summary.json"
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    summary = _read_json(path) if path.is_file() else None
+    if summary is not None and not {"cases", "summary", "modality"} <= set(summary):
+        sys.exit(f"{path} is not a `bigl evaluate` summary: run the protocol again for it")
+    return summary
 
 
 def _stage_seconds(run_dir: Path) -> dict[str, float]:
     """Wall seconds of each finished stage of a run folder (``end`` events, summed over resumes)."""
     seconds: dict[str, float] = {}
-    path = run_dir / EVENTS_FILE
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                event = json.loads(line)
-            except ValueError:
-                continue
-            if event.get("event") == "end" and isinstance(event.get("seconds"), (int, float)):
-                seconds[event["stage"]] = seconds.get(event["stage"], 0.0) + float(event["seconds"])
+    for event in read_events(run_dir / EVENTS_FILE):
+        stage, value = event.get("stage"), event.get("seconds")
+        if event["event"] == "end" and isinstance(stage, str) and isinstance(value, (int, float)):
+            seconds[stage] = seconds.get(stage, 0.0) + float(value)
     return seconds
 
 
@@ -69,16 +80,27 @@ def main(argv: list[str] | None = None) -> int:
     manifest_path = root / "manifest.json"
     if not manifest_path.is_file():
         sys.exit(f"{manifest_path} not found: give the output folder of benchmarks/protocol.py")
-    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    if manifest.get("split") != "report" or sorted(manifest.get("scored", [])) != sorted(REPORT_CASES):
+    manifest = _read_json(manifest_path)
+    if manifest.get("split") != "report":
         sys.exit(f"{root} is a protocol on the {manifest.get('split')} split: the shipped model is measured on the report split")
+    if sorted(manifest.get("scored", [])) != sorted(REPORT_CASES):
+        sys.exit(f"{root} scored other cases than the report cases ({', '.join(REPORT_CASES)}): run the protocol "
+                 "with --split report of this version")
+    reserved = {"source-only", "invert-histmatch"}
+    if args.setting in reserved or args.target_only in reserved or (args.target_only and args.target_only == args.setting):
+        sys.exit("--setting and --target-only name two different protocol settings, neither of them "
+                 "source-only or invert-histmatch (the baselines' own folders)")
     #: protocol setting -> method key in the metadata (as `bigl info` and the tests read it)
     methods = {"source-only": "source-only", "invert-histmatch": "invert-histmatch", args.setting: "bigl",
                **({args.target_only: "target-only"} if args.target_only else {})}
     model = root / args.setting / f"seed{args.seed}" / BUNDLE_FILE
     if not model.is_file():
         sys.exit(f"{model} not found: run the protocol with --setting {args.setting} and seed {args.seed} first")
-    if read_metadata(model)["method"] != "bigl":
+    try:
+        method = read_metadata(model)["method"]
+    except BiGLError as exc:
+        sys.exit(f"{model}: {exc.message}: run the protocol again for it")
+    if method != "bigl":
         sys.exit(f"{model} is not a BiGL model")
 
     this_seed, over_seeds = {}, {}
@@ -95,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         over_seeds[name] = summarise({name: {seed: s for seed, s in seeds.items() if s is not None}})[name]
 
     wall = {"translator": _stage_seconds(root / "translators" / f"seed{args.seed}").get("translator"),
-            **{f"{name}": _stage_seconds(root / name / f"seed{args.seed}").get("adapt")
+            **{name: _stage_seconds(root / name / f"seed{args.seed}").get("adapt")
                for name in methods if name != "invert-histmatch"}}
     metrics = {
         "report": {

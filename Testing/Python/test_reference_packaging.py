@@ -70,3 +70,21 @@ def test_a_development_split_run_is_not_packaged(tiny_bundle, tmp_path):
     root = _protocol(tmp_path / "protocol", tiny_bundle, ["Dev_1", "Dev_2"], split="dev")
     with pytest.raises(SystemExit, match="report split"):
         script.main([str(root), "--setting", "recipe", "--destination", str(tmp_path / "model.safetensors")])
+
+
+def test_damaged_protocol_files_and_clashing_names_are_refused_with_the_file_named(tiny_bundle, tmp_path):
+    script = _script()
+    root = _protocol(tmp_path / "protocol", tiny_bundle, script.REPORT_CASES)
+    destination = str(tmp_path / "model.safetensors")
+    for setting, target_only in (("source-only", None), ("recipe", "recipe"), ("recipe", "invert-histmatch")):
+        with pytest.raises(SystemExit, match="two different protocol settings"):
+            script.main([str(root), "--setting", setting, *(["--target-only", target_only] if target_only else []),
+                         "--destination", destination])
+    summary = root / "source-only" / "eval-seed0" / "summary.json"
+    summary.write_text('{"cases": [')
+    with pytest.raises(SystemExit, match=f"cannot read {summary}"):
+        script.main([str(root), "--setting", "recipe", "--destination", destination])
+    (root / "manifest.json").write_text("[1, 2]")
+    with pytest.raises(SystemExit, match="manifest.json does not hold a JSON object"):
+        script.main([str(root), "--setting", "recipe", "--destination", destination])
+    assert not Path(destination).exists()

@@ -390,9 +390,10 @@ def test_cpu_bfloat16_autocast_follows_the_setting_and_the_cpu(phantom_cohort, t
     conv = torch.nn.Conv2d(1, 2, 3)
     with ctx.autocast():
         assert conv(torch.randn(1, 1, 8, 8)).dtype == torch.bfloat16
-    ctx.config["run"]["cpu_bf16"] = False
+    asked = ctx.config
+    ctx.config = asked.replace("run", cpu_bf16=False)
     assert ctx.precision == "float32"
-    ctx.config["run"]["cpu_bf16"] = True
+    ctx.config = asked
     monkeypatch.setattr(loop, "cpu_supports_bf16", lambda: False)
     assert ctx.precision == "float32"
     with ctx.autocast():

@@ -44,7 +44,7 @@ def changed(module: torch.nn.Module, before: dict[str, torch.Tensor]) -> float:
 
 def adapt_trainer(run: TrainingRun):
     """Stage-2 trainer of a prepared bigl run, with an (untrained) translator file in place."""
-    if run.config["adapt"]["method"] == "bigl":
+    if run.config.adapt.method == "bigl":
         run.translator_trainer().finish()
     return run.adapt_trainer()
 
@@ -67,7 +67,7 @@ def test_translator_steps_update_generators_then_discriminators(prepare, mode):
     expected = {"g_adv", "g_l1", "total"} if mode == "paired" else {"g_adv", "g_cycle", "g_identity", "total"}
     assert set(losses) == expected
     if mode == "paired":
-        lambda_l1 = run.config["translator_training"]["lambda_l1"]
+        lambda_l1 = run.config.translator_training.lambda_l1
         assert torch.isclose(losses["total"], losses["g_adv"] + lambda_l1 * losses["g_l1"])
 
     generators = snapshot(trainer.generators)
@@ -284,13 +284,13 @@ def test_paired_batches_are_co_registered(prepare):
 
 def test_training_slices_are_the_prepared_slices_that_hold_brain(prepare, phantom_cohort):
     from bigl.data.brats import find_cases
-    from bigl.data.preprocess import BACKGROUND, PreprocessConfig, brain_mask, prepare_volume
+    from bigl.data.preprocess import BACKGROUND, brain_mask, prepare_volume
 
     run = prepare()
     source = run.ctx.data.labelled
     case = next(c for c in find_cases(phantom_cohort, modalities=("t1", "t2")) if c.name == source.case_names[0])
     t1, t2 = case.load_image("t1"), case.load_image("t2")
-    prepared = prepare_volume(t1.data, PreprocessConfig(**run.config["preprocessing"]), mask=brain_mask(t1.data) | brain_mask(t2.data))
+    prepared = prepare_volume(t1.data, run.config.preprocessing, mask=brain_mask(t1.data) | brain_mask(t2.data))
     holds_brain = prepared.slices.reshape(len(prepared.slices), -1).max(axis=1) > BACKGROUND + 1e-3
     assert not holds_brain.all(), "the phantom crop should have empty end slices for this test to mean anything"
     rows = np.flatnonzero(source.case_index == 0)

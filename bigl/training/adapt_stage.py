@@ -49,9 +49,8 @@ from bigl.bundle import make_metadata, save_bundle
 from bigl.losses import IGNORE_INDEX, generator_adversarial_loss, output_consistency_loss, segmentation_loss
 from bigl.runfolder import BUNDLE_FILE
 from bigl.training import augment
-from bigl.models import AttentionDiscriminator, DualAttentionUNet, FeatureDiscriminator, SegmenterConfig, TranslatorConfig
-from bigl.runplan import self_training_steps
-from bigl.training.config import active_levels
+from bigl.models import AttentionDiscriminator, DualAttentionUNet, FeatureDiscriminator
+from bigl.training.sections import TrainingConfig
 from bigl.training.data import to_tensors
 from bigl.training.loop import (
     DiscriminatorBank,
@@ -133,12 +132,13 @@ class AdaptNetwork(nn.Module):
         return out
 
 
-def level_discriminators(config: dict, levels: tuple[str, ...]) -> dict[str, nn.Module]:
+def level_discriminators(config: TrainingConfig | dict, levels: tuple[str, ...]) -> dict[str, nn.Module]:
     """``<level>_s`` and ``<level>_t`` for each active level, sized for the segmenter's bottleneck."""
-    segmenter = SegmenterConfig(**config["segmenter"])
+    config = TrainingConfig.of(config)
+    segmenter = config.segmenter
     channels = segmenter.bottleneck_channels
-    positions = (config["preprocessing"]["image_size"] // segmenter.size_multiple) ** 2
-    base = config["adapt"]["discriminator_channels"]
+    positions = (config.preprocessing.image_size // segmenter.size_multiple) ** 2
+    base = config.adapt.discriminator_channels
     builders = {
         "feature": lambda: FeatureDiscriminator(channels, base_channels=base),
         "position": lambda: AttentionDiscriminator(positions, base_channels=base),
@@ -162,11 +162,11 @@ class AdaptTrainer(StageTrainer):
     ):
         super().__init__(ctx, total)
         config = ctx.config
-        self.adapt = adapt = config["adapt"]
-        self.method = adapt["method"]
-        self.levels = active_levels(adapt)
-        self.finetune = bool(adapt["finetune_translator"])
-        self.self_steps = self_training_steps(adapt)
+        self.adapt = adapt = config.adapt
+        self.method = adapt.method
+        self.levels = adapt.levels
+        self.finetune = bool(adapt.finetune_translator)
+        self.self_steps = adapt.self_training_steps
         self.adapt_steps = self.total - self.self_steps
         self.pseudo: np.ndarray | None = None  # uint8 [n, S, S] pseudo-labels of the unlabelled slices
         self.pseudo_round = -1
@@ -174,7 +174,7 @@ class AdaptTrainer(StageTrainer):
         self.objective = translator_objective(config, translator_mode)
         self.translator_iterations = translator_iterations
         device = ctx.device
-        self.segmenter = DualAttentionUNet(SegmenterConfig(**config["segmenter"])).to(device)
+        self.segmenter = DualAttentionUNet(config.segmenter).to(device)
         if self.method == "bigl" and translators is None:
             raise ValueError("method bigl needs the trained translators")
         self.translators = translators.to(device) if self.method == "bigl" else None
@@ -187,7 +187,7 @@ class AdaptTrainer(StageTrainer):
         self.network_ddp = ctx.dist.wrap(self.network)
         #: exponential moving average of the segmenter's weights (adapt.ema_decay > 0): the
         #: network that is shipped and that makes the pseudo-labels
-        self.ema = weight_average(self.segmenter, adapt["ema_decay"]) if adapt["ema_decay"] > 0 else None
+        self.ema = weight_average(self.segmenter, adapt.ema_decay) if adapt.ema_decay > 0 else None
 
         discriminators = level_discriminators(config, self.levels)
         if self.finetune:
@@ -195,19 +195,19 @@ class AdaptTrainer(StageTrainer):
         self.bank = DiscriminatorBank(discriminators).to(device) if discriminators else None
         self.bank_ddp = ctx.dist.wrap(self.bank) if self.bank is not None else None
 
-        if adapt["optimizer"] == "sgd":
+        if adapt.optimizer == "sgd":
             self.opt_seg = torch.optim.SGD(
-                self.segmenter.parameters(), lr=adapt["lr"], momentum=adapt["momentum"], weight_decay=adapt["weight_decay"]
+                self.segmenter.parameters(), lr=adapt.lr, momentum=adapt.momentum, weight_decay=adapt.weight_decay
             )
         else:
-            self.opt_seg = torch.optim.Adam(self.segmenter.parameters(), lr=adapt["lr"], betas=(0.9, 0.99), weight_decay=adapt["weight_decay"])
+            self.opt_seg = torch.optim.Adam(self.segmenter.parameters(), lr=adapt.lr, betas=(0.9, 0.99), weight_decay=adapt.weight_decay)
         self.opt_d = (
-            torch.optim.Adam(self.bank.parameters(), lr=adapt["discriminator_lr"], betas=tuple(adapt["discriminator_betas"]))
+            torch.optim.Adam(self.bank.parameters(), lr=adapt.discriminator_lr, betas=tuple(adapt.discriminator_betas))
             if self.bank is not None
             else None
         )
         self.opt_translators = (
-            torch.optim.Adam(self.translators.parameters(), lr=adapt["translator_lr"], betas=(0.5, 0.999)) if self.finetune else None
+            torch.optim.Adam(self.translators.parameters(), lr=adapt.translator_lr, betas=(0.5, 0.999)) if self.finetune else None
         )
         self.scaler_seg, self.scaler_d = ctx.grad_scaler(), ctx.grad_scaler()
 
@@ -254,50 +254,50 @@ class AdaptTrainer(StageTrainer):
     def segmenter_lr(self, step: int) -> float:
         """Poly decay: lr * (1 - step / steps) ** poly_power over the adaptation steps, and again from
         self_training_lr over the self-training steps."""
-        power = self.adapt["poly_power"]
+        power = self.adapt.poly_power
         if self.self_training(step):
             done = step - self.adapt_steps
-            return self.adapt["self_training_lr"] * (1.0 - done / self.self_steps) ** power
-        return self.adapt["lr"] * (1.0 - step / self.adapt_steps) ** power
+            return self.adapt.self_training_lr * (1.0 - done / self.self_steps) ** power
+        return self.adapt.lr * (1.0 - step / self.adapt_steps) ** power
 
     def learning_rates(self, step: int) -> dict[str, float]:
         rates = {"segmenter": self.segmenter_lr(step)}
         if self.opt_d is not None:
-            rates["discriminators"] = self.adapt["discriminator_lr"]
+            rates["discriminators"] = self.adapt.discriminator_lr
         if self.opt_translators is not None:
-            rates["translators"] = self.adapt["translator_lr"]
+            rates["translators"] = self.adapt.translator_lr
         return rates
 
     def slices_per_step(self) -> int:
-        return self.adapt["batch_size"] * (2 if self.method == "bigl" else 1)
+        return self.adapt.batch_size * (2 if self.method == "bigl" else 1)
 
     # -- one iteration ------------------------------------------------------------------------
     def batch(self, step: int) -> dict[str, Any]:
         ctx = self.ctx
-        data = ctx.config["data"]
-        size = self.adapt["batch_size"]
+        data = ctx.config.data
+        size = self.adapt.batch_size
         drawn = ctx.sampler.unpaired(self.stage, step, size)
         shard = ctx.dist.shard(size)
         x, y = to_tensors(ctx.data.labelled, drawn.labelled[shard], drawn.flip_labelled[shard], ctx.device, with_labels=True)
         rng = ctx.sampler.rng(self.stage, step, stream=2)  # augmentation parameters (global batch)
         rows = {"batch": size, "rows": shard}
-        if data["augment_spatial"]:
+        if data.augment_spatial:
             x, y = augment.spatial(x, y, rng, **rows)
         batch: dict[str, Any] = {"x": x, "y": y}
-        if data["augment_intensity"]:
+        if data.augment_intensity:
             seeds = [int(value) for value in rng.integers(0, 2**63 - 1, 2)]
             batch["augment_labelled"] = lambda t: augment.intensity(t, np.random.default_rng(seeds[0]), **rows)
             brain = augment.brain_of(x)
             batch["augment_translated"] = lambda t: augment.intensity(t, np.random.default_rng(seeds[1]), brain=brain, **rows)
-        if data["augment_invert"] > 0:
+        if data.augment_invert > 0:
             invert_seed = int(rng.integers(0, 2**63 - 1))
             after = batch.get("augment_labelled", lambda t: t)
-            batch["augment_labelled"] = lambda t: after(augment.invert(t, np.random.default_rng(invert_seed), data["augment_invert"], **rows))
+            batch["augment_labelled"] = lambda t: after(augment.invert(t, np.random.default_rng(invert_seed), data.augment_invert, **rows))
         if self.method == "bigl":
             if self.self_training(step):
                 picked = self.pseudo_rows(step, size)
                 batch["x_t"], batch["y_t"] = self.pseudo_batch(picked[shard], drawn.flip_unlabelled[shard])
-                if data["augment_spatial"]:
+                if data.augment_spatial:
                     batch["x_t"], batch["y_t"] = augment.spatial(batch["x_t"], batch["y_t"], rng, **rows)
             else:
                 batch["x_t"], _ = to_tensors(ctx.data.unlabelled, drawn.unlabelled[shard], drawn.flip_unlabelled[shard], ctx.device)
@@ -311,7 +311,7 @@ class AdaptTrainer(StageTrainer):
         rng = self.ctx.sampler.rng(self.stage, step, stream=3)
         n = len(self.pseudo)
         tumour = self.pseudo_tumour
-        n_tumour = int(round(self.ctx.config["data"]["tumour_fraction"] * size)) if len(tumour) else 0
+        n_tumour = int(round(self.ctx.config.data.tumour_fraction * size)) if len(tumour) else 0
         return rng.permutation(np.concatenate([rng.choice(tumour, n_tumour), rng.integers(0, n, size - n_tumour)]).astype(np.int64))
 
     def pseudo_batch(self, rows: np.ndarray, flips: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -356,9 +356,9 @@ class AdaptTrainer(StageTrainer):
             x = torch.from_numpy(unlabelled.images[begin:begin + chunk].astype(np.float32)).unsqueeze(1).to(ctx.device)
             with ctx.autocast():
                 probabilities = torch.softmax(teacher(x).float(), 1)
-                if adapt["pseudo_views"] == "both":
+                if adapt.pseudo_views == "both":
                     probabilities = 0.5 * (probabilities + torch.softmax(teacher(self.translators.t2s(x)).float(), 1))
-                elif adapt["pseudo_views"] == "inverted":
+                elif adapt.pseudo_views == "inverted":
                     probabilities = 0.5 * (probabilities + torch.softmax(teacher(augment.invert_all(x)).float(), 1))
             best, classes = probabilities.max(1)
             confidence[begin:begin + chunk] = (best * bins).clamp(0, bins - 1).to(torch.int32).cpu().numpy()
@@ -378,8 +378,8 @@ class AdaptTrainer(StageTrainer):
             if not members:
                 continue
             # the highest bin that still keeps the (pseudo_class_fraction) most confident share, or the threshold's
-            share = np.flatnonzero(at_least[cls] >= adapt["pseudo_class_fraction"] * members)
-            lowest[cls] = min(int(adapt["pseudo_threshold"] * bins), int(share[-1]))
+            share = np.flatnonzero(at_least[cls] >= adapt.pseudo_class_fraction * members)
+            lowest[cls] = min(int(adapt.pseudo_threshold * bins), int(share[-1]))
             kept[str(cls)] = round(float(at_least[cls, lowest[cls]]) / members, 4)
         labels = np.empty(predicted.shape, dtype=np.uint8)
         for begin in range(0, n, chunk):
@@ -394,34 +394,34 @@ class AdaptTrainer(StageTrainer):
         """Every term of the segmenter step (weighted sum in ``total``)."""
         adapt = self.adapt
         if self.method != "bigl":
-            seg = segmentation_loss(out["logits"], batch["y"], dice=adapt["dice"])
+            seg = segmentation_loss(out["logits"], batch["y"], dice=adapt.dice)
             return {"seg": seg, "total": seg}
         logits_s, logits_s2t, logits_t, logits_t2s = out["logits"].chunk(4)
         losses = {
-            "seg": segmentation_loss(logits_s, batch["y"], dice=adapt["dice"]),
-            "seg_syn": segmentation_loss(logits_s2t, batch["y"], dice=adapt["dice"]),
+            "seg": segmentation_loss(logits_s, batch["y"], dice=adapt.dice),
+            "seg_syn": segmentation_loss(logits_s2t, batch["y"], dice=adapt.dice),
         }
-        total = losses["seg"] + adapt["synthetic_weight"] * losses["seg_syn"]
-        if adapt["output"]:
+        total = losses["seg"] + adapt.synthetic_weight * losses["seg_syn"]
+        if adapt.output:
             losses["out"] = output_consistency_loss(logits_t, logits_t2s)
-            total = total + adapt["lambda_out"] * losses["out"]
+            total = total + adapt.lambda_out * losses["out"]
         if "y_t" in batch:  # self-training: pseudo-labelled target instead of adversarial alignment
-            losses["seg_pseudo"] = segmentation_loss(logits_t, batch["y_t"], ignore_index=IGNORE_INDEX, dice=adapt["dice"])
+            losses["seg_pseudo"] = segmentation_loss(logits_t, batch["y_t"], ignore_index=IGNORE_INDEX, dice=adapt.dice)
             losses["total"] = total + losses["seg_pseudo"]
             return losses
         for level in self.levels:
             _, _, m_t, m_t2s = out[LEVEL_OUTPUTS[level]].chunk(4)
-            gan = adapt["gan_mode"]
+            gan = adapt.gan_mode
             # Eq. 6 / 8: the maps of x_t->s should pass D_s as source, those of x_t pass D_t as x_s->t
             losses[f"adv_{level}"] = generator_adversarial_loss(
                 [self.bank.judge(f"{level}_s", m_t2s), self.bank.judge(f"{level}_t", m_t)], gan
             )
-            total = total + adapt["lambda_gtl"] * adapt["level_weights"][level] * losses[f"adv_{level}"]
+            total = total + adapt.lambda_gtl * adapt.level_weights[level] * losses[f"adv_{level}"]
         if self.finetune:
             stage1 = {key.split(".", 1)[1]: value for key, value in out.items() if key.startswith("translator.")}
             translator = self.objective.generator_losses(batch["translator"], stage1, self.bank)
             losses["translator_g"] = translator["total"]
-            total = total + adapt["lambda_syn"] * translator["total"]
+            total = total + adapt.lambda_syn * translator["total"]
         losses["total"] = total
         return losses
 
@@ -462,7 +462,7 @@ class AdaptTrainer(StageTrainer):
         """Update every discriminator on detached maps; returns the losses per level."""
         ctx = self.ctx
         with ctx.autocast():
-            d_losses = discriminator_losses(self.bank_ddp(self.discriminator_pairs(batch, out)), self.adapt["gan_mode"])
+            d_losses = discriminator_losses(self.bank_ddp(self.discriminator_pairs(batch, out)), self.adapt.gan_mode)
             d_total = sum(d_losses.values())
         self.opt_d.zero_grad(set_to_none=True)
         self.scaler_d.scale(d_total).backward()
@@ -477,7 +477,7 @@ class AdaptTrainer(StageTrainer):
         for group in self.opt_seg.param_groups:
             group["lr"] = self.segmenter_lr(step)
         if self.self_training(step):
-            round_index = (step - self.adapt_steps) * int(self.adapt["self_training_rounds"]) // self.self_steps
+            round_index = (step - self.adapt_steps) * int(self.adapt.self_training_rounds) // self.self_steps
             if round_index != self.pseudo_round:
                 self.make_pseudo_labels(round_index)
         batch = self.batch(step)
@@ -496,21 +496,21 @@ class AdaptTrainer(StageTrainer):
     def training_metadata(self) -> dict[str, Any]:
         data = self.ctx.data
         info: dict[str, Any] = {
-            "config": self.ctx.config,
+            "config": self.ctx.config.to_dict(),
             "method": self.method,
             "iterations": {"adapt": self.adapt_steps},
             "labelled": data.labelled.describe(),
             "model_selection": ("last checkpoint (no target labels used)" if self.ema is None else
-                                f"exponential moving average of the weights, decay {self.adapt['ema_decay']} (no target labels used)"),
+                                f"exponential moving average of the weights, decay {self.adapt.ema_decay} (no target labels used)"),
             "precision": self.precision_record,
         }
-        data_cfg = self.ctx.config["data"]
-        if data_cfg["augment_spatial"] or data_cfg["augment_intensity"] or data_cfg["augment_invert"]:
-            info["augmentation"] = {"spatial": data_cfg["augment_spatial"], "intensity": data_cfg["augment_intensity"],
-                                    "invert": data_cfg["augment_invert"], **augment.describe()}
+        data_cfg = self.ctx.config.data
+        if data_cfg.augment_spatial or data_cfg.augment_intensity or data_cfg.augment_invert:
+            info["augmentation"] = {"spatial": data_cfg.augment_spatial, "intensity": data_cfg.augment_intensity,
+                                    "invert": data_cfg.augment_invert, **augment.describe()}
         if self.self_steps:
             info["iterations"]["self_training"] = self.self_steps
-            info["self_training"] = {key: self.adapt[key] for key in (
+            info["self_training"] = {key: getattr(self.adapt, key) for key in (
                 "self_training_iterations", "self_training_rounds", "self_training_lr", "pseudo_threshold", "pseudo_class_fraction",
                 "pseudo_views")}
         if data.unlabelled is not None:
@@ -523,20 +523,20 @@ class AdaptTrainer(StageTrainer):
 
     def finish(self) -> Path:
         config = self.ctx.config
-        data = config["data"]
-        trained_on = data["target_modality"] if self.method == "target-only" else data["source_modality"]
+        data = config.data
+        trained_on = data.target_modality if self.method == "target-only" else data.source_modality
         descriptions = {
-            "bigl": f"BiGL: {data['source_modality']} (labelled) -> {data['target_modality']} (unlabelled) adaptation",
-            "source-only": f"source-only baseline: trained on labelled {data['source_modality']}, applied to {data['target_modality']}",
-            "target-only": f"target-only upper bound: trained on labelled {data['target_modality']}",
+            "bigl": f"BiGL: {data.source_modality} (labelled) -> {data.target_modality} (unlabelled) adaptation",
+            "source-only": f"source-only baseline: trained on labelled {data.source_modality}, applied to {data.target_modality}",
+            "target-only": f"target-only upper bound: trained on labelled {data.target_modality}",
         }
         metadata = make_metadata(
             method=self.method,
-            modality=data["target_modality"],
+            modality=data.target_modality,
             source_modality=trained_on,
-            segmenter_config=SegmenterConfig(**config["segmenter"]),
-            translator_config=TranslatorConfig(**config["translator"]) if self.method == "bigl" else None,
-            preprocessing=config["preprocessing"],
+            segmenter_config=config.segmenter,
+            translator_config=config.translator if self.method == "bigl" else None,
+            preprocessing=config.section_dict("preprocessing"),
             training=self.training_metadata(),
             description=descriptions[self.method],
         )

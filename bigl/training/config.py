@@ -11,7 +11,6 @@ hint), wrong types, values out of range, image sizes the networks cannot take.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import difflib
 import json
 import math
@@ -29,7 +28,6 @@ SECTIONS = ("data", "preprocessing", "segmenter", "translator", "translator_trai
 
 GAN_MODES = ("lsgan", "bce")
 OPTIMISERS = ("sgd", "adam")
-LEVELS = ("feature", "position", "channel")
 #: Views whose predictions make the self-training pseudo-labels.
 PSEUDO_VIEWS = ("both", "target", "inverted")
 
@@ -51,121 +49,37 @@ RUN_CONTROL_KEYS = frozenset(
     }
 )
 
+
+def _nullable_keys() -> dict[str, tuple[type, ...]]:
+    """Keys of the training sections that may be null, with the types they take when set: read from
+    the sections' annotations (``int | None`` and the like; a real number also takes a whole one)."""
+    import dataclasses
+    import typing
+
+    from bigl.training.sections import AdaptSection, DataSection, RunSection, TranslatorTrainingSection
+
+    nullable: dict[str, tuple[type, ...]] = {}
+    for section, cls in (("data", DataSection), ("translator_training", TranslatorTrainingSection),
+                         ("adapt", AdaptSection), ("run", RunSection)):
+        hints = typing.get_type_hints(cls)
+        for item in dataclasses.fields(cls):
+            options = typing.get_args(hints[item.name])
+            if type(None) in options:
+                types = tuple(typing.get_origin(option) or option for option in options if option is not type(None))
+                nullable[f"{section}.{item.name}"] = (int, *types) if float in types else types
+    return nullable
+
+
 #: Keys whose default is null, with the types they accept when set.
-_NULLABLE: dict[str, tuple[type, ...]] = {
-    "data.source_dir": (str, list),
-    "data.target_dir": (str, list),
-    "data.cases": (list,),
-    "data.target_cases": (list,),
-    "data.max_cases": (int,),
-    "translator_training.epochs": (int, float),
-    "adapt.epochs": (int, float),
-    "adapt.translator_bundle": (str,),
-    "run.threads": (int,),
-}
-
-
-def _model_defaults() -> dict[str, dict[str, Any]]:
-    from bigl.data.preprocess import PreprocessConfig
-    from bigl.models import SegmenterConfig, TranslatorConfig
-
-    return {
-        "preprocessing": dataclasses.asdict(PreprocessConfig()),
-        "segmenter": dataclasses.asdict(SegmenterConfig()),
-        "translator": dataclasses.asdict(TranslatorConfig()),
-    }
+_NULLABLE: dict[str, tuple[type, ...]] = _nullable_keys()
 
 
 def default_config() -> dict[str, Any]:
-    """Every key with its default value (the paper's settings where the paper gives them)."""
-    models = _model_defaults()
-    return {
-        "data": {
-            "source_dir": None,
-            "source_modality": "t1",
-            "target_dir": None,
-            "target_modality": "t2",
-            "cases": None,
-            "exclude": [],
-            "target_cases": None,
-            "target_exclude": [],
-            "max_cases": None,
-            "target_labels": False,
-            "tumour_fraction": 0.5,
-            "flip": True,
-            "augment_spatial": False,
-            "augment_intensity": False,
-            "augment_invert": 0.0,
-            "workers": 2,
-            "allow_same_modality": False,
-        },
-        "preprocessing": models["preprocessing"],
-        "segmenter": models["segmenter"],
-        "translator": models["translator"],
-        "translator_training": {
-            "mode": "auto",
-            "iterations": 2000,
-            "epochs": None,
-            "batch_size": 4,
-            "lr": 2e-4,
-            "beta1": 0.5,
-            "beta2": 0.999,
-            "decay_start": 0.5,
-            "gan_mode": "lsgan",
-            "lambda_l1": 100.0,
-            "lambda_cycle": 10.0,
-            "lambda_identity": 0.5,
-            "pool_size": 50,
-            "discriminator_channels": 64,
-            "discriminator_layers": 3,
-        },
-        "adapt": {
-            "method": "bigl",
-            "iterations": 2000,
-            "epochs": None,
-            "batch_size": 4,
-            "optimizer": "sgd",
-            "lr": 5e-3,
-            "momentum": 0.9,
-            "weight_decay": 5e-4,
-            "poly_power": 0.75,
-            "discriminator_lr": 5e-5,
-            "discriminator_betas": [0.9, 0.99],
-            "discriminator_channels": 64,
-            "gan_mode": "lsgan",
-            "synthetic_weight": 1.0,
-            "output": True,
-            "feature": True,
-            "attention": True,
-            "lambda_out": 0.001,
-            "lambda_gtl": 0.1,
-            "level_weights": {"feature": 1.0, "position": 1.0, "channel": 1.0},
-            "finetune_translator": False,
-            "lambda_syn": 0.01,
-            "translator_lr": 2e-5,
-            "translator_bundle": None,
-            "self_training_iterations": 0,
-            "self_training_rounds": 1,
-            "self_training_lr": 5e-4,
-            "pseudo_threshold": 0.9,
-            "pseudo_class_fraction": 0.5,
-            "pseudo_views": "both",
-            "ema_decay": 0.0,
-            "dice": "generalised",
-        },
-        "run": {
-            "seed": 0,
-            "device": "auto",
-            "amp": False,
-            "cpu_bf16": True,
-            "log_every": 10,
-            "checkpoint_every": 200,
-            "sample_every": 500,
-            "keep_checkpoints": 2,
-            "threads": None,
-            "progress": True,
-        },
-    }
+    """Every key with its default value (the paper's settings where the paper gives them): the
+    field defaults of the typed sections (:mod:`bigl.training.sections`)."""
+    from bigl.training.sections import default_sections
+
+    return default_sections()
 
 
 # --------------------------------------------------------------------------------------------
@@ -553,11 +467,10 @@ def _validate_domains(config: dict[str, Any]) -> None:
 
 
 def active_levels(adapt: dict[str, Any]) -> tuple[str, ...]:
-    """Adversarial alignment levels that train: switch on and weight > 0 (method bigl only)."""
-    if adapt["method"] != "bigl":
-        return ()
-    switches = {"feature": adapt["feature"], "position": adapt["attention"], "channel": adapt["attention"]}
-    return tuple(level for level in LEVELS if switches[level] and adapt["level_weights"][level] > 0)
+    """Adversarial alignment levels that train (see :attr:`bigl.training.sections.AdaptSection.levels`)."""
+    from bigl.training.sections import AdaptSection
+
+    return AdaptSection(**adapt).levels
 
 
 def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from bigl.errors import BiGLError, ConfigError
+from bigl.training.sections import TrainingConfig
 
 #: Stage codes mixed into the sampling seeds.
 STAGE_CODES = {"translator": 1, "adapt": 2}
@@ -114,28 +115,29 @@ def _find(folder: str | list[str] | None, key: str, modality: str, require_label
         raise ConfigError(f"data.{key}: {exc.message}", exc.hint) from None
 
 
-def find_training_cases(config: dict, *, need_source: bool, need_target: bool, labelled_role: str | None) -> dict[str, list]:
+def find_training_cases(config: TrainingConfig | dict, *, need_source: bool, need_target: bool,
+                        labelled_role: str | None) -> dict[str, list]:
     """The cases of each domain, selected by the data keys; ConfigError before anything is loaded.
 
     ``labelled_role`` is the domain whose labels are used ("source", "target" or None).
     """
-    data = config["data"]
+    data = TrainingConfig.of(config).data
     found: dict[str, list] = {}
     if need_source:
-        cases = _find(data["source_dir"], "source_dir", data["source_modality"], False)
-        found["source"] = _select(cases, data["cases"], data["exclude"], data["max_cases"], "cases")
+        cases = _find(data.source_dir, "source_dir", data.source_modality, False)
+        found["source"] = _select(cases, data.cases, data.exclude, data.max_cases, "cases")
     if need_target:
-        cases = _find(data["target_dir"], "target_dir", data["target_modality"], False)
-        names = data["target_cases"] if data["target_cases"] is not None else data["cases"]
-        exclude = data["target_exclude"] + data["exclude"]
-        found["target"] = _select(cases, names, exclude, data["max_cases"], "target_cases" if data["target_cases"] is not None else "cases")
+        cases = _find(data.target_dir, "target_dir", data.target_modality, False)
+        names = data.target_cases if data.target_cases is not None else data.cases
+        exclude = data.target_exclude + data.exclude
+        found["target"] = _select(cases, names, exclude, data.max_cases, "target_cases" if data.target_cases is not None else "cases")
     for role, cases in found.items():
         if not cases:
             raise ConfigError(f"no {role} cases left after data.cases / data.exclude / data.max_cases", "select at least one case")
     if labelled_role is not None:
         unlabelled = [case.name for case in found[labelled_role] if case.labels is None]
         if unlabelled:
-            folders = data[f"{labelled_role}_dir"]
+            folders = getattr(data, f"{labelled_role}_dir")
             folder = folders if isinstance(folders, str) else ", ".join(folders)
             if labelled_role == "target":
                 raise ConfigError(
@@ -181,25 +183,23 @@ def _prepare_case(jobs: dict[str, tuple[Any, str, bool]], preprocessing) -> dict
 
 
 def load_training_data(
-    config: dict,
+    config: TrainingConfig | dict,
     cases: dict[str, list],
     *,
     labelled_role: str | None,
     progress: Callable[[int, int], None] | None = None,
 ) -> TrainingData:
     """Load and preprocess every selected case (threads: ``data.workers``)."""
-    from bigl.data.preprocess import PreprocessConfig
-
-    data = config["data"]
-    preprocessing = PreprocessConfig(**config["preprocessing"])
-    modality = {"source": data["source_modality"], "target": data["target_modality"]}
+    config = TrainingConfig.of(config)
+    data, preprocessing = config.data, config.preprocessing
+    modality = {"source": data.source_modality, "target": data.target_modality}
     subjects: dict[str, dict[str, tuple[Any, str, bool]]] = {}
     for role, role_cases in cases.items():
         for case in role_cases:
             subjects.setdefault(case.name, {})[role] = (case, modality[role], role == labelled_role)
     names = sorted(subjects)
     parts: dict[str, list] = {role: [] for role in cases}
-    with ThreadPoolExecutor(max_workers=data["workers"]) as pool:
+    with ThreadPoolExecutor(max_workers=data.workers) as pool:
         for done, (name, result) in enumerate(zip(names, pool.map(lambda n: _prepare_case(subjects[n], preprocessing), names)), 1):
             for role, (slices, labels, flip_axis) in result.items():
                 parts[role].append((name, slices, labels, flip_axis))

@@ -29,6 +29,7 @@ from bigl.training.data import STAGE_CODES, StepSampler, TrainingData
 from bigl.training.distributed import DistributedContext, unwrap
 from bigl.runfolder import CHECKPOINT_DIR, EVENTS_FILE, LOSS_FIGURE, SAMPLES_DIR
 from bigl.training.events import EventLog, plot_losses
+from bigl.training.sections import TrainingConfig
 
 
 
@@ -36,7 +37,7 @@ from bigl.training.events import EventLog, plot_losses
 class RunContext:
     """Everything a stage needs from the run: config, folder, device, process group, data, log."""
 
-    config: dict
+    config: TrainingConfig
     out_dir: Path
     dist: DistributedContext
     data: TrainingData
@@ -51,13 +52,13 @@ class RunContext:
     @property
     def amp(self) -> bool:
         """float16 mixed precision with gradient scaling: asked for (``run.amp``) and on CUDA."""
-        return bool(self.config["run"]["amp"]) and self.device.type == "cuda"
+        return bool(self.config.run.amp) and self.device.type == "cuda"
 
     @property
     def cpu_bf16(self) -> bool:
         """bfloat16 autocast on the CPU: asked for (``run.cpu_bf16``) and the CPU computes bfloat16
         natively (weights, optimiser state and losses stay float32; no gradient scaling is needed)."""
-        return bool(self.config["run"]["cpu_bf16"]) and self.device.type == "cpu" and cpu_supports_bf16()
+        return bool(self.config.run.cpu_bf16) and self.device.type == "cpu" and cpu_supports_bf16()
 
     @property
     def precision(self) -> str:
@@ -164,7 +165,7 @@ class StageTrainer:
         self.steps_done = 0
         #: precision of each stretch of the stage (more than one when a resume changed it)
         self.precisions = [ctx.precision]
-        torch.manual_seed(init_seed(ctx.config["run"]["seed"], self.stage))  # networks built next start alike
+        torch.manual_seed(init_seed(ctx.config.run.seed, self.stage))  # networks built next start alike
 
     # -- to be provided by subclasses ---------------------------------------------------------
     def checkpoint_modules(self) -> dict[str, nn.Module]:
@@ -215,7 +216,7 @@ class StageTrainer:
             extra_tensors=tensors,
             extra={**values, "total": self.total, "precisions": self.precisions},
         )
-        prune_checkpoints(self.checkpoint_dir, self.stage, self.ctx.config["run"]["keep_checkpoints"])
+        prune_checkpoints(self.checkpoint_dir, self.stage, self.ctx.config.run.keep_checkpoints)
         return path
 
     def resume(self) -> int:
@@ -256,7 +257,7 @@ class StageTrainer:
 
     def run(self, *, resume: bool) -> Path:
         ctx = self.ctx
-        run_cfg = ctx.config["run"]
+        run_cfg = ctx.config.run
         start = self.resume() if resume else 0
         if start >= self.total:
             output = self.output_path()
@@ -273,7 +274,7 @@ class StageTrainer:
         last_log_time, last_log_step = started, start
         try:
             for step in range(start, self.total):
-                torch.manual_seed(step_seed(run_cfg["seed"], self.stage, step, ctx.dist.rank))
+                torch.manual_seed(step_seed(run_cfg.seed, self.stage, step, ctx.dist.rank))
                 losses = self.train_step(step)
                 done = step + 1
                 self.steps_done += 1
@@ -281,8 +282,8 @@ class StageTrainer:
                     sums[name] = sums.get(name, 0.0) + value.detach().float()
                 count += 1
                 bar.update(1)
-                is_checkpoint = done % run_cfg["checkpoint_every"] == 0 or done == self.total
-                if done % run_cfg["log_every"] == 0 or done == start + 1 or is_checkpoint:
+                is_checkpoint = done % run_cfg.checkpoint_every == 0 or done == self.total
+                if done % run_cfg.log_every == 0 or done == start + 1 or is_checkpoint:
                     means = {name: float(total) / count for name, total in sums.items()}
                     _check_finite(means, self.stage, done)
                     now = time.perf_counter()
@@ -299,7 +300,7 @@ class StageTrainer:
                 if is_checkpoint and ctx.dist.is_main:
                     path = self.save(done)
                     ctx.log.write("checkpoint", stage=self.stage, step=done, path=str(path.relative_to(ctx.out_dir)))
-                sample_every = run_cfg["sample_every"]
+                sample_every = run_cfg.sample_every
                 if sample_every and (done % sample_every == 0 or done == self.total) and ctx.dist.is_main:
                     self.write_samples(ctx.out_dir / SAMPLES_DIR / f"{self.stage}_{done:08d}.png")
                     plot_losses(ctx.out_dir / EVENTS_FILE, ctx.out_dir / LOSS_FIGURE)

@@ -21,13 +21,14 @@ import torch
 from bigl.bundle import resolve_device
 from bigl.errors import BiGLError, ConfigError
 from bigl.files import atomic_write_text, check_writable_folder
-from bigl.runplan import config_value, estimate_run, iterations_for, self_training_steps
+from bigl.runplan import config_value, estimate_run
 from bigl.training.config import config_differences, validate_config
 from bigl.training.data import StepSampler, find_training_cases, load_training_data
 from bigl.training.distributed import DistributedContext, env_int, init_distributed
 from bigl.runfolder import CONFIG_FILE, EVENTS_FILE, RUN_STAGES, TRANSLATOR_FILE
 from bigl.training.events import EventLog
 from bigl.training.loop import RunContext
+from bigl.training.sections import TrainingConfig
 
 #: Room for sample figures, the loss plot and the event log.
 _DISK_MARGIN_BYTES = 64 * 2**20
@@ -39,11 +40,11 @@ def run_training(config: dict, out_dir: str | os.PathLike, *, stage: str = "all"
     return TrainingRun(config, out_dir, stage=stage, resume=resume, progress=progress).execute()
 
 
-def plan_stages(config: dict, stage: str) -> list[str]:
+def plan_stages(config: TrainingConfig, stage: str) -> list[str]:
     """The stages a run executes, in order."""
     if stage not in RUN_STAGES:
         raise ConfigError(f"unknown stage {stage!r}", f"use one of: {', '.join(RUN_STAGES)}")
-    method = config["adapt"]["method"]
+    method = config.adapt.method
     if method != "bigl":
         if stage == "translator":
             raise ConfigError(f"method {method} trains no translator", "use --stage adapt or --stage all, or method bigl")
@@ -74,7 +75,7 @@ class TrainingRun:
         self.stages: list[str] = []
 
     # -- checks -------------------------------------------------------------------------------
-    def _check_folder(self, config: dict) -> None:
+    def _check_folder(self, config: TrainingConfig) -> None:
         stored = self.out_dir / CONFIG_FILE
         if not stored.exists():
             return
@@ -87,21 +88,21 @@ class TrainingRun:
             old = json.loads(stored.read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
             raise ConfigError(f"cannot read {stored}: {exc}", "restore the file or start a new run in another folder") from None
-        changed = config_differences(old, config)
+        new = config.to_dict()
+        changed = config_differences(old, new)
         if changed:
-            details = "; ".join(f"{key}: {json.dumps(config_value(old, key))} -> {json.dumps(config_value(config, key))}" for key in changed[:4])
+            details = "; ".join(f"{key}: {json.dumps(config_value(old, key))} -> {json.dumps(config_value(new, key))}" for key in changed[:4])
             raise ConfigError(
                 f"the config differs from the one the run in {self.out_dir} was started with ({details})",
                 "resume with the same config (only run.* settings such as device, logging and checkpoint "
                 "intervals may change), or start a new run in another --out folder",
             )
 
-    def _translator_file(self, config: dict) -> Path:
-
-        given = config["adapt"]["translator_bundle"]
+    def _translator_file(self, config: TrainingConfig) -> Path:
+        given = config.adapt.translator_bundle
         return Path(given).expanduser() if given else self.out_dir / TRANSLATOR_FILE
 
-    def _check_disk(self, config: dict, stages: list[str], cases: dict[str, list]) -> None:
+    def _check_disk(self, config: TrainingConfig, stages: list[str], cases: dict[str, list]) -> None:
         check_writable_folder(self.out_dir)  # a read-only place is that, not "too little space"
         needed = estimate_disk_bytes(config, stages, _slice_count(config, cases.get("target", [])))
         folder = self.out_dir
@@ -116,19 +117,20 @@ class TrainingRun:
     # -- preparation --------------------------------------------------------------------------
     def prepare(self) -> RunContext:
         """Validate everything, join the process group and load the data (nothing is written but events)."""
-        config = validate_config(self.raw_config)
+        config = TrainingConfig.of(validate_config(self.raw_config))
         stages = plan_stages(config, self.stage)
         self.stages = stages
         self._check_folder(config)
         world_size = env_int("WORLD_SIZE", 1)
         for section in ("translator_training", "adapt"):
-            if config[section]["batch_size"] % world_size:
+            batch_size = getattr(config, section).batch_size
+            if batch_size % world_size:
                 raise ConfigError(
-                    f"{section}.batch_size {config[section]['batch_size']} cannot be split over {world_size} processes",
+                    f"{section}.batch_size {batch_size} cannot be split over {world_size} processes",
                     f"use a multiple of {world_size} (the batch size is global: each process takes an equal share)",
                 )
-        resolve_device(config["run"]["device"])
-        method = config["adapt"]["method"]
+        resolve_device(config.run.device)
+        method = config.adapt.method
         if "adapt" in stages and method == "bigl" and "translator" not in stages:
             path = self._translator_file(config)
             if not path.is_file():
@@ -147,9 +149,9 @@ class TrainingRun:
         )
         self._check_disk(config, stages, cases)
 
-        if config["run"]["threads"]:
-            torch.set_num_threads(config["run"]["threads"])
-        self.dist = dist = init_distributed(config["run"]["device"])
+        if config.run.threads:
+            torch.set_num_threads(config.run.threads)
+        self.dist = dist = init_distributed(config.run.device)
 
         started = time.perf_counter()
         data = load_training_data(config, cases, labelled_role=labelled_role)
@@ -161,7 +163,7 @@ class TrainingRun:
             seconds=round(time.perf_counter() - started, 2),
         )
         self._log_plan(config, stages, data, world_size)
-        sampler = StepSampler(data, seed=config["run"]["seed"], tumour_fraction=config["data"]["tumour_fraction"], flip=config["data"]["flip"])
+        sampler = StepSampler(data, seed=config.run.seed, tumour_fraction=config.data.tumour_fraction, flip=config.data.flip)
         self.config = config
         self.ctx = RunContext(
             config=config,
@@ -170,14 +172,14 @@ class TrainingRun:
             data=data,
             sampler=sampler,
             log=self.log,
-            progress=self.progress and config["run"]["progress"],
+            progress=self.progress and config.run.progress,
         )
         return self.ctx
 
-    def _log_plan(self, config: dict, stages: list[str], data, world_size: int) -> None:
+    def _log_plan(self, config: TrainingConfig, stages: list[str], data, world_size: int) -> None:
         """The steps and rough duration of this run (bigl.runplan), as a ``plan`` event and on stderr."""
         unlabelled = len(data.unlabelled) if data.unlabelled is not None else 0
-        plan = estimate_run(config, len(data.labelled), unlabelled, gpus=world_size)
+        plan = estimate_run(config.to_dict(), len(data.labelled), unlabelled, gpus=world_size)
         if "translator" not in stages:
             plan.translator_steps, plan.translator_seconds = 0, 0.0
         if "adapt" not in stages:
@@ -195,7 +197,7 @@ class TrainingRun:
         ctx = self.ctx
         mode = resolve_mode(ctx.config, len(ctx.data.pairs))
         slices = len(ctx.data.pairs) if mode == "paired" else max(len(ctx.data.labelled), len(ctx.data.unlabelled))
-        trainer = TranslatorTrainer(ctx, iterations_for(ctx.config["translator_training"], slices), mode)
+        trainer = TranslatorTrainer(ctx, ctx.config.translator_training.steps(slices), mode)
         self.trainers["translator"] = trainer
         return trainer
 
@@ -205,9 +207,9 @@ class TrainingRun:
 
         ctx = self.ctx
         config = ctx.config
-        total = iterations_for(config["adapt"], len(ctx.data.labelled)) + self_training_steps(config["adapt"])
+        total = config.adapt.steps(len(ctx.data.labelled)) + config.adapt.self_training_steps
         kwargs: dict[str, Any] = {}
-        if config["adapt"]["method"] == "bigl":
+        if config.adapt.method == "bigl":
             translators, discriminators, metadata = load_translator(self._translator_file(config), config, ctx.device)
             kwargs = {
                 "translators": translators,
@@ -271,7 +273,7 @@ class TrainingRun:
         """Write config.json once the run is certain to start: from then on the folder holds a run."""
         path = self.out_dir / CONFIG_FILE
         if self.dist.is_main and not path.exists():
-            atomic_write_text(path, json.dumps(self.config, indent=2) + "\n")
+            atomic_write_text(path, json.dumps(self.config.to_dict(), indent=2) + "\n")
 
     def _log_error(self, message: str, hint: str | None) -> None:
         try:
@@ -280,14 +282,14 @@ class TrainingRun:
             pass  # the folder itself is unusable; the CLI still prints the error
 
 
-def _slice_count(config: dict, cases: list) -> int:
+def _slice_count(config: TrainingConfig, cases: list) -> int:
     """Slices of the target images along the slice axis, read from their headers (no image data)."""
-    if not self_training_steps(config["adapt"]):
+    if not config.adapt.self_training_steps:
         return 0
     from bigl.data.io import read_grid
 
-    axis = config["preprocessing"]["slice_axis"]
-    modality = config["data"]["target_modality"]
+    axis = config.preprocessing.slice_axis
+    modality = config.data.target_modality
     total = 0
     for case in cases:
         try:
@@ -301,32 +303,32 @@ def _parameters(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters()) + sum(b.numel() for b in module.buffers())
 
 
-def estimate_disk_bytes(config: dict, stages: list[str], target_slices: int = 0) -> int:
+def estimate_disk_bytes(config: TrainingConfig | dict, stages: list[str], target_slices: int = 0) -> int:
     """Upper estimate of what a run writes: the kept checkpoints of each stage (weights and
     optimiser moments, the weight average, the uint8 pseudo-labels of ``target_slices`` target
     slices in self-training; one more while a new one is written), the translator file and the bundle."""
-    from bigl.models import DualAttentionUNet, SegmenterConfig, TranslatorConfig
+    from bigl.models import DualAttentionUNet
     from bigl.training.adapt_stage import level_discriminators
-    from bigl.training.config import active_levels
     from bigl.training.translator_stage import TranslatorPair, translator_discriminators
 
-    keep = config["run"]["keep_checkpoints"] + 1
+    config = TrainingConfig.of(config)
+    keep = config.run.keep_checkpoints + 1
     pseudo_label_bytes = 0  # uint8, one per target voxel, in every kept checkpoint
-    generators = _parameters(TranslatorPair(TranslatorConfig(**config["translator"])))
+    generators = _parameters(TranslatorPair(config.translator))
     image_discriminators = sum(_parameters(d) for d in translator_discriminators(config, "paired").values())
     total = 0
     if "translator" in stages:
         total += keep * 3 * (generators + image_discriminators) + (generators + image_discriminators)
     if "adapt" in stages:
-        adapt = config["adapt"]
-        segmenter = _parameters(DualAttentionUNet(SegmenterConfig(**config["segmenter"])))
-        levels = sum(_parameters(d) for d in level_discriminators(config, active_levels(adapt)).values())
-        slots = 2 if adapt["optimizer"] == "sgd" else 3
-        checkpoint = (slots + (1 if adapt["ema_decay"] > 0 else 0)) * segmenter + 3 * levels
-        if adapt["finetune_translator"]:
+        adapt = config.adapt
+        segmenter = _parameters(DualAttentionUNet(config.segmenter))
+        levels = sum(_parameters(d) for d in level_discriminators(config, adapt.levels).values())
+        slots = 2 if adapt.optimizer == "sgd" else 3
+        checkpoint = (slots + (1 if adapt.ema_decay > 0 else 0)) * segmenter + 3 * levels
+        if adapt.finetune_translator:
             checkpoint += 3 * (generators + image_discriminators)
-        total += keep * checkpoint + segmenter + (generators if adapt["method"] == "bigl" else 0)
-        if self_training_steps(adapt):
-            pseudo_label_bytes = keep * target_slices * config["preprocessing"]["image_size"] ** 2
+        total += keep * checkpoint + segmenter + (generators if adapt.method == "bigl" else 0)
+        if adapt.self_training_steps:
+            pseudo_label_bytes = keep * target_slices * config.preprocessing.image_size ** 2
     return 4 * total + pseudo_label_bytes + _DISK_MARGIN_BYTES
 

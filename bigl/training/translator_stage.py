@@ -32,6 +32,7 @@ from bigl.runfolder import TRANSLATOR_FILE
 from bigl.models import PatchDiscriminator, ResnetGenerator, TranslatorConfig
 from bigl.training.checkpoint import prefixed
 from bigl.training.data import to_tensors
+from bigl.training.sections import TrainingConfig, TranslatorTrainingSection
 from bigl.training.loop import (
     DiscriminatorBank,
     RunContext,
@@ -43,9 +44,9 @@ from bigl.training.loop import (
 
 
 
-def resolve_mode(config: dict, pairs: int) -> str:
+def resolve_mode(config: TrainingConfig, pairs: int) -> str:
     """The translator objective for this data (``auto`` -> paired when co-registered pairs exist)."""
-    mode = config["translator_training"]["mode"]
+    mode = config.translator_training.mode
     if mode == "auto":
         return "paired" if pairs > 0 else "unpaired"
     if mode == "paired" and pairs == 0:
@@ -93,9 +94,9 @@ class TranslatorObjective:
     #: whether the discriminators see earlier fakes through an image pool
     image_pool = False
 
-    def __init__(self, translator_training: dict):
+    def __init__(self, translator_training: TranslatorTrainingSection):
         self.tt = translator_training
-        self.gan = translator_training["gan_mode"]
+        self.gan = translator_training.gan_mode
 
     def translate(self, generators: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """One forward of both generators (``generators`` may be wrapped for DDP)."""
@@ -138,7 +139,7 @@ class PairedObjective(TranslatorObjective):
     def generator_losses(self, batch, out, bank):
         losses = {"g_adv": self._adversarial(batch, out, bank)}
         losses["g_l1"] = translation_l1_loss([(out["fake_t"], batch["x_t"]), (out["fake_s"], batch["x_s"])])
-        losses["total"] = losses["g_adv"] + self.tt["lambda_l1"] * losses["g_l1"]
+        losses["total"] = losses["g_adv"] + self.tt.lambda_l1 * losses["g_l1"]
         return losses
 
 
@@ -149,9 +150,9 @@ class UnpairedObjective(TranslatorObjective):
     mode = "unpaired"
     image_pool = True
 
-    def __init__(self, translator_training: dict):
+    def __init__(self, translator_training: TranslatorTrainingSection):
         super().__init__(translator_training)
-        self.identity = translator_training["lambda_identity"] > 0
+        self.identity = translator_training.lambda_identity > 0
 
     def translate(self, generators, batch):
         return generators(batch["x_s"], batch["x_t"], cycle=True, identity=self.identity)
@@ -163,28 +164,28 @@ class UnpairedObjective(TranslatorObjective):
         x_s, x_t = batch["x_s"], batch["x_t"]
         losses = {"g_adv": self._adversarial(batch, out, bank)}
         losses["g_cycle"] = translation_l1_loss([(out["cycled_s"], x_s), (out["cycled_t"], x_t)])
-        losses["total"] = losses["g_adv"] + self.tt["lambda_cycle"] * losses["g_cycle"]
+        losses["total"] = losses["g_adv"] + self.tt.lambda_cycle * losses["g_cycle"]
         if "identity_t" in out:
             losses["g_identity"] = translation_l1_loss([(out["identity_t"], x_t), (out["identity_s"], x_s)])
-            losses["total"] = losses["total"] + self.tt["lambda_cycle"] * self.tt["lambda_identity"] * losses["g_identity"]
+            losses["total"] = losses["total"] + self.tt.lambda_cycle * self.tt.lambda_identity * losses["g_identity"]
         return losses
 
 
 OBJECTIVES: dict[str, type[TranslatorObjective]] = {"paired": PairedObjective, "unpaired": UnpairedObjective}
 
 
-def translator_objective(config: dict, mode: str) -> TranslatorObjective:
+def translator_objective(config: TrainingConfig, mode: str) -> TranslatorObjective:
     """The objective of a resolved mode (see :func:`resolve_mode`)."""
-    return OBJECTIVES[mode](config["translator_training"])
+    return OBJECTIVES[mode](config.translator_training)
 
 
-def translator_discriminators(config: dict, mode: str) -> dict[str, nn.Module]:
+def translator_discriminators(config: TrainingConfig | dict, mode: str) -> dict[str, nn.Module]:
     """``image_s`` judges source-modality images, ``image_t`` target-modality ones; conditional
     (input and candidate stacked, 2 channels) in paired mode."""
-    tt = config["translator_training"]
+    tt = TrainingConfig.of(config).translator_training
     channels = OBJECTIVES[mode].discriminator_channels
     return {
-        name: PatchDiscriminator(channels, tt["discriminator_channels"], tt["discriminator_layers"])
+        name: PatchDiscriminator(channels, tt.discriminator_channels, tt.discriminator_layers)
         for name in ("image_s", "image_t")
     }
 
@@ -243,18 +244,18 @@ class TranslatorTrainer(StageTrainer):
         super().__init__(ctx, total)
         config = ctx.config
         self.mode = mode
-        self.tt = config["translator_training"]
-        self.translator_config = TranslatorConfig(**config["translator"])
+        self.tt = config.translator_training
+        self.translator_config = config.translator
         device = ctx.device
         self.generators = TranslatorPair(self.translator_config).to(device)
         self.bank = DiscriminatorBank(translator_discriminators(config, mode)).to(device)
         self.generators_ddp = ctx.dist.wrap(self.generators)
         self.bank_ddp = ctx.dist.wrap(self.bank)
-        betas = (self.tt["beta1"], self.tt["beta2"])
-        self.opt_g = torch.optim.Adam(self.generators.parameters(), lr=self.tt["lr"], betas=betas)
-        self.opt_d = torch.optim.Adam(self.bank.parameters(), lr=self.tt["lr"], betas=betas)
+        betas = (self.tt.beta1, self.tt.beta2)
+        self.opt_g = torch.optim.Adam(self.generators.parameters(), lr=self.tt.lr, betas=betas)
+        self.opt_d = torch.optim.Adam(self.bank.parameters(), lr=self.tt.lr, betas=betas)
         self.scaler_g, self.scaler_d = ctx.grad_scaler(), ctx.grad_scaler()
-        self.pools = {"image_s": ImagePool(self.tt["pool_size"]), "image_t": ImagePool(self.tt["pool_size"])}
+        self.pools = {"image_s": ImagePool(self.tt.pool_size), "image_t": ImagePool(self.tt.pool_size)}
         self.objective = translator_objective(config, mode)
 
     def checkpoint_modules(self) -> dict[str, nn.Module]:
@@ -280,18 +281,18 @@ class TranslatorTrainer(StageTrainer):
 
     def lr_factor(self, step: int) -> float:
         """1 until ``decay_start`` of the run, then linear decay to 0 at the end (CycleGAN)."""
-        start = self.tt["decay_start"]
+        start = self.tt.decay_start
         fraction = step / self.total
         if start >= 1.0 or fraction < start:
             return 1.0
         return max(0.0, (1.0 - fraction) / (1.0 - start))
 
     def learning_rates(self, step: int) -> dict[str, float]:
-        lr = self.tt["lr"] * self.lr_factor(step)
+        lr = self.tt.lr * self.lr_factor(step)
         return {"generators": lr, "discriminators": lr}
 
     def slices_per_step(self) -> int:
-        return 2 * self.tt["batch_size"]
+        return 2 * self.tt.batch_size
 
     def generator_step(self, batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """Update both generators with the discriminators frozen; returns (losses, outputs)."""
@@ -329,7 +330,7 @@ class TranslatorTrainer(StageTrainer):
         for optimizer in (self.opt_g, self.opt_d):
             for group in optimizer.param_groups:
                 group["lr"] = lr
-        batch = translator_batch(self.ctx, self.mode, self.stage, step, self.tt["batch_size"])
+        batch = translator_batch(self.ctx, self.mode, self.stage, step, self.tt.batch_size)
         losses, out = self.generator_step(batch)
         d_total = self.discriminator_step(batch, out, step)
         result = {name: value.detach() for name, value in losses.items() if name != "total"}
@@ -390,7 +391,8 @@ def sample_rows(ctx: RunContext, count: int) -> dict[str, np.ndarray]:
 
 
 def save_translator(
-    path: Path, generators: TranslatorPair, discriminators: DiscriminatorBank, *, config: dict, mode: str, iterations: int
+    path: Path, generators: TranslatorPair, discriminators: DiscriminatorBank, *, config: TrainingConfig | dict, mode: str,
+    iterations: int,
 ) -> Path:
     """Write the translator file: both generators (``translator_s2t.``, ``translator_t2s.``) and
     their discriminators (``discriminator.image_s.`` ..., kept for fine-tuning), JSON in the header."""
@@ -398,33 +400,36 @@ def save_translator(
     for prefix, module in (("translator_s2t", generators.s2t), ("translator_t2s", generators.t2s), ("discriminator", discriminators.nets)):
         for name, value in module.state_dict().items():
             tensors[f"{prefix}.{name}"] = value.detach().to("cpu").contiguous().clone()
+    config = TrainingConfig.of(config)
     metadata = {
-        "source_modality": config["data"]["source_modality"],
-        "target_modality": config["data"]["target_modality"],
+        **_translator_identity(config),
         "mode": mode,
         "iterations": iterations,
-        "translator": TranslatorConfig(**config["translator"]).to_dict(),
-        "preprocessing": config["preprocessing"],
         "discriminator": {
             "channels": OBJECTIVES[mode].discriminator_channels,
-            "base_channels": config["translator_training"]["discriminator_channels"],
-            "n_layers": config["translator_training"]["discriminator_layers"],
+            "base_channels": config.translator_training.discriminator_channels,
+            "n_layers": config.translator_training.discriminator_layers,
         },
     }
     return write_translator_file(path, tensors, metadata)
 
 
-def load_translator(path: Path, config: dict, device: torch.device) -> tuple[TranslatorPair, dict[str, nn.Module] | None, dict]:
+def _translator_identity(config: TrainingConfig) -> dict[str, Any]:
+    """What a translator file must share with the config that uses it: modalities, architecture, preprocessing."""
+    return {
+        "source_modality": config.data.source_modality,
+        "target_modality": config.data.target_modality,
+        "translator": config.translator.to_dict(),
+        "preprocessing": config.section_dict("preprocessing"),
+    }
+
+
+def load_translator(path: Path, config: TrainingConfig | dict, device: torch.device) -> tuple[TranslatorPair, dict[str, nn.Module] | None, dict]:
     """Generators (and discriminators, when stored) from a translator file, checked against the
     config: the same modalities, preprocessing and architecture. ConfigError when they differ."""
     metadata, tensors = read_translator_file(path)
-    data = config["data"]
-    expected = {
-        "source_modality": data["source_modality"],
-        "target_modality": data["target_modality"],
-        "translator": TranslatorConfig(**config["translator"]).to_dict(),
-        "preprocessing": config["preprocessing"],
-    }
+    config = TrainingConfig.of(config)
+    expected = _translator_identity(config)
     differing = [key for key, value in expected.items() if metadata.get(key) != value]
     if differing:
         raise ConfigError(
@@ -432,7 +437,7 @@ def load_translator(path: Path, config: dict, device: torch.device) -> tuple[Tra
             + "; ".join(f"{key}: file {json.dumps(metadata.get(key))} vs config {json.dumps(expected[key])}" for key in differing[:2]),
             "train a translator with this config, or use the config the translator was trained with",
         )
-    pair = TranslatorPair(TranslatorConfig(**config["translator"]))
+    pair = TranslatorPair(config.translator)
     pair.s2t.load_state_dict(prefixed(tensors, "translator_s2t."))
     pair.t2s.load_state_dict(prefixed(tensors, "translator_t2s."))
     discriminators = None
