@@ -153,20 +153,28 @@ def test_inversion_mirrors_the_brain_of_the_chosen_slices_only():
     torch.testing.assert_close(augment.invert_all(everything)[~background], images[~background].clamp(-1 + 2e-3, 1 - 2e-3))
 
 
-def test_the_segmenter_sees_inverted_source_slices_and_the_translator_the_originals(phantom_cohort, tmp_path):
-    run = TrainingRun(smoke(phantom_cohort, "run.threads=1", "data.augment_invert=1.0"), tmp_path / "run", progress=False)
+def first_step_inputs(phantom_cohort, folder, *overrides):
+    """What the networks really receive in the first stage-2 step (forward hooks): the stage-2
+    trainer, its batch, and the translator's input and output and the segmenter's input."""
+    run = TrainingRun(smoke(phantom_cohort, "run.threads=1", *overrides), folder, progress=False)
     run.prepare()
     run.translator_trainer().finish()
     trainer = run.adapt_trainer()
     seen = {}
     hooks = [
-        trainer.translators.s2t.register_forward_hook(lambda module, inputs, output: seen.update(translator_input=inputs[0].detach().clone())),
+        trainer.translators.s2t.register_forward_hook(
+            lambda module, inputs, output: seen.update(translator_input=inputs[0].detach().clone(), translated=output.detach().clone())),
         trainer.segmenter.register_forward_pre_hook(lambda module, inputs: seen.update(segmenter_input=inputs[0].detach().clone())),
     ]
     batch = trainer.batch(0)
     trainer.segmenter_step(batch)
     for hook in hooks:
         hook.remove()
+    return trainer, batch, seen
+
+
+def test_the_segmenter_sees_inverted_source_slices_and_the_translator_the_originals(phantom_cohort, tmp_path):
+    trainer, batch, seen = first_step_inputs(phantom_cohort, tmp_path / "run", "data.augment_invert=1.0")
     assert torch.equal(seen["translator_input"], batch["x"])
     x_s = seen["segmenter_input"].chunk(4)[0]
     torch.testing.assert_close(x_s, augment.invert_all(batch["x"]))
@@ -196,22 +204,9 @@ def test_augmented_training_step_uses_the_switches(phantom_cohort, tmp_path, mon
 
 
 def test_the_translator_gets_the_unaugmented_source_and_its_output_keeps_the_source_background(phantom_cohort, tmp_path):
-    """What the networks really receive in one step (forward hooks): the translator x_s as sampled;
-    the segmenter x_s and x_s->t each augmented once, x_s->t with the source's background."""
-    run = TrainingRun(smoke(phantom_cohort, "run.threads=1", "data.augment_intensity=true"), tmp_path / "run", progress=False)
-    run.prepare()
-    run.translator_trainer().finish()
-    trainer = run.adapt_trainer()
-    seen = {}
-    hooks = [
-        trainer.translators.s2t.register_forward_hook(
-            lambda module, inputs, output: seen.update(translator_input=inputs[0].detach().clone(), translated=output.detach().clone())),
-        trainer.segmenter.register_forward_pre_hook(lambda module, inputs: seen.update(segmenter_input=inputs[0].detach().clone())),
-    ]
-    batch = trainer.batch(0)
-    trainer.segmenter_step(batch)
-    for hook in hooks:
-        hook.remove()
+    """The translator gets x_s as sampled; the segmenter x_s and x_s->t each augmented once, x_s->t
+    with the source's background."""
+    _, batch, seen = first_step_inputs(phantom_cohort, tmp_path / "run", "data.augment_intensity=true")
     assert torch.equal(seen["translator_input"], batch["x"])  # no intensity change before translation
     x_s, x_s2t, x_t, _ = seen["segmenter_input"].chunk(4)
     assert not torch.equal(x_s, batch["x"])
