@@ -11,8 +11,9 @@ import torch
 
 from bigl.errors import ConfigError
 from bigl.training import load_config, run_training
-from bigl.training.config import READY_CONFIGS, active_levels, config_differences, parse_override
+from bigl.training.config import READY_CONFIGS, config_differences, parse_override
 from bigl.training.events import read_events
+from bigl.training.sections import TrainingConfig
 
 
 def smoke(data: Path, *overrides: str) -> dict:
@@ -44,7 +45,7 @@ def test_ready_configs_load_and_fit_their_networks(name):
     assert size % 2 ** config["segmenter"]["depth"] == 0
     assert size % 2 ** config["translator"]["n_downsample"] == 0
     assert config["adapt"]["lambda_out"] == 0.001 and config["adapt"]["lambda_gtl"] == 0.1
-    assert active_levels(config["adapt"]) == ("feature", "position", "channel")
+    assert TrainingConfig.of(config).adapt.levels == ("feature", "position", "channel")
 
 
 def test_paper_config_follows_the_paper():

@@ -312,9 +312,8 @@ def _validate_data(config: dict[str, Any]) -> None:
     _positive(config, "data.workers")
     if not 0.0 <= data["tumour_fraction"] <= 1.0:
         raise _fail("data.tumour_fraction", f"must be in [0, 1], got {data['tumour_fraction']}", "0.5 draws half of each source batch from slices with tumour")
-    invert = data["augment_invert"]
-    if isinstance(invert, bool) or not isinstance(invert, (int, float)) or not 0.0 <= invert <= 1.0:
-        raise _fail("data.augment_invert", f"must be a probability in [0, 1], got {json.dumps(invert)}",
+    if not 0.0 <= data["augment_invert"] <= 1.0:  # a number: _check_type saw to it
+        raise _fail("data.augment_invert", f"must be a probability in [0, 1], got {data['augment_invert']}",
                     "0 (off) or e.g. 0.5: the segmenter sees half of the source slices with their brain intensities mirrored")
 
 
@@ -464,13 +463,6 @@ def _validate_domains(config: dict[str, Any]) -> None:
         "to adapt between scanners of one modality, give separate source and target folders; "
         "if this is meant, set data.allow_same_modality=true",
     )
-
-
-def active_levels(adapt: dict[str, Any]) -> tuple[str, ...]:
-    """Adversarial alignment levels that train (see :attr:`bigl.training.sections.AdaptSection.levels`)."""
-    from bigl.training.sections import AdaptSection
-
-    return AdaptSection(**adapt).levels
 
 
 def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:

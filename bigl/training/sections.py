@@ -49,8 +49,17 @@ class DataSection:
     allow_same_modality: bool = False
 
 
+class _Schedule:
+    """A stage whose length is ``iterations``, or ``epochs`` passes when that is set."""
+
+    def steps(self, dataset_slices: int) -> int:
+        """``iterations``, or the steps that ``epochs`` passes over ``dataset_slices`` take
+        (:func:`bigl.runplan.iterations_for`; for stage 2 without the self-training steps)."""
+        return iterations_for(dataclasses.asdict(self), dataset_slices)
+
+
 @dataclass(frozen=True)
-class TranslatorTrainingSection:
+class TranslatorTrainingSection(_Schedule):
     """Stage 1, the bidirectional image translator (``translator_training``; Eq. 1-2)."""
 
     mode: str = "auto"
@@ -69,13 +78,9 @@ class TranslatorTrainingSection:
     discriminator_channels: int = 64
     discriminator_layers: int = 3
 
-    def steps(self, dataset_slices: int) -> int:
-        """``iterations``, or the steps that ``epochs`` passes over ``dataset_slices`` take."""
-        return iterations_for(dataclasses.asdict(self), dataset_slices)
-
 
 @dataclass(frozen=True)
-class AdaptSection:
+class AdaptSection(_Schedule):
     """Stage 2, the segmenter with global-to-local alignment, and what follows it (``adapt``; Eq. 3-9)."""
 
     method: str = "bigl"
@@ -110,10 +115,6 @@ class AdaptSection:
     pseudo_views: str = "both"
     ema_decay: float = 0.0
     dice: str = "generalised"
-
-    def steps(self, dataset_slices: int) -> int:
-        """Adaptation steps (``iterations``, or ``epochs`` over ``dataset_slices``), self-training not included."""
-        return iterations_for(dataclasses.asdict(self), dataset_slices)
 
     @property
     def self_training_steps(self) -> int:
