@@ -137,6 +137,7 @@ class BiGLTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndImportEvent, self.onSceneEndImport)
         slicer.app.aboutToQuit.connect(self.onAboutToQuit)
         mainWindow = slicer.util.mainWindow()
         if mainWindow is not None:
@@ -381,29 +382,38 @@ class BiGLTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return text.split()
 
     def saveForm(self):
-        values = self.formSettings().to_dict()
-        values["evaluation_data"] = self.ui.evaluationDirPathLineEdit.currentPath
+        """Keep the form in the scene's parameter node (saved with the scene) and in QSettings (the next session's start)."""
+        settings = self.formSettings()
+        evaluationData = self.ui.evaluationDirPathLineEdit.currentPath
+        self.logic.save_form(settings, evaluationData)
+        values = settings.to_dict()
+        values["evaluation_data"] = evaluationData
         qt.QSettings().setValue(SETTINGS_KEY, json.dumps(values))
 
     def restoreForm(self):
-        """The form as it was last used (or the CPU preset's values the first time)."""
+        """The form of the scene's parameter node, else as it was last used (or the CPU preset's values the first time)."""
         from BiGLTrainingLib.command import TrainingSettings
 
-        values = {}
-        saved = qt.QSettings().value(SETTINGS_KEY)
-        if saved:
-            try:
-                values = json.loads(saved)
-            except ValueError:
-                values = {}
-        settings = TrainingSettings.from_dict(values)
+        stored = self.logic.saved_form()
+        if stored is not None:
+            settings, evaluationData = stored
+        else:
+            values = {}
+            saved = qt.QSettings().value(SETTINGS_KEY)
+            if saved:
+                try:
+                    values = json.loads(saved)
+                except ValueError:
+                    values = {}
+            values = values if isinstance(values, dict) else {}
+            settings, evaluationData = TrainingSettings.from_dict(values), values.get("evaluation_data") or ""
         self.ui.presetComboBox.blockSignals(True)
         self.ui.presetComboBox.currentIndex = max(0, self.ui.presetComboBox.findData(settings.preset))
         self.ui.presetComboBox.blockSignals(False)
         self.ui.customConfigPathLineEdit.setEnabled(settings.preset == "custom")
         self.ui.customConfigPathLineEdit.currentPath = settings.custom_config or ""
         self.ui.outputDirPathLineEdit.currentPath = settings.output_dir or ""
-        self.ui.evaluationDirPathLineEdit.currentPath = values.get("evaluation_data") or ""
+        self.ui.evaluationDirPathLineEdit.currentPath = evaluationData
         self.ui.evaluateAfterTrainingCheckBox.checked = bool(settings.evaluation_dir)
         self.ui.extraOverridesLineEdit.text = shlex.join(settings.extra_overrides)
         config = self.loadPresetConfig()
@@ -605,6 +615,13 @@ class BiGLTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             "drawn again in the new scene.)"
         ):
             self.logic.request_stop()
+
+    def onSceneEndImport(self, caller, event):
+        """A loaded scene that holds a training form brings it back (not while a run uses the form)."""
+        if self.logic is not None and not self.logic.busy and self.logic.saved_form() is not None:
+            self.restoreForm()
+            self.updateFolderButtons()
+            self.updateButtons()
 
     def onSceneEndClose(self, caller, event):
         if self.logic is not None and self.logic.busy:

@@ -38,6 +38,7 @@ from .command import (
 from .curves import LossCurves
 from .evaluation import evaluation_table_node, read_summary
 from .eventlog import EventLogReader, FileTail, TrainingState, format_event
+from .parameters import store_form, stored_form
 from .process import DEFAULT_STOP_TIMEOUT_S, TrainingProcess
 
 if TYPE_CHECKING:
@@ -137,6 +138,16 @@ class TrainingLogic:
     @property
     def busy(self) -> bool:
         return self.running or self.evaluating
+
+    # ------------------------------------------------------------------------------ the form
+    def save_form(self, settings: TrainingSettings, evaluation_data: str = "") -> None:
+        """Keep the form in the scene's parameter node (:mod:`.parameters`; nothing without a scene)."""
+        if self.scene is not None:
+            store_form(self.scene, settings, evaluation_data)
+
+    def saved_form(self) -> tuple[TrainingSettings, str] | None:
+        """The form kept in the scene's parameter node and its evaluation folder, or None."""
+        return stored_form(self.scene) if self.scene is not None else None
 
     def preset_config(self, settings: TrainingSettings) -> dict[str, Any]:
         """The preset's own config (no overrides), e.g. to fill the form."""

@@ -43,6 +43,9 @@ def test_settings_and_overrides_fit_the_training_config(tmp_path):
     assert config["data"]["source_modality"] == "t1" and config["data"]["target_modality"] == "t2"
     assert config["data"]["source_dir"] == config["data"]["target_dir"] == str(tmp_path / "train")
     assert config["adapt"]["method"] == "source-only" and config["run"]["seed"] == 3
+    assert config["adapt"]["dice"] == "regions" and config["data"]["augment_invert"] == 0.0
+    bigl = load_config("smoke", training_overrides("bigl", tmp_path / "train", "cpu", 3))
+    assert bigl["adapt"]["dice"] == "regions" and bigl["data"]["augment_invert"] == 0.5
 
 
 def test_test_cases_are_separate_from_training_cases(tmp_path):

@@ -111,12 +111,39 @@ def test_unknown_key_in_a_json_file(tmp_path):
         ("run.device=tpu", "run.device"),
         ("adapt.method=target-only", "data.target_labels"),
         ("segmenter.norm=group", "segmenter"),
+        ("translator_training.decay_start=1.5", "translator_training.decay_start: must be in [0, 1], got 1.5"),
+        ("translator_training.beta1=1", "translator_training.beta1: must be in [0, 1), got 1"),
+        ("translator_training.pool_size=-1", "translator_training.pool_size: must be >= 0"),
+        ("translator_training.mode=cyclic", "translator_training.mode: must be one of"),
+        ("adapt.pseudo_threshold=0", "adapt.pseudo_threshold: must be in (0, 1)"),
+        ("adapt.pseudo_views=flipped", "adapt.pseudo_views"),
+        ("adapt.lr=0", "adapt.lr: must be > 0"),
+        ("run.threads=0", "run.threads: must be > 0"),
+        ("data.max_cases=0", "data.max_cases"),
     ],
 )
 def test_invalid_values_are_refused(override, fragment):
     with pytest.raises(ConfigError) as caught:
         load_config("smoke", [override])
     assert fragment in str(caught.value)
+
+
+def test_every_default_keeps_its_own_value_rule():
+    """The rules declared beside the defaults (bigl.training.sections) accept the defaults, and every
+    rule-bearing key of the ready configs passes it."""
+    import dataclasses
+
+    from bigl.training.sections import RULE, SECTION_TYPES
+
+    ruled = 0
+    for cls in SECTION_TYPES.values():
+        for item in dataclasses.fields(cls):
+            rule = item.metadata.get(RULE)
+            if rule is not None and item.default is not None:
+                assert rule.problem(item.default) is None, (cls.__name__, item.name)
+                ruled += 1
+    assert ruled >= 40
+    assert load_config("smoke", ["data.max_cases=null", "run.threads=null"])["run"]["threads"] is None
 
 
 def test_run_control_keys_may_change_on_resume_but_nothing_else():

@@ -5,12 +5,15 @@ A config is a plain JSON-compatible dict with the sections ``data``, ``preproces
 describes every key). :func:`load_config` merges a ready config (``smoke``, ``cpu``, ``paper``) or a
 JSON file over :func:`default_config`, applies ``key=value`` overrides and validates the result, so
 that a mistake stops the run before any data is read: unknown keys (with the closest known key as
-hint), wrong types, values out of range, image sizes the networks cannot take.
+hint), wrong types, values out of range, image sizes the networks cannot take. Types and ranges of
+the keys are declared with their defaults in :mod:`bigl.training.sections`; this module checks them and
+the rules that tie several keys together.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import difflib
 import json
 import math
@@ -18,18 +21,13 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from bigl.errors import BiGLError, ConfigError
-from bigl.runfolder import METHODS, TRANSLATOR_MODES, is_device
+from bigl.runfolder import is_device
 from bigl.runplan import self_training_steps
 
 #: Folder of the ready configs shipped with the package.
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 READY_CONFIGS = ("smoke", "cpu", "reference", "paper")
 SECTIONS = ("data", "preprocessing", "segmenter", "translator", "translator_training", "adapt", "run")
-
-GAN_MODES = ("lsgan", "bce")
-OPTIMISERS = ("sgd", "adam")
-#: Views whose predictions make the self-training pseudo-labels.
-PSEUDO_VIEWS = ("both", "target", "inverted")
 
 #: Keys that may differ between a run and its resume: they change how a run is driven and
 #: logged, not what it computes.
@@ -252,19 +250,20 @@ def _check_type(key: str, value: Any, default: Any) -> Any:
 _TYPE_NAMES = {bool: "true or false", int: "a whole number", float: "a number", str: "a string", list: "a list", dict: "an object"}
 
 
-def _positive(config: dict, key: str, *, zero: bool = False) -> None:
-    section, name = key.split(".", 1)
-    value = config[section][name]
-    if value is None:
-        return
-    if value < 0 or (value == 0 and not zero):
-        raise _fail(key, f"must be {'>= 0' if zero else '> 0'}, got {value}", "use a positive value")
+def _check_rules(config: dict[str, Any]) -> None:
+    """The value rule of every key that declares one (:mod:`bigl.training.sections`); null passes
+    (the type check has already refused null where a key may not take it)."""
+    from bigl.training.sections import RULE, SECTION_TYPES
 
-
-def _choice(config: dict, key: str, choices: tuple[str, ...]) -> None:
-    section, name = key.split(".", 1)
-    if config[section][name] not in choices:
-        raise _fail(key, f"must be one of {', '.join(choices)}, got {json.dumps(config[section][name])}", f"use one of: {', '.join(choices)}")
+    for section, cls in SECTION_TYPES.items():
+        for item in dataclasses.fields(cls):
+            rule = item.metadata.get(RULE)
+            value = config[section][item.name]
+            if rule is None or value is None:
+                continue
+            problem = rule.problem(value)
+            if problem:
+                raise _fail(f"{section}.{item.name}", problem, rule.hint)
 
 
 def validate_config(config: dict[str, Any]) -> dict[str, Any]:
@@ -285,6 +284,7 @@ def validate_config(config: dict[str, Any]) -> dict[str, Any]:
         node[parts[-1]] = _check_type(key, node[parts[-1]], default)
 
     _validate_data(config)
+    _check_rules(config)
     _validate_models(config)
     _validate_training(config)
     _validate_domains(config)
@@ -308,13 +308,6 @@ def _validate_data(config: dict[str, Any]) -> None:
         values = data[key]
         if values is not None and not all(isinstance(v, str) for v in values):
             raise _fail(f"data.{key}", "must be a list of case names (strings)", 'e.g. ["Brats18_2013_2_1", "Brats18_CBICA_ABM_1"]')
-    _positive(config, "data.max_cases")
-    _positive(config, "data.workers")
-    if not 0.0 <= data["tumour_fraction"] <= 1.0:
-        raise _fail("data.tumour_fraction", f"must be in [0, 1], got {data['tumour_fraction']}", "0.5 draws half of each source batch from slices with tumour")
-    if not 0.0 <= data["augment_invert"] <= 1.0:  # a number: _check_type saw to it
-        raise _fail("data.augment_invert", f"must be a probability in [0, 1], got {data['augment_invert']}",
-                    "0 (off) or e.g. 0.5: the segmenter sees half of the source slices with their brain intensities mirrored")
 
 
 def _validate_models(config: dict[str, Any]) -> None:
@@ -368,27 +361,7 @@ def _validate_stage_length(config: dict[str, Any], section: str) -> None:
 def _validate_training(config: dict[str, Any]) -> None:
     for section in ("translator_training", "adapt"):
         _validate_stage_length(config, section)
-        _positive(config, f"{section}.batch_size")
-        _choice(config, f"{section}.gan_mode", GAN_MODES)
-    tt = config["translator_training"]
-    _choice(config, "translator_training.mode", TRANSLATOR_MODES)
-    for key in ("lr", "discriminator_channels", "discriminator_layers"):
-        _positive(config, f"translator_training.{key}")
-    for key in ("lambda_l1", "lambda_cycle", "lambda_identity", "pool_size"):
-        _positive(config, f"translator_training.{key}", zero=True)
-    for key in ("beta1", "beta2", "decay_start"):
-        if not 0.0 <= tt[key] < 1.0 + (key == "decay_start"):
-            raise _fail(f"translator_training.{key}", f"must be in [0, 1], got {tt[key]}", "see docs/training.md")
-    if not isinstance(tt["pool_size"], int):
-        raise _fail("translator_training.pool_size", "must be a whole number", "50 as CycleGAN, 0 for no pool")
-
     adapt = config["adapt"]
-    _choice(config, "adapt.method", METHODS)
-    _choice(config, "adapt.optimizer", OPTIMISERS)
-    for key in ("lr", "discriminator_lr", "translator_lr", "discriminator_channels"):
-        _positive(config, f"adapt.{key}")
-    for key in ("momentum", "weight_decay", "poly_power", "synthetic_weight", "lambda_out", "lambda_gtl", "lambda_syn"):
-        _positive(config, f"adapt.{key}", zero=True)
     betas = adapt["discriminator_betas"]
     if len(betas) != 2 or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas):
         raise _fail("adapt.discriminator_betas", f"must be two numbers in [0, 1), got {json.dumps(betas)}", "e.g. [0.9, 0.99]")
@@ -401,9 +374,6 @@ def _validate_training(config: dict[str, Any]) -> None:
             "method target-only trains on the target labels, but data.target_labels is false",
             "set data.target_labels=true to allow reading the target label maps (no other method reads them)",
         )
-    _positive(config, "adapt.self_training_iterations", zero=True)
-    _positive(config, "adapt.self_training_rounds")
-    _positive(config, "adapt.self_training_lr")
     if self_training_steps(adapt):
         if adapt["finetune_translator"]:
             raise _fail("adapt.self_training_iterations", "self-training keeps the translator frozen, but adapt.finetune_translator is true "
@@ -411,31 +381,15 @@ def _validate_training(config: dict[str, Any]) -> None:
         if adapt["self_training_rounds"] > adapt["self_training_iterations"]:
             raise _fail("adapt.self_training_rounds", f"{adapt['self_training_rounds']} rounds need at least as many iterations "
                         f"(adapt.self_training_iterations is {adapt['self_training_iterations']})", "use fewer rounds or more iterations")
-    if not 0.0 < adapt["pseudo_threshold"] < 1.0:
-        raise _fail("adapt.pseudo_threshold", f"must be in (0, 1), got {adapt['pseudo_threshold']}", "0.9 keeps voxels predicted with >= 90 % probability")
-    if not 0.0 <= adapt["pseudo_class_fraction"] <= 1.0:
-        raise _fail("adapt.pseudo_class_fraction", f"must be in [0, 1], got {adapt['pseudo_class_fraction']}",
-                    "0.5 keeps at least the more confident half of each class's predicted voxels")
     from bigl.losses import DICE_LOSSES
 
     if adapt["dice"] not in DICE_LOSSES:
         raise _fail("adapt.dice", f"must be one of {', '.join(DICE_LOSSES)}, got {json.dumps(adapt['dice'])}",
                     "generalised (the default), mean (every class weighs the same) or regions (the WT / TC / ET Dice that BraTS scores)")
-    if adapt["pseudo_views"] not in PSEUDO_VIEWS:
-        raise _fail("adapt.pseudo_views", f"must be one of {', '.join(PSEUDO_VIEWS)}, got {json.dumps(adapt['pseudo_views'])}",
-                    "both averages Phi(x_t) and Phi(x_t->s); target takes Phi(x_t) alone; inverted averages Phi(x_t) "
-                    "and Phi of x_t with mirrored intensities")
-    if isinstance(adapt["ema_decay"], bool) or not 0.0 <= adapt["ema_decay"] < 1.0:
-        raise _fail("adapt.ema_decay", f"must be in [0, 1), got {json.dumps(adapt['ema_decay'])}",
-                    "0 ships the last weights; 0.99 ships their exponential moving average over about the last 100 steps")
     if adapt["finetune_translator"] and adapt["method"] != "bigl":
         raise _fail("adapt.finetune_translator", f"needs method bigl (method is {adapt['method']})", "set adapt.finetune_translator=false")
 
     run = config["run"]
-    for key in ("log_every", "checkpoint_every", "keep_checkpoints"):
-        _positive(config, f"run.{key}")
-    _positive(config, "run.sample_every", zero=True)
-    _positive(config, "run.threads")
     device = str(run["device"]).lower()
     if not is_device(device):
         raise _fail("run.device", f"unknown device {json.dumps(run['device'])}", "use auto, cpu, cuda or cuda:N")

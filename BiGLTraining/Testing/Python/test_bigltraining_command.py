@@ -20,7 +20,8 @@ from BiGLTrainingLib.command import (
     train_command,
 )
 from bigl.errors import ConfigError
-from bigl.training.config import TRANSLATOR_MODES, load_config, parse_override
+from bigl.runfolder import TRANSLATOR_MODES
+from bigl.training.config import load_config, parse_override
 
 ODD = "out dir/\u00fc & $x 'q' \"d\" ;|*`true`"
 
