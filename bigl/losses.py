@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from bigl.errors import ConfigError
+from bigl.runfolder import DICE_LOSSES
 
 ADVERSARIAL_MODES = ("lsgan", "bce")
 
@@ -162,10 +163,6 @@ def region_dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1e
     region_probabilities = torch.einsum("rk,bkhw->brhw", regions, probabilities)
     region_targets = torch.einsum("rk,bkhw->brhw", regions, one_hot)
     return 1 - _soft_dice(region_probabilities, region_targets, eps).mean()
-
-
-#: Dice terms of :func:`segmentation_loss` (config key ``adapt.dice``).
-DICE_LOSSES = ("generalised", "mean", "regions")
 
 
 def segmentation_loss(

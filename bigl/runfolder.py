@@ -40,6 +40,8 @@ ENGINE_CHOICES = ("auto", "torch", "onnx")
 TRANSLATOR_MODES = ("auto", "paired", "unpaired")
 #: ``adapt.method``.
 METHODS = ("bigl", "source-only", "target-only")
+#: ``adapt.dice``: the Dice terms of :func:`bigl.losses.segmentation_loss`.
+DICE_LOSSES = ("generalised", "mean", "regions")
 
 _CHECKPOINT = re.compile(r"^(?P<stage>[a-z]+)_(?P<step>\d+)\.safetensors$")
 

@@ -381,11 +381,6 @@ def _validate_training(config: dict[str, Any]) -> None:
         if adapt["self_training_rounds"] > adapt["self_training_iterations"]:
             raise _fail("adapt.self_training_rounds", f"{adapt['self_training_rounds']} rounds need at least as many iterations "
                         f"(adapt.self_training_iterations is {adapt['self_training_iterations']})", "use fewer rounds or more iterations")
-    from bigl.losses import DICE_LOSSES
-
-    if adapt["dice"] not in DICE_LOSSES:
-        raise _fail("adapt.dice", f"must be one of {', '.join(DICE_LOSSES)}, got {json.dumps(adapt['dice'])}",
-                    "generalised (the default), mean (every class weighs the same) or regions (the WT / TC / ET Dice that BraTS scores)")
     if adapt["finetune_translator"] and adapt["method"] != "bigl":
         raise _fail("adapt.finetune_translator", f"needs method bigl (method is {adapt['method']})", "set adapt.finetune_translator=false")
 

@@ -21,7 +21,7 @@ from typing import Any, Mapping
 
 from bigl.data.preprocess import PreprocessConfig
 from bigl.modelconfig import SegmenterConfig, TranslatorConfig
-from bigl.runfolder import METHODS, TRANSLATOR_MODES
+from bigl.runfolder import DICE_LOSSES, METHODS, TRANSLATOR_MODES
 from bigl.runplan import iterations_for, self_training_steps
 
 #: Adversarial alignment levels of stage 2, in loss order.
@@ -183,7 +183,8 @@ class AdaptSection(_Schedule):
                                "inverted averages Phi(x_t) and Phi of x_t with mirrored intensities")
     ema_decay: float = within(0.0, 0.0, 1.0, high_open=True,
                               hint="0 ships the last weights; 0.99 ships their exponential moving average over about the last 100 steps")
-    dice: str = "generalised"
+    dice: str = one_of("generalised", DICE_LOSSES, "generalised (the default), mean (every class weighs the same) "
+                       "or regions (the WT / TC / ET Dice that BraTS scores)")
 
     @property
     def self_training_steps(self) -> int:
