@@ -13,6 +13,8 @@ starts, and fills the form from here when the module opens on a scene that has o
 from __future__ import annotations
 
 import json
+import types
+import typing
 from dataclasses import fields
 from typing import Any
 
@@ -71,20 +73,27 @@ def stored_form(scene: Any) -> tuple[TrainingSettings, str] | None:
     evaluation_data = values.pop(EVALUATION_DATA, "")
     if not values:
         return None
-    default = TrainingSettings()
-    usable = {name: value for name, value in values.items() if _fits(value, getattr(default, name))}
+    kinds = typing.get_type_hints(TrainingSettings)
+    usable = {name: value for name, value in values.items() if _fits(value, kinds[name])}
     return TrainingSettings.from_dict(usable), evaluation_data if isinstance(evaluation_data, str) else ""
 
 
-def _fits(value: Any, default: Any) -> bool:
-    """A stored value can go into a field with this default: None for an optional field, the
-    default's own kind otherwise (a list stays a list, text stays text)."""
-    if value is None:
-        return default is None
-    if default is None:
-        return not isinstance(value, dict)
-    if isinstance(default, bool) or isinstance(value, bool):
-        return isinstance(value, bool) and isinstance(default, bool)
-    if isinstance(default, (int, float)):
+def _fits(value: Any, kind: Any) -> bool:
+    """A stored JSON value matches a field's declared type (``int | None``, ``str | list[str] | None``,
+    ...): a number where a number belongs (a whole one for ``int``; true/false is no number), text
+    where text belongs, a list of the declared items."""
+    origin = typing.get_origin(kind)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, arm) for arm in typing.get_args(kind))
+    if kind is type(None):
+        return value is None
+    if origin is list:
+        (item,) = typing.get_args(kind) or (Any,)
+        return isinstance(value, list) and all(_fits(element, item) for element in value)
+    if kind is Any:
+        return True
+    if kind is bool or isinstance(value, bool):
+        return kind is bool and isinstance(value, bool)
+    if kind is float:
         return isinstance(value, (int, float))
-    return isinstance(value, type(default))
+    return isinstance(kind, type) and isinstance(value, kind)

@@ -71,6 +71,30 @@ def test_damaged_parameters_fall_back_to_the_field_defaults(headless_slicer):
     assert restored.source_dir == ["/data/brats18", "/data/brats21"] and restored.seed == 3
 
 
+def test_values_of_the_wrong_type_for_optional_fields_fall_back_too(headless_slicer):
+    scene = headless_slicer.scene
+    node = store_form(scene, _settings())
+    wrong = {
+        "image_size": '"big"',  # text for a number
+        "translator_iterations": "2.5",  # a fraction for a whole number
+        "lambda_out": "true",  # true/false for a number
+        "exclude": "[1, 2]",  # a list of numbers for a list of case names
+        "target_dir": '{"path": "/data"}',  # an object for a folder
+        "output_alignment": "1",  # a number for true/false
+    }
+    for name, text in wrong.items():
+        node.SetParameter(name, text)
+    node.SetParameter("lr", "1")  # a whole number is a fine learning rate
+    node.SetParameter("target_exclude", '["Brats18_2013_2_1"]')
+    node.SetParameter("source_dir", '"/data/brats18"')  # one folder or a list: both fit
+    restored, _ = stored_form(scene)
+    default = TrainingSettings()
+    for name in wrong:
+        assert getattr(restored, name) == getattr(default, name), name
+    assert restored.lr == 1 and restored.target_exclude == ["Brats18_2013_2_1"]
+    assert restored.source_dir == "/data/brats18" and restored.seed == 3
+
+
 def test_a_node_without_form_fields_is_no_form(headless_slicer):
     node = parameter_node(headless_slicer.scene)
     node.SetParameter("unrelated", "1")
