@@ -383,16 +383,18 @@ class BiGLTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def saveForm(self):
         """Keep the form in the scene's parameter node (saved with the scene) and in QSettings (the next session's start)."""
+        from BiGLTrainingLib.parameters import EVALUATION_DATA
+
         settings = self.formSettings()
         evaluationData = self.ui.evaluationDirPathLineEdit.currentPath
         self.logic.save_form(settings, evaluationData)
         values = settings.to_dict()
-        values["evaluation_data"] = evaluationData
+        values[EVALUATION_DATA] = evaluationData
         qt.QSettings().setValue(SETTINGS_KEY, json.dumps(values))
 
     def restoreForm(self):
         """The form of the scene's parameter node, else as it was last used (or the CPU preset's values the first time)."""
-        from BiGLTrainingLib.command import TrainingSettings
+        from BiGLTrainingLib.parameters import form_from_values
 
         stored = self.logic.saved_form()
         if stored is not None:
@@ -405,8 +407,7 @@ class BiGLTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     values = json.loads(saved)
                 except ValueError:
                     values = {}
-            values = values if isinstance(values, dict) else {}
-            settings, evaluationData = TrainingSettings.from_dict(values), values.get("evaluation_data") or ""
+            settings, evaluationData = form_from_values(values)
         self.ui.presetComboBox.blockSignals(True)
         self.ui.presetComboBox.currentIndex = max(0, self.ui.presetComboBox.findData(settings.preset))
         self.ui.presetComboBox.blockSignals(False)

@@ -70,11 +70,19 @@ def stored_form(scene: Any) -> tuple[TrainingSettings, str] | None:
             values[name] = json.loads(text)
         except ValueError:
             continue
-    evaluation_data = values.pop(EVALUATION_DATA, "")
-    if not values:
+    if not set(values) - {EVALUATION_DATA}:
         return None
+    return form_from_values(values)
+
+
+def form_from_values(values: Any) -> tuple[TrainingSettings, str]:
+    """The form (and its evaluation folder) from stored ``{field: value}`` JSON, whether from the
+    parameter node or from QSettings: unknown keys are ignored, and a value not of its field's
+    declared type leaves that field at its default (anything but an object gives the defaults)."""
+    values = dict(values) if isinstance(values, dict) else {}
+    evaluation_data = values.pop(EVALUATION_DATA, "")
     kinds = typing.get_type_hints(TrainingSettings)
-    usable = {name: value for name, value in values.items() if _fits(value, kinds[name])}
+    usable = {name: value for name, value in values.items() if name in kinds and _fits(value, kinds[name])}
     return TrainingSettings.from_dict(usable), evaluation_data if isinstance(evaluation_data, str) else ""
 
 

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from BiGLTrainingLib.command import TrainingSettings
 from BiGLTrainingLib.logic import TrainingLogic
-from BiGLTrainingLib.parameters import MODULE_NAME, NODE_CLASS, parameter_node, store_form, stored_form
+from BiGLTrainingLib.parameters import (
+    MODULE_NAME,
+    NODE_CLASS,
+    form_from_values,
+    parameter_node,
+    store_form,
+    stored_form,
+)
 
 
 def _settings(**changes) -> TrainingSettings:
@@ -109,3 +116,11 @@ def test_the_logic_keeps_the_form_in_its_scene(headless_slicer):
     sceneless = TrainingLogic(None)
     sceneless.save_form(_settings())
     assert sceneless.saved_form() is None
+
+
+def test_the_form_from_qsettings_values_is_checked_the_same_way():
+    values = {**_settings().to_dict(), "evaluation_data": "/data/eval", "image_size": "96", "unknown_key": 1}
+    settings, evaluation_data = form_from_values(values)
+    assert settings == _settings(image_size=None) and evaluation_data == "/data/eval"
+    assert form_from_values(["not", "an", "object"]) == (TrainingSettings(), "")
+    assert form_from_values({"evaluation_data": 3}) == (TrainingSettings(), "")
