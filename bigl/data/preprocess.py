@@ -1,9 +1,16 @@
 """Preprocessing of 3D volumes into the 2D slices the networks see, and its exact inverse.
 
 Per volume: brain mask -> bounding box of the brain plus a margin (clipped at the volume edges) ->
-percentile normalisation inside the brain to [-1, 1] (background -1; percentiles rather than the
-maximum because some BraTS scans saturate at 32767) -> every slice of the crop padded to a square
--> resized to ``image_size`` x ``image_size``. :class:`SliceGeometry` records all of it, so
+intensity normalisation inside the brain to [-1, 1] (background -1) -> every slice of the crop padded
+to a square -> resized to ``image_size`` x ``image_size``.
+
+Two normalisations (``PreprocessConfig.intensity``): ``percentile`` maps the brain's 0.5th-99.5th
+percentiles to [-1, 1] (percentiles rather than the maximum because some BraTS scans saturate at
+32767); ``zscore`` maps ``zscore_low``..``zscore_high`` standard deviations around the brain's mean
+to [-1, 1]. MR intensities have no absolute scale, and where the bright tail sits (CSF, oedema) differs
+from scanner to scanner, so the percentile scale puts normal tissue at different levels in different
+scans; the z-score scale keeps normal tissue at one level (measured on the BraTS training cases:
+docs/results.md, "Intensity normalisation"). :class:`SliceGeometry` records all of it, so
 :func:`restore_maps` and :func:`restore_labels` put slice predictions back onto the original grid,
 voxel for voxel.
 """
@@ -26,6 +33,8 @@ BACKGROUND = -1.0
 EMPTY_SLICE_MAX = BACKGROUND + 1e-3
 #: Brain voxels are brighter than this fraction of the robust (99th percentile) intensity range.
 MASK_THRESHOLD_FRACTION = 0.05
+#: The intensity normalisations (``PreprocessConfig.intensity``).
+INTENSITY_NORMALISATIONS = ("percentile", "zscore")
 #: The mask is cleaned up on a grid subsampled by 2 when every side has at least this many voxels.
 _COARSE_MIN_SIDE = 96
 
@@ -43,6 +52,9 @@ class PreprocessConfig(ModelConfig):
     lower_percentile: float = 0.5
     upper_percentile: float = 99.5
     slice_axis: int = 2
+    intensity: str = "percentile"
+    zscore_low: float = -4.0
+    zscore_high: float = 5.0
 
     def validate(self) -> None:
         if not _is_integer(self.image_size) or self.image_size < 8:
@@ -54,6 +66,17 @@ class PreprocessConfig(ModelConfig):
                 "percentiles must satisfy 0 <= lower < upper <= 100 "
                 f"(got {self.lower_percentile}, {self.upper_percentile})",
                 "use e.g. lower_percentile 0.5, upper_percentile 99.5",
+            )
+        if self.intensity not in INTENSITY_NORMALISATIONS:
+            raise ConfigError(
+                f"intensity must be one of {', '.join(INTENSITY_NORMALISATIONS)}, not {self.intensity!r}",
+                "use 'percentile' (brain percentiles to [-1, 1]) or 'zscore' (standard deviations around the brain's mean)",
+            )
+        numbers = (self.zscore_low, self.zscore_high)
+        if any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in numbers) or not self.zscore_low < self.zscore_high:
+            raise ConfigError(
+                f"zscore_low must be a number below zscore_high (got {self.zscore_low!r}, {self.zscore_high!r})",
+                "use e.g. zscore_low -4, zscore_high 5",
             )
         if self.slice_axis not in (0, 1, 2):
             raise ConfigError(f"slice_axis must be 0, 1 or 2, not {self.slice_axis!r}", "use 2 for axial BraTS slices")
@@ -226,6 +249,27 @@ def _resize_planes(stack: np.ndarray, size: int, *, order: int, anti_aliasing: b
     return resize(stack, shape, order=order, mode="edge", anti_aliasing=anti_aliasing, preserve_range=True)
 
 
+def intensity_window(brain: np.ndarray, config: PreprocessConfig) -> tuple[float, float]:
+    """The intensities of a scan that map to -1 and 1, from its brain voxels (see the module docstring)."""
+    lowest, highest = float(brain.min()), float(brain.max())
+    if not highest > lowest:
+        raise InputError(
+            f"the image has no contrast inside the brain (intensities {lowest:g} to {highest:g})",
+            "check that the file is a brain MR scan, not a constant or binary image",
+        )
+    if config.intensity == "zscore":
+        mean, std = float(brain.mean(dtype=np.float64)), float(brain.std(dtype=np.float64))
+        return mean + config.zscore_low * std, mean + config.zscore_high * std
+    low, high = (float(v) for v in np.percentile(brain, [config.lower_percentile, config.upper_percentile]))
+    if not high > low:
+        raise InputError(
+            f"the image has almost no contrast inside the brain (its {config.lower_percentile:g}th and "
+            f"{config.upper_percentile:g}th percentiles are both {low:g})",
+            "check that the file is a brain MR scan, not a mostly constant or binary image",
+        )
+    return low, high
+
+
 def prepare_volume(volume: np.ndarray, config: PreprocessConfig, mask: np.ndarray | None = None) -> PreparedVolume:
     """Turn a 3D scan into normalised square slices ``[n, image_size, image_size]`` in [-1, 1]."""
     data = _check_volume(volume)
@@ -246,13 +290,7 @@ def prepare_volume(volume: np.ndarray, config: PreprocessConfig, mask: np.ndarra
     geometry = _geometry(data.shape, _bounding_box(mask, config.margin), config.slice_axis, config.image_size)
     crop = data[_crop_index(geometry)].astype(np.float32)
     crop_mask = mask[_crop_index(geometry)]
-    brain = crop[crop_mask]
-    low, high = np.percentile(brain, [config.lower_percentile, config.upper_percentile])
-    if not high > low:
-        raise InputError(
-            f"the image has no contrast inside the brain (intensities {low:g} to {high:g})",
-            "check that the file is a brain MR scan, not a constant or binary image",
-        )
+    low, high = intensity_window(crop[crop_mask], config)
     normalised = np.clip((crop - low) * np.float32(2.0 / (high - low)) - 1.0, -1.0, 1.0)
     normalised[~crop_mask] = BACKGROUND
     stack = _stack_slices(normalised, geometry, BACKGROUND)
