@@ -6,7 +6,7 @@ from pathlib import Path
 
 
 def make_test_bundle(path: str | Path, *, image_size: int = 32, seed: int = 0, sharpen: float = 1.0,
-                     attention_sharpen: float = 1.0) -> Path:
+                     attention_sharpen: float = 1.0, intensity: str = "percentile") -> Path:
     """Write a tiny untrained bundle (segmenter and both translators) that runs in seconds on a CPU.
 
     Its segmentations are meaningless; tests use it to exercise the whole flow in seconds, without
@@ -14,7 +14,8 @@ def make_test_bundle(path: str | Path, *, image_size: int = 32, seed: int = 0, s
     class scores differ from voxel to voxel (a fresh network predicts nearly uniform scores, so
     every voxel would get the same label). ``attention_sharpen`` scales the query and key
     convolutions of position attention likewise, so that its attention map is not nearly uniform
-    (whose per-volume min-max scaling would magnify rounding). Needs torch (imported here, not at module import).
+    (whose per-volume min-max scaling would magnify rounding). ``intensity`` is the bundle's intensity
+normalisation (``PreprocessConfig.intensity``). Needs torch (imported here, not at module import).
     """
     import torch
 
@@ -47,7 +48,7 @@ def make_test_bundle(path: str | Path, *, image_size: int = 32, seed: int = 0, s
             source_modality="t1",
             segmenter_config=segmenter_config,
             translator_config=translator_config,
-            preprocessing=PreprocessConfig(image_size=image_size, margin=2),
+            preprocessing=PreprocessConfig(image_size=image_size, margin=2, intensity=intensity),
             description="untrained test bundle (meaningless segmentations)",
         ),
     )

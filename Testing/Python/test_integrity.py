@@ -163,6 +163,30 @@ def test_a_damaged_translator_file_is_refused(phantom_cohort, tmp_path):
         load_translator(path, config, torch.device("cpu"))
 
 
+def test_translator_files_must_share_the_intensity_normalisation(phantom_cohort, tmp_path):
+    """A translator file written before preprocessing.intensity existed serves a config with the
+    default (percentile); a translator of one normalisation never serves a stage 2 of the other."""
+    from bigl.bundle import read_translator_file, write_translator_file
+    from bigl.models import TranslatorConfig
+    from bigl.training.loop import DiscriminatorBank
+    from bigl.training.translator_stage import TranslatorPair, load_translator, save_translator, translator_discriminators
+
+    config = load_config("smoke", [f"data.source_dir={phantom_cohort}", f"data.target_dir={phantom_cohort}"])
+    pair = TranslatorPair(TranslatorConfig(**config["translator"]))
+    bank = DiscriminatorBank(translator_discriminators(config, "paired"))
+    path = save_translator(tmp_path / "translator.safetensors", pair, bank, config=config, mode="paired", iterations=4)
+    metadata, tensors = read_translator_file(path)
+    for key in ("intensity", "zscore_low", "zscore_high"):
+        del metadata["preprocessing"][key]
+    older = write_translator_file(tmp_path / "older.safetensors", tensors, metadata)
+    load_translator(older, config, torch.device("cpu"))
+    zscore = load_config("smoke", [f"data.source_dir={phantom_cohort}", f"data.target_dir={phantom_cohort}",
+                                   "preprocessing.intensity=zscore"])
+    for file in (path, older):
+        with pytest.raises(ConfigError, match="does not fit this config: preprocessing"):
+            load_translator(file, zscore, torch.device("cpu"))
+
+
 def test_translator_files_from_a_newer_bigl_or_of_another_kind_are_refused(tmp_path, bundle_copy):
     from bigl.bundle import TRANSLATOR_FORMAT_VERSION, read_translator_file, write_translator_file
 

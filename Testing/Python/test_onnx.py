@@ -63,6 +63,22 @@ def test_onnx_runtime_agrees_with_torch(exported, options):
     assert np.abs(got.translated - expected.translated).max() <= 1e-3
 
 
+def test_both_engines_normalise_as_the_bundle_says(exported, tmp_path):
+    """A bundle trained with preprocessing.intensity=zscore is segmented with that normalisation by
+    both engines: they agree, and the same weights give other scores than with the percentile scale."""
+    from bigl.bundle import load_bundle
+    from bigl.testing import make_test_bundle
+
+    bundle = make_test_bundle(tmp_path / "zscore.safetensors", sharpen=20.0, attention_sharpen=10.0, intensity="zscore")
+    assert load_bundle(bundle).preprocessing.intensity == "zscore"
+    export_bundle(bundle)
+    expected, got = _both(bundle)
+    assert (got.labels == expected.labels).mean() >= 0.999
+    assert np.abs(got.probabilities - expected.probabilities).max() <= 1e-4
+    percentile, _ = _both(exported)
+    assert np.abs(percentile.probabilities - expected.probabilities).max() > 100 * 1e-4
+
+
 def test_progress_and_batches(exported):
     predictor = OnnxPredictor.from_path(exported.with_suffix(".onnx"), device="cpu", batch_size=4)
     calls = []

@@ -48,7 +48,8 @@ def test_config_round_trip_and_validation():
     assert PreprocessConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
     with pytest.raises(ConfigError, match="unknown PreprocessConfig key"):
         PreprocessConfig.from_dict({"image_size": 64, "colour": "red"})
-    for bad in ({"image_size": 4}, {"margin": -1}, {"lower_percentile": 60, "upper_percentile": 40}, {"slice_axis": 3}):
+    for bad in ({"image_size": 4}, {"margin": -1}, {"lower_percentile": 60, "upper_percentile": 40}, {"slice_axis": 3},
+                {"intensity": "peak"}, {"zscore_low": 2.0, "zscore_high": 1.0}, {"zscore_high": "5"}, {"zscore_low": True}):
         with pytest.raises(ConfigError):
             PreprocessConfig(**bad)
 
@@ -169,6 +170,48 @@ def test_restore_maps_of_a_constant(phantom, image_size):
     assert np.all(restored[:, ~inside] == 0.0)
 
 
+def test_zscore_maps_standard_deviations_around_the_brain_mean(phantom):
+    image = phantom.images["t2"].astype(np.float32)
+    mask = brain_mask(image)
+    square = prepare_volume(image, PreprocessConfig(margin=2)).geometry.square
+    config = PreprocessConfig(image_size=square, margin=2, intensity="zscore", zscore_low=-3.0, zscore_high=4.0)
+    prepared = prepare_volume(image, config)
+    restored = restore_maps(prepared.slices, prepared.geometry, fill=-1.0)
+    z = (image - image[mask].mean()) / image[mask].std()
+    expected = np.where(mask, np.clip((z + 3.0) / 7.0 * 2 - 1, -1, 1), -1.0)
+    np.testing.assert_allclose(restored, expected, atol=1e-4)
+    # The brain's mean sits at the same level in every scan: here at -1 + 2 * 3 / 7.
+    assert abs(float(np.mean(restored[mask])) - (-1 + 6 / 7)) < 0.02
+
+
+def test_zscore_keeps_normal_tissue_level_when_the_bright_tail_grows(phantom):
+    """A scan with more bright fluid (CSF, oedema) than another: the percentile scale moves the rest
+    of the brain down, the z-score scale much less (the property that intensity=zscore is for)."""
+    image = phantom.images["t2"].astype(np.float32)
+    mask = brain_mask(image)
+    tissue = mask & (image < np.percentile(image[mask], 60))
+    brighter = image.copy()
+    fluid = mask & ~tissue & (np.indices(image.shape)[0] % 2 == 0)
+    brighter[fluid] = image[mask].max() * 3.0  # a brighter, larger fluid compartment
+    shifts = {}
+    for intensity in ("percentile", "zscore"):
+        config = PreprocessConfig(image_size=40, margin=0, intensity=intensity)
+        level = [np.median(restore_maps(prepare_volume(v, config, mask=mask).slices,
+                                        prepare_volume(v, config, mask=mask).geometry)[tissue]) for v in (image, brighter)]
+        shifts[intensity] = abs(level[0] - level[1])
+    assert shifts["zscore"] < 0.5 * shifts["percentile"]
+
+
+@pytest.mark.parametrize("intensity", ["percentile", "zscore"])
+def test_normalisation_ignores_the_scanner_scale(phantom, intensity):
+    image = phantom.images["t1"].astype(np.float32)
+    config = PreprocessConfig(image_size=40, margin=0, intensity=intensity)
+    mask = brain_mask(image)
+    plain = prepare_volume(image, config, mask=mask).slices
+    rescaled = prepare_volume(image * 37.5 + 400.0, config, mask=mask).slices
+    np.testing.assert_allclose(plain, rescaled, atol=1e-4)
+
+
 @pytest.mark.parametrize("slice_axis", [0, 1, 2])
 def test_restore_maps_puts_values_back_where_they_came_from(phantom, slice_axis):
     image = phantom.images["t2"]
@@ -219,8 +262,9 @@ def test_mask_and_label_shapes_are_checked(phantom):
         prepare_volume(phantom.images["t1"], config, mask=np.ones((3, 3, 3), bool))
     flat_brain = np.zeros(phantom.images["t1"].shape, bool)
     flat_brain[10:30, 10:30, 20] = True
-    with pytest.raises(InputError, match="no contrast"):
-        prepare_volume(np.where(flat_brain, 100, 0), config, mask=flat_brain)
+    for intensity in ("percentile", "zscore"):
+        with pytest.raises(InputError, match="no contrast"):
+            prepare_volume(np.where(flat_brain, 100, 0), PreprocessConfig(image_size=16, intensity=intensity), mask=flat_brain)
     geometry = prepare_volume(phantom.images["t1"], config).geometry
     with pytest.raises(InputError, match="label map has shape"):
         prepare_labels(np.zeros((4, 4, 4), np.uint8), geometry)

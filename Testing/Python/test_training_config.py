@@ -154,6 +154,16 @@ def test_run_control_keys_may_change_on_resume_but_nothing_else():
     assert config_differences(old, changed) == ["adapt.lambda_gtl", "run.seed"]
 
 
+def test_a_run_started_before_a_key_existed_resumes_while_the_key_keeps_its_default():
+    """A config.json written before preprocessing.intensity existed lacks the key: it matches a config
+    that leaves it at its default and differs from one that changes it."""
+    old = load_config("smoke")
+    for key in ("intensity", "zscore_low", "zscore_high"):
+        del old["preprocessing"][key]
+    assert config_differences(old, load_config("smoke")) == []
+    assert config_differences(old, load_config("smoke", ["preprocessing.intensity=zscore"])) == ["preprocessing.intensity"]
+
+
 # ------------------------------------------------------------------------------------------
 # refusals before training (each leaves an error event in the log)
 

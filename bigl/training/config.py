@@ -415,7 +415,11 @@ def _validate_domains(config: dict[str, Any]) -> None:
 
 
 def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """Keys whose values differ between two configs (flattened names), run-control keys excluded."""
-    flat_old, flat_new = _flatten(old), _flatten(new)
+    """Keys whose values differ between two configs (flattened names), run-control keys excluded.
+
+    A key that one config lacks counts as its default, so a run folder or file written before a key
+    existed matches a config that leaves the new key at its default."""
+    defaults = _flatten(default_config())
+    flat_old, flat_new = {**defaults, **_flatten(old)}, {**defaults, **_flatten(new)}
     keys = sorted(set(flat_old) | set(flat_new))
     return [key for key in keys if key not in RUN_CONTROL_KEYS and flat_old.get(key) != flat_new.get(key)]

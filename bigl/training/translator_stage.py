@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from bigl.bundle import read_translator_file, write_translator_file
+from bigl.data.preprocess import PreprocessConfig
 from bigl.errors import ConfigError
 from bigl.losses import generator_adversarial_loss, translation_l1_loss
 from bigl.runfolder import TRANSLATOR_FILE
@@ -430,11 +431,14 @@ def load_translator(path: Path, config: TrainingConfig | dict, device: torch.dev
     metadata, tensors = read_translator_file(path)
     config = TrainingConfig.of(config)
     expected = _translator_identity(config)
-    differing = [key for key, value in expected.items() if metadata.get(key) != value]
+    stored = dict(metadata)
+    if isinstance(stored.get("preprocessing"), dict):  # a file written before a preprocessing key existed has its default
+        stored["preprocessing"] = {**PreprocessConfig().to_dict(), **stored["preprocessing"]}
+    differing = [key for key, value in expected.items() if stored.get(key) != value]
     if differing:
         raise ConfigError(
             f"the translator {path} does not fit this config: {', '.join(differing)} differ "
-            + "; ".join(f"{key}: file {json.dumps(metadata.get(key))} vs config {json.dumps(expected[key])}" for key in differing[:2]),
+            + "; ".join(f"{key}: file {json.dumps(stored.get(key))} vs config {json.dumps(expected[key])}" for key in differing[:2]),
             "train a translator with this config, or use the config the translator was trained with",
         )
     pair = TranslatorPair(config.translator)
