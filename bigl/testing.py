@@ -14,8 +14,8 @@ def make_test_bundle(path: str | Path, *, image_size: int = 32, seed: int = 0, s
     class scores differ from voxel to voxel (a fresh network predicts nearly uniform scores, so
     every voxel would get the same label). ``attention_sharpen`` scales the query and key
     convolutions of position attention likewise, so that its attention map is not nearly uniform
-    (whose per-volume min-max scaling would magnify rounding). ``intensity`` is the bundle's intensity
-normalisation (``PreprocessConfig.intensity``). Needs torch (imported here, not at module import).
+    (whose per-volume min-max scaling would magnify rounding). ``intensity``: the bundle's intensity
+    normalisation (``PreprocessConfig.intensity``). Needs torch (imported here, not at module import).
     """
     import torch
 

@@ -249,8 +249,9 @@ def _resize_planes(stack: np.ndarray, size: int, *, order: int, anti_aliasing: b
     return resize(stack, shape, order=order, mode="edge", anti_aliasing=anti_aliasing, preserve_range=True)
 
 
-def intensity_window(brain: np.ndarray, config: PreprocessConfig) -> tuple[float, float]:
-    """The intensities of a scan that map to -1 and 1, from its brain voxels (see the module docstring)."""
+def intensity_window(brain: np.ndarray, config: PreprocessConfig) -> tuple[np.float64, np.float64]:
+    """The intensities of a scan that map to -1 and 1, from its brain voxels (see the module docstring).
+    NumPy float64 scalars, so that the normalisation is computed in float64."""
     lowest, highest = float(brain.min()), float(brain.max())
     if not highest > lowest:
         raise InputError(
@@ -258,9 +259,9 @@ def intensity_window(brain: np.ndarray, config: PreprocessConfig) -> tuple[float
             "check that the file is a brain MR scan, not a constant or binary image",
         )
     if config.intensity == "zscore":
-        mean, std = float(brain.mean(dtype=np.float64)), float(brain.std(dtype=np.float64))
+        mean, std = brain.mean(dtype=np.float64), brain.std(dtype=np.float64)
         return mean + config.zscore_low * std, mean + config.zscore_high * std
-    low, high = (float(v) for v in np.percentile(brain, [config.lower_percentile, config.upper_percentile]))
+    low, high = np.percentile(brain, [config.lower_percentile, config.upper_percentile])
     if not high > low:
         raise InputError(
             f"the image has almost no contrast inside the brain (its {config.lower_percentile:g}th and "
