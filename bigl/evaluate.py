@@ -73,9 +73,12 @@ def select_cases(data_dir: str | Path | Sequence[str | Path], modality: str, cas
     return selection
 
 
-def method_label(metadata: dict, transform: Transform | None = None) -> str:
-    """Table row name: the bundle's training method, plus the input transform if any."""
+def method_label(metadata: dict, transform: Transform | None = None, *, members: int = 0) -> str:
+    """Table row name: the bundle's training method (of an ensemble's first model, with the number of
+    models), plus the input transform if any."""
     label = METHOD_NAMES.get(metadata.get("method", ""), str(metadata.get("method", "model")))
+    if members:
+        label += f" (ensemble of {members})"
     if transform is not None:
         label += f" + {getattr(transform, 'name', 'transform')}"
     return label
@@ -101,9 +104,9 @@ def evaluate_bundle(
 ) -> dict:
     """Segment and score every labelled case of ``data_dir`` in ``modality``.
 
-    ``model``: a bundle path, a loaded :class:`~bigl.bundle.Bundle` or
-    :class:`~bigl.inference.BiGLPredictor` (reused, e.g. by the demo), or None for the shipped
-    default model. ``modality`` defaults to the one the model
+    ``model``: a bundle path, a list of them (an ensemble, :mod:`bigl.ensemble`), a loaded
+    :class:`~bigl.bundle.Bundle` or a :class:`~bigl.prediction.Predictor` of any engine (reused,
+    e.g. by the demo), or None for the shipped default model. ``modality`` defaults to the one the model
     segments. ``transform``: applied to each image before prediction (a baseline such as
     :class:`bigl.baselines.InvertHistMatch`); the figure shows the untransformed input.
     ``name``: the method's row name in tables (default: from the bundle and the transform).
@@ -121,17 +124,20 @@ def evaluate_bundle(
     from bigl.files import atomic_write_text
     from bigl.inference import BiGLPredictor
     from bigl.metrics import score_case, summarise, write_cases_csv
+    from bigl.prediction import Predictor, open_predictor
 
     started = time.perf_counter()
     log = log or (lambda message: print(message, file=sys.stderr))
-    if isinstance(model, BiGLPredictor):
+    if isinstance(model, Predictor):
         predictor = model
     elif isinstance(model, Bundle):
         predictor = BiGLPredictor(model, device=device, batch_size=batch_size, num_threads=num_threads)
+    elif isinstance(model, (list, tuple)):
+        predictor = open_predictor(list(model), engine="torch", device=device, batch_size=batch_size, num_threads=num_threads)
     else:
         predictor = BiGLPredictor.from_path(model, device=device, batch_size=batch_size, num_threads=num_threads)
-    metadata = predictor.bundle.metadata
-    modality = normalise_modality(modality or predictor.bundle.modality)
+    metadata = predictor.metadata
+    modality = normalise_modality(modality or predictor.modality)
     predictor.check_modality(modality, source=" (the modality to evaluate)")
     selection = select_cases(data_dir, modality, cases)
     if selection.unlabelled:
@@ -175,12 +181,12 @@ def evaluate_bundle(
                                                           image.affine, dtype=np.uint8, like=image.path, output=True)
 
         result = {
-            "method": name or method_label(metadata, transform),
-            "model": str(predictor.bundle.path) if predictor.bundle.path is not None else None,
+            "method": name or method_label(metadata, transform, members=len(getattr(predictor, "members", ()))),
+            "model": str(predictor.model_path) if predictor.model_path is not None else None,
             "data": ", ".join(str(folder) for folder in data_folders(data_dir)),
             "modality": modality,
-            "model_modality": predictor.bundle.modality,
-            "source_modality": predictor.bundle.source_modality,
+            "model_modality": predictor.modality,
+            "source_modality": predictor.source_modality,
             "transform": getattr(transform, "name", repr(transform)) if transform is not None else None,
             "inference": {"flip": predictor.flip, "postprocess": predictor.postprocess, "invert_view": predictor.invert_view},
             "cases": scores,
@@ -220,12 +226,13 @@ def _check_outputs(out: Path, cases: list, modality: str, predictor, *, save_pre
     """The output folder takes files, and no output is a file the evaluation reads
     (:func:`bigl.files.check_outputs`); checked before the first case is segmented."""
     from bigl.files import check_outputs, check_writable_folder
+    from bigl.prediction import model_paths
 
     outputs = {what: out / name for what, name in OUTPUT_FILES.items() if figure or name != "cases.png"}
     if save_predictions:
         outputs.update({f"prediction of {case.name}": out / "predictions" / f"{case.name}_seg.nii.gz" for case in cases})
     read = [path for case in cases for path in (case.images[modality], case.labels)]
-    check_outputs(outputs, [*read, predictor.bundle.path], case_folders={case.folder for case in cases},
+    check_outputs(outputs, [*read, *model_paths(predictor)], case_folders={case.folder for case in cases},
                   hint="choose an --out folder of its own, outside the case folders")
     check_writable_folder(out)
 

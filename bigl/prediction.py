@@ -575,13 +575,24 @@ def choose_engine(model: str | os.PathLike | None, engine: str = "auto", device:
     return "torch", path
 
 
-def open_predictor(model: str | os.PathLike | None = None, *, engine: str = "auto", device: str = "auto",
+def open_predictor(model: str | os.PathLike | list | None = None, *, engine: str = "auto", device: str = "auto",
                    batch_size: int = 16, num_threads: int | None = None, flip: bool | None = None,
                    postprocess: bool | None = None, translated: bool = False, invert_view: bool | None = None) -> Predictor:
     """The predictor for a model file (None: the shipped default), on the engine :func:`choose_engine`
-    picks; ``translated``: the translated image will be asked for (BundleError now when it cannot be)."""
+    picks; ``translated``: the translated image will be asked for (BundleError now when it cannot be).
+    A list of two or more model files gives a :class:`bigl.ensemble.EnsemblePredictor` of them (each
+    on the engine chosen for it); a list of one is that model."""
     check_batch_size(batch_size)
     check_num_threads(num_threads)
+    if isinstance(model, (list, tuple)):
+        options = dict(engine=engine, device=device, batch_size=batch_size, num_threads=num_threads, flip=flip,
+                       postprocess=postprocess, invert_view=invert_view)
+        if len(model) == 1:
+            return open_predictor(model[0], translated=translated, **options)
+        from bigl.ensemble import EnsemblePredictor
+
+        members = [open_predictor(path, translated=translated and index == 0, **options) for index, path in enumerate(model)]
+        return EnsemblePredictor(members, postprocess=postprocess)
     chosen, path = choose_engine(model, engine, device, translated=translated)
     if chosen == "onnx":
         from bigl import onnxengine
@@ -721,6 +732,10 @@ def model_paths(model) -> list[Path]:
     and its ONNX export(s) beside it; none for a loaded model without a file."""
     from bigl import onnxengine
 
+    if isinstance(model, (list, tuple)):
+        return [path for member in model for path in model_paths(member)]
+    if isinstance(getattr(model, "members", None), list):  # an ensemble: every member's files
+        return model_paths(model.members)
     if isinstance(model, Predictor):
         model = model.model_path
     elif isinstance(model, Bundle):

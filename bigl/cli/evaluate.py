@@ -31,8 +31,9 @@ def register(subparsers) -> None:
         description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--model", "-m", type=Path, metavar="BUNDLE",
-                        help="model bundle (.safetensors); default: the model shipped with BiGL")
+    parser.add_argument("--model", "-m", type=Path, metavar="BUNDLE", action="append",
+                        help="model bundle (.safetensors); default: the model shipped with BiGL; repeat it to evaluate "
+                             "an ensemble (the labels of the models' averaged class probabilities)")
     parser.add_argument("--data", "-d", required=True, type=Path, metavar="DIR", action="append",
                         help="BraTS-style data folder (case folders with images and <case>_seg.nii.gz); "
                              "repeat it to evaluate the cases of several folders as one set")
@@ -74,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
     from bigl.evaluate import evaluate_bundle, format_summary_text
     from bigl.files import same_file
     from bigl.inference import BiGLPredictor
+    from bigl.prediction import open_predictor
 
     cases = [name.strip() for name in args.cases.split(",") if name.strip()] if args.cases else None
     if args.figure_cases < 0:
@@ -81,12 +83,18 @@ def run(args: argparse.Namespace) -> int:
     if args.baseline is None and (args.reference_data or args.reference_modality or args.reference_exclude):
         raise InputError("--reference-data / --reference-modality / --reference-exclude are only used with --baseline",
                          "add --baseline invert-histmatch, or leave them out")
-    predictor = BiGLPredictor.from_path(args.model, device=args.device, batch_size=args.batch_size,
-                                        num_threads=args.threads, flip=args.flip, postprocess=args.postprocess,
-                                        invert_view=args.invert_view)
+    models = args.model or [None]
+    if len(models) > 1:
+        predictor = open_predictor(models, engine="torch", device=args.device, batch_size=args.batch_size,
+                                   num_threads=args.threads, flip=args.flip, postprocess=args.postprocess,
+                                   invert_view=args.invert_view)
+    else:
+        predictor = BiGLPredictor.from_path(models[0], device=args.device, batch_size=args.batch_size,
+                                            num_threads=args.threads, flip=args.flip, postprocess=args.postprocess,
+                                            invert_view=args.invert_view)
     transform = reference_file = None
     if args.baseline is not None:
-        transform = _baseline_transform(args, predictor.bundle.source_modality)
+        transform = _baseline_transform(args, predictor.source_modality)
         if args.out is not None:  # reusable later as --reference-data OUT/reference.json
             reference_file = args.out / "reference.json"
             if not same_file(reference_file, args.reference_data):  # never rewrite the file this run reads

@@ -30,8 +30,9 @@ def register(subparsers) -> None:
                         help="NIfTI scan (.nii/.nii.gz) of the modality the model segments, or a folder of them")
     parser.add_argument("--output", "-o", required=True, type=Path, metavar="SEG",
                         help="label map to write (.nii.gz), or a folder in folder mode (<case>_seg.nii.gz)")
-    parser.add_argument("--model", "-m", type=Path, metavar="MODEL",
-                        help="model bundle (.safetensors) or its ONNX export (.onnx); default: the model shipped with BiGL")
+    parser.add_argument("--model", "-m", type=Path, metavar="MODEL", action="append",
+                        help="model bundle (.safetensors) or its ONNX export (.onnx); default: the model shipped with BiGL; "
+                             "repeat it for an ensemble (the labels of the models' averaged class probabilities)")
     parser.add_argument("--engine", choices=ENGINE_CHOICES, default="auto",
                         help="what runs the networks: onnx (ONNX Runtime, no PyTorch needed), torch (PyTorch), or auto "
                              "(default: ONNX Runtime when the model has an up-to-date .onnx export and onnxruntime is "
@@ -236,6 +237,10 @@ def _model_line(predictor, *, shipped: bool) -> str:
     """Which model segments, and on which engine: the user should never have to guess."""
     from bigl.bundle import describe_adaptation
 
+    members = getattr(predictor, "members", None)
+    if members:
+        return f"model: ensemble of {len(members)} models\n" + "\n".join(
+            "  " + _model_line(member, shipped=False) for member in members)
     path = predictor.model_path
     origin = f"the shipped reference model; model card: {path.parent / 'MODEL_CARD.md'}" if shipped else str(path)
     engine = "ONNX Runtime" if predictor.engine == "onnx" else "PyTorch"
