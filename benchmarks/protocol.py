@@ -18,7 +18,8 @@ the ``reference`` config (96 px) for the final table; ``--config`` picks another
 ``name=key=value;key=value`` (an empty override list is the config as it is). Settings that leave
 stage 1 alone share one translator per seed (trained once, ``adapt.translator_bundle``), so they
 differ only in what they change. ``--inference "NAME=--flip;--postprocess"`` scores the same models
-again with inference options (rows ``setting + NAME``). ``--baselines`` adds source-only and the no-learning
+again with inference options (rows ``setting + NAME``). ``--ensemble`` also scores each setting's
+models of all seeds as one ensemble (:mod:`bigl.ensemble`, row ``setting (ensemble)``). ``--baselines`` adds source-only and the no-learning
 invert + histogram-match baseline (source-only model on the inverted T2) for each seed; its T1
 reference histogram comes from the training cases of the first ``--data`` folder.
 
@@ -125,10 +126,12 @@ class Protocol:
         self.command(argv, folder.parent / f"{folder.name}.log")
         return folder / stage_file
 
-    def evaluate(self, model: Path, folder: Path, extra: list[str] = ()) -> dict:
+    def evaluate(self, model: Path | list[Path], folder: Path, extra: list[str] = ()) -> dict:
+        """Score a model (or, for a list, the ensemble of the models) on the scored cases."""
         summary = folder / "summary.json"
         if not summary.exists():
-            argv = [*self.bigl, "evaluate", "--model", str(model), *sum((["--data", d] for d in self.folders), []),
+            models = sum((["--model", str(m)] for m in (model if isinstance(model, list) else [model])), [])
+            argv = [*self.bigl, "evaluate", *models, *sum((["--data", d] for d in self.folders), []),
                     "--modality", "t2", "--cases", ",".join(self.scored), "--out", str(folder), "--no-save-predictions",
                     "--figure-cases", "0", "--threads", str(self.args.threads), *extra]
             self.command(argv, folder.parent / f"{folder.name}.log")
@@ -167,6 +170,12 @@ class Protocol:
                     found = self.out / "invert-histmatch" / f"eval-seed{seed}" / "reference.json"
                     if found.exists():
                         reference.write_bytes(found.read_bytes())
+        if self.args.ensemble and len(seeds) > 1:
+            label = "+".join(str(seed) for seed in seeds)
+            for name, _ in settings:
+                models = [self.out / name / f"seed{seed}" / "model.safetensors" for seed in seeds]
+                print(f"seeds {label}: {name} as one ensemble", flush=True)
+                results[f"{name} (ensemble)"] = {label: self.evaluate(models, self.out / name / f"eval-ensemble-{label}")}
         table = summarise(results)
         (self.out / "table.json").write_text(json.dumps(table, indent=1) + "\n", encoding="utf-8")
         (self.out / "table.md").write_text(format_table(table, self), encoding="utf-8")
@@ -231,6 +240,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--inference", action="append", default=[],
                         help="NAME=--flag;--flag: also score every setting's models with these bigl evaluate flags "
                              "(e.g. 'tta+post=--flip;--postprocess')")
+    parser.add_argument("--ensemble", action="store_true",
+                        help="also score each setting's models of all --seeds as one ensemble (bigl evaluate with "
+                             "--model repeated), the row 'SETTING (ensemble)'")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     protocol = Protocol(args)
