@@ -24,7 +24,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from protocol import REPORT_CASES  # noqa: E402
+from protocol import REPORT_CASES
 
 
 def case_levels(image: np.ndarray, labels: np.ndarray, config) -> tuple[float, float]:

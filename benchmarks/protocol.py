@@ -130,7 +130,7 @@ class Protocol:
         """Score a model (or, for a list, the ensemble of the models) on the scored cases."""
         summary = folder / "summary.json"
         if not summary.exists():
-            models = sum((["--model", str(m)] for m in (model if isinstance(model, list) else [model])), [])
+            models = [arg for m in (model if isinstance(model, list) else [model]) for arg in ("--model", str(m))]
             argv = [*self.bigl, "evaluate", *models, *sum((["--data", d] for d in self.folders), []),
                     "--modality", "t2", "--cases", ",".join(self.scored), "--out", str(folder), "--no-save-predictions",
                     "--figure-cases", "0", "--threads", str(self.args.threads), *extra]

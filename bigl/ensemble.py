@@ -10,7 +10,7 @@ modality. No PyTorch here: members of the ONNX Runtime engine need none.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

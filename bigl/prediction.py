@@ -585,8 +585,8 @@ def open_predictor(model: str | os.PathLike | list | None = None, *, engine: str
     check_batch_size(batch_size)
     check_num_threads(num_threads)
     if isinstance(model, (list, tuple)):
-        options = dict(engine=engine, device=device, batch_size=batch_size, num_threads=num_threads, flip=flip,
-                       postprocess=postprocess, invert_view=invert_view)
+        options = {"engine": engine, "device": device, "batch_size": batch_size, "num_threads": num_threads,
+                   "flip": flip, "postprocess": postprocess, "invert_view": invert_view}
         if len(model) == 1:
             return open_predictor(model[0], translated=translated, **options)
         from bigl.ensemble import EnsemblePredictor

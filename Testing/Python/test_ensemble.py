@@ -6,7 +6,6 @@ from __future__ import annotations
 import nibabel as nib
 import numpy as np
 import pytest
-
 from synthetic import synthetic_scan
 
 from bigl.cli import main
@@ -82,7 +81,7 @@ def test_cli_segment_with_several_models(members, tmp_path, capsys):
     nib.save(nib.Nifti1Image(synthetic_scan(), AFFINE), str(scan))
     out = tmp_path / "out" / "seg.nii.gz"
     argv = ["segment", "-i", str(scan), "-o", str(out), "--engine", "torch", "--progress", "none"]
-    assert main(argv + sum((["--model", str(m)] for m in members), [])) == 0
+    assert main(argv + [arg for m in members for arg in ("--model", str(m))]) == 0
     printed = capsys.readouterr().out
     assert "ensemble of 3 models" in printed and all(str(m) in printed for m in members)
     expected = open_predictor(members, engine="torch", device="cpu").predict(synthetic_scan(), AFFINE, modality="t2")
@@ -107,7 +106,7 @@ def test_evaluate_scores_the_ensemble(members, phantom_cohort, tmp_path, capsys)
                              progress=False)
     assert result["method"].endswith("(ensemble of 2)") and result["model"] == str(members[0])
     ensemble = open_predictor(members[:2], engine="torch", device="cpu")
-    case = sorted(result["cases"])[0]
+    case = min(result["cases"])
     image = load_volume(phantom_cohort / case / f"{case}_t2.nii.gz")
     truth = load_volume(phantom_cohort / case / f"{case}_seg.nii.gz")
     expected = score_case(ensemble.predict(image.data, image.affine).labels, truth.data, truth.spacing)
