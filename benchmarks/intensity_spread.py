@@ -29,11 +29,11 @@ from protocol import REPORT_CASES
 
 def case_levels(image: np.ndarray, labels: np.ndarray, config) -> tuple[float, float]:
     """Median normalised level of normal brain and of oedema in one scan."""
-    from bigl.data.preprocess import brain_mask, intensity_window
+    from bigl.data.preprocess import brain_mask, intensity_window, normalise
 
     mask = brain_mask(image)
-    low, high = intensity_window(image[mask].astype(np.float32), config)
-    levels = np.clip((image[mask] - low) * 2.0 / (high - low) - 1.0, -1.0, 1.0)
+    brain = image[mask].astype(np.float32)
+    levels = normalise(brain, *intensity_window(brain, config))
     inside = labels[mask]
     return float(np.median(levels[inside == 0])), float(np.median(levels[inside == 2]))
 

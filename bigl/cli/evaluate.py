@@ -74,7 +74,6 @@ def run(args: argparse.Namespace) -> int:
     from bigl.errors import InputError
     from bigl.evaluate import evaluate_bundle, format_summary_text
     from bigl.files import same_file
-    from bigl.inference import BiGLPredictor
     from bigl.prediction import open_predictor
 
     cases = [name.strip() for name in args.cases.split(",") if name.strip()] if args.cases else None
@@ -83,15 +82,9 @@ def run(args: argparse.Namespace) -> int:
     if args.baseline is None and (args.reference_data or args.reference_modality or args.reference_exclude):
         raise InputError("--reference-data / --reference-modality / --reference-exclude are only used with --baseline",
                          "add --baseline invert-histmatch, or leave them out")
-    models = args.model or [None]
-    if len(models) > 1:
-        predictor = open_predictor(models, engine="torch", device=args.device, batch_size=args.batch_size,
-                                   num_threads=args.threads, flip=args.flip, postprocess=args.postprocess,
-                                   invert_view=args.invert_view)
-    else:
-        predictor = BiGLPredictor.from_path(models[0], device=args.device, batch_size=args.batch_size,
-                                            num_threads=args.threads, flip=args.flip, postprocess=args.postprocess,
-                                            invert_view=args.invert_view)
+    predictor = open_predictor(args.model or [None], engine="torch", device=args.device, batch_size=args.batch_size,
+                               num_threads=args.threads, flip=args.flip, postprocess=args.postprocess,
+                               invert_view=args.invert_view)
     transform = reference_file = None
     if args.baseline is not None:
         transform = _baseline_transform(args, predictor.source_modality)

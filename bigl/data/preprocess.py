@@ -271,6 +271,11 @@ def intensity_window(brain: np.ndarray, config: PreprocessConfig) -> tuple[np.fl
     return low, high
 
 
+def normalise(values: np.ndarray, low, high) -> np.ndarray:
+    """Intensities -> [-1, 1]: ``low`` to -1, ``high`` to 1, clipped (the window of :func:`intensity_window`)."""
+    return np.clip((values - low) * np.float32(2.0 / (high - low)) - 1.0, -1.0, 1.0)
+
+
 def prepare_volume(volume: np.ndarray, config: PreprocessConfig, mask: np.ndarray | None = None) -> PreparedVolume:
     """Turn a 3D scan into normalised square slices ``[n, image_size, image_size]`` in [-1, 1]."""
     data = _check_volume(volume)
@@ -291,8 +296,7 @@ def prepare_volume(volume: np.ndarray, config: PreprocessConfig, mask: np.ndarra
     geometry = _geometry(data.shape, _bounding_box(mask, config.margin), config.slice_axis, config.image_size)
     crop = data[_crop_index(geometry)].astype(np.float32)
     crop_mask = mask[_crop_index(geometry)]
-    low, high = intensity_window(crop[crop_mask], config)
-    normalised = np.clip((crop - low) * np.float32(2.0 / (high - low)) - 1.0, -1.0, 1.0)
+    normalised = normalise(crop, *intensity_window(crop[crop_mask], config))
     normalised[~crop_mask] = BACKGROUND
     stack = _stack_slices(normalised, geometry, BACKGROUND)
     downsampling = geometry.square > config.image_size

@@ -432,8 +432,9 @@ def load_translator(path: Path, config: TrainingConfig | dict, device: torch.dev
     config = TrainingConfig.of(config)
     expected = _translator_identity(config)
     stored = dict(metadata)
-    if isinstance(stored.get("preprocessing"), dict):  # a file written before a preprocessing key existed has its default
-        stored["preprocessing"] = {**PreprocessConfig().to_dict(), **stored["preprocessing"]}
+    for key, section in (("preprocessing", PreprocessConfig), ("translator", TranslatorConfig)):
+        if isinstance(stored.get(key), dict):  # a file written before a key existed: the key has its default
+            stored[key] = {**section().to_dict(), **stored[key]}
     differing = [key for key, value in expected.items() if stored.get(key) != value]
     if differing:
         raise ConfigError(
