@@ -10,6 +10,9 @@ Splits (fixed here, before any run):
   final table);
 - ``--split dev`` (the default, for every choice) trains on all other cases except the
   DEVELOPMENT_CASES and scores those;
+- ``--split sites`` trains on all cases except the report cases and the SITE_DEVELOPMENT_CASES and
+  scores those: a second development split of old BraTS 2013 and CBICA scans, the two contributing
+  groups whose report scans the ``dev`` split's choices failed on;
 - ``--split report`` trains on all non-report cases (development cases included) and scores the
   report cases.
 
@@ -46,6 +49,13 @@ REPORT_CASES = ["Brats18_2013_2_1", "Brats18_CBICA_AQN_1", "Brats18_TCIA01_425_1
 #: Development cases (scored for choices): the three of the earlier translator study and two of the
 #: extra BraTS 2019/2021 cases, fixed before any run of this protocol.
 DEVELOPMENT_CASES = ["Brats18_2013_11_1", "Brats18_CBICA_ABM_1", "Brats18_TCIA01_201_1", "BraTS2021_00005", "BraTS19_CBICA_ASK_1"]
+#: Second development split, fixed before any run on it: two BraTS 2013 and three CBICA cases that
+#: are in neither list above, chosen by site and by label-free T2 intensity statistics close to
+#: those of the report scans of the same groups (no label of any case was read to pick them).
+SITE_DEVELOPMENT_CASES = ["Brats18_2013_20_1", "Brats18_2013_23_1", "Brats18_CBICA_ALU_1", "Brats18_CBICA_AME_1",
+                          "BraTS19_CBICA_BHQ_1"]
+#: Cases scored by each split; every split but ``report`` also leaves the report cases out of training.
+SPLITS = {"dev": DEVELOPMENT_CASES, "sites": SITE_DEVELOPMENT_CASES, "report": REPORT_CASES}
 MODES = {"quick": "cpu", "full": "reference"}
 REGIONS = ("WT", "TC", "ET")
 #: Override prefixes that change stage 1 (such a setting trains its own translator); precision
@@ -73,9 +83,8 @@ class Protocol:
         self.out.mkdir(parents=True, exist_ok=True)
         self.config = args.config or MODES[args.mode]
         self.bigl = [sys.executable, "-m", "bigl"]
-        report = args.split == "report"
-        self.excluded = REPORT_CASES if report else REPORT_CASES + DEVELOPMENT_CASES
-        self.scored = REPORT_CASES if report else DEVELOPMENT_CASES
+        self.scored = SPLITS[args.split]
+        self.excluded = REPORT_CASES if args.split == "report" else REPORT_CASES + self.scored
         folders = [str(Path(d).resolve()) for d in args.data]
         self.data_overrides = [
             f"data.source_dir={json.dumps(folders)}", f"data.target_dir={json.dumps(folders)}",
@@ -233,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", action="append", required=True, help="data folder (repeat for several)")
     parser.add_argument("--mode", choices=sorted(MODES), default="quick")
     parser.add_argument("--config", help="a ready config or JSON file instead of the mode's")
-    parser.add_argument("--split", choices=("dev", "report"), default="dev")
+    parser.add_argument("--split", choices=tuple(SPLITS), default="dev")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--setting", action="append", required=True, help="NAME=key=value;key=value")
     parser.add_argument("--baselines", action="store_true", help="also source-only and invert + histogram match")

@@ -5,6 +5,17 @@ from __future__ import annotations
 from pathlib import Path
 
 
+def load_script(path: str | Path):
+    """Import a stand-alone script (a benchmark or resource maker, not part of the package) as a module."""
+    import importlib.util
+
+    path = Path(path)
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def make_test_bundle(path: str | Path, *, image_size: int = 32, seed: int = 0, sharpen: float = 1.0,
                      attention_sharpen: float = 1.0, intensity: str = "percentile") -> Path:
     """Write a tiny untrained bundle (segmenter and both translators) that runs in seconds on a CPU.

@@ -4,7 +4,6 @@ summary of every method, and refuses runs that were not scored on the report cas
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -12,15 +11,13 @@ from pathlib import Path
 import pytest
 
 from bigl.bundle import read_metadata
+from bigl.testing import load_script
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("make_reference_model", REPO / "benchmarks" / "make_reference_model.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(REPO / "benchmarks" / "make_reference_model.py")
 
 
 def _summary(cases: list[str], dice: float) -> dict:

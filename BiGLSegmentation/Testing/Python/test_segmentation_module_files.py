@@ -216,14 +216,12 @@ def test_sample_data_points_at_the_shipped_phantom_with_its_checksum(module_with
 def test_the_shipped_sample_scan_is_the_generated_phantom(tmp_path):
     """The only image file in the repository is a phantom bigl generates (no real scan, nothing cut
     from one): BiGLSegmentation/Testing/make_resources.py writes it again, voxel for voxel."""
-    import importlib.util
-
     import nibabel as nib
     import numpy as np
 
-    spec = importlib.util.spec_from_file_location("make_resources", MODULE_DIR / "Testing" / "make_resources.py")
-    make_resources = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(make_resources)
+    from bigl.testing import load_script
+
+    make_resources = load_script(MODULE_DIR / "Testing" / "make_resources.py")
     regenerated, _, _ = make_resources.make_sample(tmp_path / "BiGLPhantom_t2.nii.gz")
     shipped, made = nib.load(MODULE_DIR / "Resources" / "SampleData" / "BiGLPhantom_t2.nii.gz"), nib.load(regenerated)
     np.testing.assert_array_equal(np.asarray(shipped.dataobj), np.asarray(made.dataobj))
