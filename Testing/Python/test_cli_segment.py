@@ -324,6 +324,19 @@ def test_info_text(capsys, tiny_bundle):
     assert "untrained test bundle" in text and "not measured" in text
 
 
+def test_info_shows_the_settings_of_the_bundles_own_intensity_normalisation(capsys, tiny_bundle, tmp_path):
+    from bigl.testing import make_test_bundle
+
+    assert main(["info", str(tiny_bundle)]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if "preprocessing:" in line)
+    assert "intensity=percentile" in row and "upper_percentile=99.5" in row and "zscore" not in row.replace("intensity=", "")
+    zscore = make_test_bundle(tmp_path / "zscore.safetensors", intensity="zscore")
+    assert main(["info", str(zscore)]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if "preprocessing:" in line)
+    assert "intensity=zscore" in row and "zscore_low=-4.0" in row and "zscore_high=5.0" in row
+    assert "percentile" not in row
+
+
 def test_info_json(capsys, tiny_bundle):
     assert main(["info", str(tiny_bundle), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)

@@ -44,6 +44,17 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _preprocessing(prep: dict) -> str:
+    """Slices and intensity settings; only the settings of the bundle's own intensity normalisation
+    (bundles written before ``intensity`` existed use the percentiles)."""
+    from bigl.data.preprocess import INTENSITY_SETTINGS
+
+    intensity = prep.get("intensity", "percentile")
+    unused = {key for name, keys in INTENSITY_SETTINGS.items() if name != intensity for key in keys}
+    shown = {k: v for k, v in prep.items() if k not in ("image_size", "slice_axis", *unused)}
+    return f"{prep.get('image_size')}x{prep.get('image_size')} slices along axis {prep.get('slice_axis')}, {_settings(shown)}"
+
+
 def format_info(info: dict) -> str:
     """Readable multi-line description of :func:`describe`'s result."""
     params = info.get("parameters", {})
@@ -65,9 +76,7 @@ def format_info(info: dict) -> str:
         row("translators", f"ResnetGenerator {_settings(info['translator'])} ({per} parameters)")
     else:
         row("translators", "none")
-    prep = info["preprocessing"]
-    row("preprocessing", f"{prep.get('image_size')}x{prep.get('image_size')} slices along axis {prep.get('slice_axis')}, "
-                         f"{_settings({k: v for k, v in prep.items() if k not in ('image_size', 'slice_axis')})}")
+    row("preprocessing", _preprocessing(info["preprocessing"]))
     names = info.get("class_names") or []
     row("labels", ", ".join(f"{label} {name}" for label, name in zip(info.get("labels", []), names)))
     if info.get("metrics"):

@@ -33,8 +33,9 @@ BACKGROUND = -1.0
 EMPTY_SLICE_MAX = BACKGROUND + 1e-3
 #: Brain voxels are brighter than this fraction of the robust (99th percentile) intensity range.
 MASK_THRESHOLD_FRACTION = 0.05
-#: The intensity normalisations (``PreprocessConfig.intensity``).
-INTENSITY_NORMALISATIONS = ("percentile", "zscore")
+#: The intensity normalisations (``PreprocessConfig.intensity``) and the settings each one reads.
+INTENSITY_SETTINGS = {"percentile": ("lower_percentile", "upper_percentile"), "zscore": ("zscore_low", "zscore_high")}
+INTENSITY_NORMALISATIONS = tuple(INTENSITY_SETTINGS)
 #: The mask is cleaned up on a grid subsampled by 2 when every side has at least this many voxels.
 _COARSE_MIN_SIDE = 96
 
