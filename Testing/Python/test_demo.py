@@ -43,9 +43,16 @@ def test_settings_and_overrides_fit_the_training_config(tmp_path):
     assert config["data"]["source_modality"] == "t1" and config["data"]["target_modality"] == "t2"
     assert config["data"]["source_dir"] == config["data"]["target_dir"] == str(tmp_path / "train")
     assert config["adapt"]["method"] == "source-only" and config["run"]["seed"] == 3
-    assert config["adapt"]["dice"] == "regions" and config["data"]["augment_invert"] == 0.0
-    bigl = load_config("smoke", training_overrides("bigl", tmp_path / "train", "cpu", 3))
-    assert bigl["adapt"]["dice"] == "regions" and bigl["data"]["augment_invert"] == 0.5
+    assert config["adapt"]["dice"] == "regions" and config["adapt"]["ema_decay"] == 0.99
+    assert not config["data"]["target_labels"] and config["adapt"]["self_training_iterations"] == 0
+    for name in ("smoke", "cpu"):  # self-training as long as the adaptation
+        bigl = load_config(name, training_overrides("bigl", tmp_path / "train", "cpu", 3, config=name))
+        assert bigl["adapt"]["self_training_iterations"] == load_config(name)["adapt"]["iterations"]
+    assert bigl["adapt"]["dice"] == "regions" and bigl["adapt"]["ema_decay"] == 0.99
+    assert bigl["adapt"]["self_training_rounds"] == 2 and bigl["adapt"]["pseudo_views"] == "target"
+    assert not bigl["data"]["target_labels"]  # BiGL never reads the target labels
+    target = load_config("smoke", training_overrides("target-only", tmp_path / "train", "cpu", 3))
+    assert target["adapt"]["method"] == "target-only" and target["data"]["target_labels"]
 
 
 def test_test_cases_are_separate_from_training_cases(tmp_path):
@@ -70,7 +77,7 @@ def test_quick_demo_runs_end_to_end_and_prints_json_only(tmp_path, capsys):
     for regions in table.values():
         assert list(regions) == list(REGIONS)
         assert all(0.0 <= value <= 1.0 for value in regions.values())
-    assert "[4/4]" in captured.err
+    assert "[5/5]" in captured.err and "training Target only" in captured.err
 
     results = json.loads((out / "results.json").read_text())
     assert results["dice"] == table
@@ -81,4 +88,6 @@ def test_quick_demo_runs_end_to_end_and_prints_json_only(tmp_path, capsys):
         assert (out / "eval" / method / "cases.png").is_file()
     config = json.loads((out / "runs" / "bigl" / "config.json").read_text())
     assert config["data"]["source_dir"].endswith("train") and config["adapt"]["method"] == "bigl"
+    target = json.loads((out / "runs" / "target-only" / "config.json").read_text())
+    assert target["adapt"]["method"] == "target-only" and target["data"]["target_labels"]
     assert (out / "comparison.png").is_file() and (out / "results.md").is_file()

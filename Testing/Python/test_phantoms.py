@@ -68,6 +68,8 @@ def test_t1_contrast(phantoms):
         m = tissue_means(phantom, "t1")
         assert m[WM] > m[GM] > m[CSF]
         assert m[OEDEMA] < m[WM] and m[NECROSIS] < m[GM] and m[ENHANCING] < m[WM]
+    # oedema darker than grey matter on average (per case the tissue levels vary by a few percent)
+    assert np.mean([tissue_means(p, "t1")[OEDEMA] / tissue_means(p, "t1")[GM] for p in phantoms]) < 1.0
 
 
 def test_t2_contrast(phantoms):
@@ -75,6 +77,8 @@ def test_t2_contrast(phantoms):
         m = tissue_means(phantom, "t2")
         assert m[CSF] > m[GM] > m[WM]
         assert m[OEDEMA] > m[GM] and m[NECROSIS] > m[GM] and m[ENHANCING] > m[WM]
+        # the core shows on T2: fluid-bright necrosis inside a rim darker than the oedema around it
+        assert m[NECROSIS] > m[OEDEMA] > m[ENHANCING]
 
 
 def test_t1ce_and_flair_contrast(phantoms):

@@ -27,8 +27,8 @@ def register(subparsers) -> None:
     )
     parser.add_argument("--out", "-o", type=Path, default=DEFAULT_OUT, metavar="DIR",
                         help="output folder (default: ./bigl-demo; its data, runs and eval subfolders are replaced)")
-    parser.add_argument("--cases", type=int, metavar="N", help="training phantoms (default 8; 3 with --quick)")
-    parser.add_argument("--test-cases", type=int, metavar="N", help="test phantoms (default 4; 2 with --quick)")
+    parser.add_argument("--cases", type=int, metavar="N", help="training phantoms (default 24; 3 with --quick)")
+    parser.add_argument("--test-cases", type=int, metavar="N", help="test phantoms (default 8; 2 with --quick)")
     parser.add_argument("--quick", action="store_true",
                         help="smoke-sized run (seconds to a minute): checks that everything works, not how well")
     parser.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the phantoms and the training (default 0)")

@@ -18,9 +18,13 @@ FLAIR      CSF suppressed (dark), GM > WM          oedema brightest
 =========  ======================================  ===========================================
 
 so the tumour is darker than white matter on T1 and brighter on T2: a segmenter trained on one
-fails on the other. Images are blurred (partial volume), multiplied by a smooth bias field, get
-Rician noise and are skull-stripped (zero background) and stored as int16 with an LPS-like affine,
-like BraTS. The same generator state always gives the same phantom.
+fails on the other. Within the tumour the sub-regions differ as in glioblastoma: on T1 the oedema is
+darker than grey matter and the necrosis nearly as dark as CSF; on T2 the necrosis is fluid-bright
+(just below CSF) and the enhancing rim a darker ring between it and the oedema (the T2-hypointense
+rim), so the core shows on both sequences and not only on contrast-enhanced T1.
+
+Images are blurred (partial volume), multiplied by a smooth bias field, get Rician noise and are
+skull-stripped (zero background) and stored as int16 with an LPS-like affine, like BraTS. The same generator state always gives the same phantom.
 """
 
 from __future__ import annotations
@@ -46,9 +50,9 @@ TISSUE_LABELS = np.array([0, 0, 0, 0, 2, 1, 4], dtype=np.uint8)
 #: Mean intensity of each tissue (order of TISSUES) relative to white matter on T1.
 CONTRASTS: dict[str, tuple[float, ...]] = {
     #         bg   csf   gm    wm    oedema necrosis enhancing
-    "t1":    (0.0, 0.25, 0.68, 1.00, 0.72, 0.34, 0.56),
-    "t1ce":  (0.0, 0.25, 0.68, 1.00, 0.74, 0.34, 1.75),
-    "t2":    (0.0, 1.55, 0.70, 0.45, 1.15, 1.35, 0.95),
+    "t1":    (0.0, 0.25, 0.68, 1.00, 0.62, 0.34, 0.56),
+    "t1ce":  (0.0, 0.25, 0.68, 1.00, 0.64, 0.34, 1.75),
+    "t2":    (0.0, 1.55, 0.70, 0.45, 1.15, 1.45, 0.85),
     "flair": (0.0, 0.14, 0.72, 0.55, 1.40, 0.85, 1.00),
 }  # fmt: skip
 MIN_SIZE = 16
