@@ -1,4 +1,4 @@
-"""``bigl demo``: phantoms -> source-only vs BiGL (and a no-learning baseline) -> table."""
+"""``bigl demo``: phantoms -> source-only, BiGL, target-only (and a no-learning baseline) -> table."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from bigl.runfolder import DEVICE_CHOICES
 DESCRIPTION = """\
 Run the whole method on synthetic data, with nothing to download: writes a phantom cohort (T1 with
 labels as the source modality, T2 as the target, plus separate test cases never used in training),
-trains a source-only model and a BiGL model with the small 'cpu' config, evaluates both and the
-no-learning invert-histmatch baseline on the T2 test cases, and prints a method x region table of
-mean Dice (%) and HD95 (mm). Takes a few minutes on two CPU cores (--quick: about a minute,
+trains a source-only model, a BiGL model and a target-only model (T2 labels: the supervised level)
+with the small 'cpu' config, evaluates them and the no-learning invert-histmatch baseline on the T2
+test cases, and prints a method x region table of mean Dice (%) and HD95 (mm). Takes a few minutes on two CPU cores (--quick: about a minute,
 with a smoke-sized config whose numbers mean little). Everything is written under --out."""
 
 
@@ -21,7 +21,7 @@ def register(subparsers) -> None:
 
     parser = subparsers.add_parser(
         "demo",
-        help="phantoms -> train source-only and BiGL -> evaluate on T2 (a few CPU minutes)",
+        help="phantoms -> train source-only, BiGL and target-only -> evaluate on T2 (minutes on a CPU)",
         description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
