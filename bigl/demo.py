@@ -116,7 +116,7 @@ def make_data(out: Path, settings: DemoSettings) -> tuple[Path, Path]:
 def training_overrides(method: str, train: Path, device: str, seed: int, threads: int | None = None,
                        config: str = "cpu") -> list[str]:
     """Config overrides of a demo training run with the ready ``config``: T1 labelled source, T2
-    unlabelled target, same cases."""
+    target (its labels read by target-only alone), the same training cases for both."""
     from bigl.training import load_config
 
     overrides = [
