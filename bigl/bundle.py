@@ -263,11 +263,13 @@ def _check_metadata(metadata: Any, path: Path | None) -> dict:
     if metadata["method"] not in METHODS:
         raise BundleError(f"{where}the bundle names an unknown training method {metadata['method']!r}", _REBUILD_HINT)
     segmenter = metadata["segmenter"]
+    channels = segmenter.get("in_channels", 1) if isinstance(segmenter, dict) else 1
     if isinstance(segmenter, dict) and (segmenter.get("num_classes", len(LABELS)) != len(LABELS)
-                                        or segmenter.get("in_channels", 1) != 1):
+                                        or not isinstance(channels, int) or channels < 1 or channels % 2 == 0):
         raise BundleError(
-            f"{where}the segmenter in the bundle takes {segmenter.get('in_channels')} input channel(s) and predicts "
-            f"{segmenter.get('num_classes')} classes; BiGL models take one scan and predict {len(LABELS)} classes",
+            f"{where}the segmenter in the bundle takes {channels} input channel(s) and predicts "
+            f"{segmenter.get('num_classes')} classes; BiGL models take an odd number of adjacent slices of one scan "
+            f"and predict {len(LABELS)} classes",
             "use a bundle trained with BiGL's label convention",
         )
     labels = metadata.get("labels", list(LABELS))

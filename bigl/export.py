@@ -107,7 +107,8 @@ def export_bundle(bundle_path: str | os.PathLike, out: str | os.PathLike | None 
         return {BUNDLE_KEY: json.dumps(bundle.metadata, allow_nan=False), EXPORT_KEY: json.dumps(info)}
 
     segmenter_bytes = _export(torch, onnx, _segmenter_graph(torch, bundle.segmenter), SEGMENTER_OUTPUTS, segmenter_size,
-                              opset, description("segmenter", SEGMENTER_OUTPUTS, segmenter_size))
+                              opset, description("segmenter", SEGMENTER_OUTPUTS, segmenter_size),
+                              channels=bundle.segmenter_config.in_channels)
     files[target] = segmenter_bytes
     if translator is not None:
         files[translator_path(target)] = _export(
@@ -136,10 +137,10 @@ def _segmenter_graph(torch, segmenter):
     return SegmenterGraph(segmenter).eval()
 
 
-def _export(torch, onnx, module, outputs, size: int, opset: int, metadata: dict[str, str]) -> bytes:
-    """The ONNX bytes of ``module`` traced on [2, 1, size, size], batch axis dynamic, with ``metadata``."""
+def _export(torch, onnx, module, outputs, size: int, opset: int, metadata: dict[str, str], channels: int = 1) -> bytes:
+    """The ONNX bytes of ``module`` traced on [2, channels, size, size], batch axis dynamic, with ``metadata``."""
     module.eval()  # the exporter restores the wrapper's mode afterwards, recursively: keep it eval
-    example = torch.zeros(_TRACE_BATCH, 1, size, size)
+    example = torch.zeros(_TRACE_BATCH, channels, size, size)
     example[:, :, size // 4: 3 * size // 4, size // 4: 3 * size // 4] = 0.5
     buffer = io.BytesIO()
     names = [INPUT_NAME, *outputs]
@@ -180,15 +181,17 @@ def _accepts(function, name: str) -> bool:
     return name in parameters
 
 
-def _check_slices(size: int, count: int = _CHECK_BATCH) -> np.ndarray:
-    """A synthetic batch in [-1, 1]: smooth blobs on background, and one all-background slice."""
+def _check_slices(size: int, count: int = _CHECK_BATCH, channels: int = 1) -> np.ndarray:
+    """A synthetic batch [count, channels, size, size] in [-1, 1]: smooth blobs on background, and
+    one all-background input."""
     rng = np.random.default_rng(0)
     y, x = np.mgrid[0:size, 0:size] / max(1, size - 1)
-    batch = np.full((count, 1, size, size), -1.0, dtype=np.float32)
+    batch = np.full((count, channels, size, size), -1.0, dtype=np.float32)
     for index in range(count - 1):
-        cy, cx = rng.uniform(0.3, 0.7, 2)
-        blob = np.exp(-((y - cy) ** 2 + (x - cx) ** 2) / 0.05)
-        batch[index, 0] = np.clip(2 * blob - 1 + 0.1 * rng.standard_normal((size, size)), -1, 1)
+        for channel in range(channels):
+            cy, cx = rng.uniform(0.3, 0.7, 2)
+            blob = np.exp(-((y - cy) ** 2 + (x - cx) ** 2) / 0.05)
+            batch[index, channel] = np.clip(2 * blob - 1 + 0.1 * rng.standard_normal((size, size)), -1, 1)
     return batch
 
 
@@ -203,7 +206,8 @@ def check_export(bundle, segmenter_bytes: bytes, translator_bytes: bytes | None,
         return create_session(target, data, parse_header(data), providers=["CPUExecutionProvider"], num_threads=None)
 
     size = bundle.preprocessing.image_size
-    batch = _check_slices(padded_size(size, bundle.segmenter_config.size_multiple))
+    batch = _check_slices(padded_size(size, bundle.segmenter_config.size_multiple),
+                          channels=bundle.segmenter_config.in_channels)
     with torch.inference_mode():
         expected = bundle.segmenter(torch.from_numpy(batch), return_aux=True)
     got = dict(zip(SEGMENTER_OUTPUTS, session(segmenter_bytes).run(None, {INPUT_NAME: batch})))

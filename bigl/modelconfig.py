@@ -75,6 +75,8 @@ def require_choice(config: object, name: str, choices: tuple[str, ...]) -> None:
 class SegmenterConfig(ModelConfig):
     """Size and options of :class:`DualAttentionUNet` (stored in model bundles as JSON).
 
+    ``in_channels``: adjacent slices per input; BiGL segments the middle one, so training and
+    bundles take an odd number (1: single slices, 3: 2.5D with a neighbour on each side).
     ``attention_reduction``: query/key width of position attention is ``C // attention_reduction``
     (DANet uses 8). ``norm``: 'batch' (default) or 'instance'. ``upsample``: 'transpose' or
     'bilinear'. ``fuse_conv``: add a 3x3 conv-norm-ReLU after summing the two attention outputs.

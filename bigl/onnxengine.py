@@ -388,7 +388,7 @@ def _first_line(text: str) -> str:
     return (text.splitlines() or ["unknown error"])[0][:300]
 
 
-def check_graph(session, info: dict, expected_size: int, outputs: tuple[str, ...], path: Path) -> None:
+def check_graph(session, info: dict, expected_size: int, outputs: tuple[str, ...], path: Path, channels: int = 1) -> None:
     """BundleError unless the graph has the one input and the outputs its metadata describes."""
     inputs = session.get_inputs()
     problems = []
@@ -401,9 +401,9 @@ def check_graph(session, info: dict, expected_size: int, outputs: tuple[str, ...
             problems.append(f"input {given.name!r} where the metadata names {info.get('input')!r}")
         if given.type != "tensor(float)":
             problems.append(f"input type {given.type} where float32 slices are fed")
-        if len(shape) != 4 or shape[1] != 1 or shape[2:] != [expected_size, expected_size]:
+        if len(shape) != 4 or shape[1] != channels or shape[2:] != [expected_size, expected_size]:
             problems.append(f"input shape {shape} where the metadata's preprocessing needs "
-                            f"[batch, 1, {expected_size}, {expected_size}]")
+                            f"[batch, {channels}, {expected_size}, {expected_size}]")
         elif isinstance(shape[0], int) and shape[0] != 1:
             problems.append(f"a fixed batch of {shape[0]} slices (exports have a dynamic batch)")
     names = {output.name for output in session.get_outputs()}
@@ -435,8 +435,8 @@ class _Graph:
     """One exported network: its session, opened on first use."""
 
     def __init__(self, path: Path, graph: str, outputs: tuple[str, ...], size: int, *, providers, num_threads,
-                 data: bytes | None = None):
-        self.path, self.graph, self.outputs, self.size = path, graph, outputs, size
+                 data: bytes | None = None, channels: int = 1):
+        self.path, self.graph, self.outputs, self.size, self.channels = path, graph, outputs, size, channels
         self.providers, self.num_threads = providers, num_threads
         self.metadata, self.info, self.header = read_export(path, graph, data=data)
         self._data = data
@@ -448,7 +448,7 @@ class _Graph:
             data = self._data if self._data is not None else _read_file(self.path)
             session = create_session(self.path, data, self.header, providers=self.providers,
                                      num_threads=self.num_threads)
-            check_graph(session, self.info, self.size, self.outputs, self.path)
+            check_graph(session, self.info, self.size, self.outputs, self.path, self.channels)
             self._session, self._data = session, None
         return self._session
 
@@ -483,7 +483,8 @@ class OnnxPredictor(Predictor):
         size = self.preprocessing.image_size
         self.segmenter = _Graph(path, "segmenter", SEGMENTER_OUTPUTS,
                                 padded_size(size, self.segmenter_config.size_multiple),
-                                providers=self.providers, num_threads=num_threads, data=data)
+                                providers=self.providers, num_threads=num_threads, data=data,
+                                channels=self.segmenter_config.in_channels)
         session = self.segmenter.session  # open it now: errors belong to loading, not to the first scan
         self.device = "cuda" if "CUDAExecutionProvider" in session.get_providers() else "cpu"
         self.translator = None

@@ -247,7 +247,7 @@ class Predictor(ModelDescription):
     # the engine's part: one padded batch in, numpy outputs back
 
     def _run_segmenter(self, batch: np.ndarray, attention: bool) -> dict[str, np.ndarray]:  # pragma: no cover
-        """float32 [B, 1, P, P] -> ``"logits"`` [B, K, P, P] and, with ``attention``, ``"features"``
+        """float32 [B, in_channels, P, P] -> ``"logits"`` [B, K, P, P] and, with ``attention``, ``"features"``
         [B, C, h, w], ``"position_attention"`` [B, N, N] and ``"channel_attention"`` [B, C, C]."""
         raise NotImplementedError
 
@@ -257,11 +257,15 @@ class Predictor(ModelDescription):
 
     # the loops
 
-    def _batches(self, slices: np.ndarray, multiple: int):
-        """(start, float32 [B, 1, P, P] batch) with the slices padded to a multiple of ``multiple``."""
+    def _batches(self, slices: np.ndarray, multiple: int, channels: int = 1):
+        """(start, float32 [B, channels, P, P] batch) with the slices padded to a multiple of
+        ``multiple``; with ``channels`` > 1 each slice comes with its neighbours (2.5D input)."""
+        from bigl.data.preprocess import context_stack
+
         padded = padded_size(slices.shape[-1], multiple)
         for start in range(0, len(slices), self.batch_size):
-            yield start, pad_batch(slices[start:start + self.batch_size], padded)
+            stop = min(start + self.batch_size, len(slices))
+            yield start, pad_batch(context_stack(slices, start, stop, channels), padded)
 
     def _segment_slices(self, slices: np.ndarray, attention: bool, report: ProgressCallback,
                         flip_axis: int = 0) -> dict[str, np.ndarray]:
@@ -276,7 +280,7 @@ class Predictor(ModelDescription):
         if attention:
             out["position"] = np.empty((count, size, size), dtype=np.float32)
             out["channel"] = np.empty((count, size, size), dtype=np.float32)
-        for start, batch in self._batches(slices, config.size_multiple):
+        for start, batch in self._batches(slices, config.size_multiple, config.in_channels):
             stop, padded = start + len(batch), batch.shape[-2:]
             results = self._run_segmenter(batch, attention)
             probabilities, views = softmax(results["logits"], axis=1), 1
@@ -317,10 +321,10 @@ def padded_size(size: int, multiple: int) -> int:
 
 
 def pad_batch(batch: np.ndarray, padded: int) -> np.ndarray:
-    """[B, S, S] slices -> float32 [B, 1, padded, padded], background (-1) at the bottom and right."""
+    """[B, C, S, S] slices -> float32 [B, C, padded, padded], background (-1) at the bottom and right."""
     size = batch.shape[-1]
-    out = np.full((len(batch), 1, padded, padded), BACKGROUND, dtype=np.float32)
-    out[:, 0, :size, :size] = batch
+    out = np.full((*batch.shape[:2], padded, padded), BACKGROUND, dtype=np.float32)
+    out[..., :size, :size] = batch
     return out
 
 

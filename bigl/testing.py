@@ -17,7 +17,7 @@ def load_script(path: str | Path):
 
 
 def make_test_bundle(path: str | Path, *, image_size: int = 32, seed: int = 0, sharpen: float = 1.0,
-                     attention_sharpen: float = 1.0, intensity: str = "percentile") -> Path:
+                     attention_sharpen: float = 1.0, intensity: str = "percentile", in_channels: int = 1) -> Path:
     """Write a tiny untrained bundle (segmenter and both translators) that runs in seconds on a CPU.
 
     Its segmentations are meaningless; tests use it to exercise the whole flow in seconds, without
@@ -26,7 +26,8 @@ def make_test_bundle(path: str | Path, *, image_size: int = 32, seed: int = 0, s
     every voxel would get the same label). ``attention_sharpen`` scales the query and key
     convolutions of position attention likewise, so that its attention map is not nearly uniform
     (whose per-volume min-max scaling would magnify rounding). ``intensity``: the bundle's intensity
-    normalisation (``PreprocessConfig.intensity``). Needs torch (imported here, not at module import).
+    normalisation (``PreprocessConfig.intensity``). ``in_channels``: adjacent slices per input (2.5D
+    when above 1). Needs torch (imported here, not at module import).
     """
     import torch
 
@@ -35,7 +36,7 @@ def make_test_bundle(path: str | Path, *, image_size: int = 32, seed: int = 0, s
     from bigl.models import DualAttentionUNet, ResnetGenerator, SegmenterConfig, TranslatorConfig
 
     torch.manual_seed(seed)
-    segmenter_config = SegmenterConfig(base_channels=4, depth=3)
+    segmenter_config = SegmenterConfig(base_channels=4, depth=3, in_channels=in_channels)
     translator_config = TranslatorConfig(base_channels=4, n_downsample=2, n_blocks=1)
     segmenter = DualAttentionUNet(segmenter_config)
     if sharpen != 1.0:

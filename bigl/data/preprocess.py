@@ -382,3 +382,24 @@ def left_right_axis(affine: np.ndarray, slice_axis: int) -> int:
         if codes[axis] in ("L", "R"):
             return position - 2
     return 0
+
+
+def context_offsets(channels: int) -> np.ndarray:
+    """Slice offsets of a segmenter input of ``channels`` adjacent slices (an odd number): the
+    slice to segment in the middle, ``channels // 2`` neighbours on each side (2.5D input)."""
+    if channels < 1 or channels % 2 == 0:
+        raise ValueError(f"a slice context needs an odd number of slices, got {channels}")
+    half = channels // 2
+    return np.arange(-half, half + 1)
+
+
+def context_stack(slices: np.ndarray, start: int, stop: int, channels: int) -> np.ndarray:
+    """Slices ``start:stop`` of a prepared stack [n, S, S] with their neighbours as channels:
+    float32 [stop - start, channels, S, S]. Neighbours beyond the stack are background, as the
+    empty slices around a brain are."""
+    count = len(slices)
+    positions = np.arange(start, stop)[:, None] + context_offsets(channels)[None, :]
+    inside = (positions >= 0) & (positions < count)
+    out = np.asarray(slices[np.clip(positions, 0, count - 1)], dtype=np.float32)
+    out[~inside] = BACKGROUND
+    return out

@@ -64,6 +64,7 @@ from bigl.training.loop import (
 from bigl.training.translator_stage import (
     TranslatorObjective,
     TranslatorPair,
+    per_slice,
     sample_rows,
     translator_batch,
     translator_discriminators,
@@ -112,12 +113,12 @@ class AdaptNetwork(nn.Module):
             return {"logits": self.segmenter(seg_labelled)}
         out: dict[str, torch.Tensor] = {}
         if self.finetune:
-            fake_t, fake_s = self.translators.s2t(x_labelled), self.translators.t2s(x_target)
+            fake_t, fake_s = per_slice(self.translators.s2t, x_labelled), per_slice(self.translators.t2s, x_target)
             stage1 = self.objective.translate(self.translators, translator_batch)
             out.update({f"translator.{key}": value for key, value in stage1.items()})
         else:
             with torch.no_grad():
-                fake_t, fake_s = self.translators.s2t(x_labelled), self.translators.t2s(x_target)
+                fake_t, fake_s = per_slice(self.translators.s2t, x_labelled), per_slice(self.translators.t2s, x_target)
         if augment_translated is not None:
             fake_t = augment_translated(fake_t)
         aux = self.segmenter(torch.cat([seg_labelled, fake_t, x_target, fake_s]), return_aux=True)
@@ -278,7 +279,9 @@ class AdaptTrainer(StageTrainer):
         size = self.adapt.batch_size
         drawn = ctx.sampler.unpaired(self.stage, step, size)
         shard = ctx.dist.shard(size)
-        x, y = to_tensors(ctx.data.labelled, drawn.labelled[shard], drawn.flip_labelled[shard], ctx.device, with_labels=True)
+        channels = ctx.config.segmenter.in_channels
+        x, y = to_tensors(ctx.data.labelled, drawn.labelled[shard], drawn.flip_labelled[shard], ctx.device, with_labels=True,
+                          channels=channels)
         rng = ctx.sampler.rng(self.stage, step, stream=2)  # augmentation parameters (global batch)
         rows = {"batch": size, "rows": shard}
         if data.augment_spatial:
@@ -300,7 +303,8 @@ class AdaptTrainer(StageTrainer):
                 if data.augment_spatial:
                     batch["x_t"], batch["y_t"] = augment.spatial(batch["x_t"], batch["y_t"], rng, **rows)
             else:
-                batch["x_t"], _ = to_tensors(ctx.data.unlabelled, drawn.unlabelled[shard], drawn.flip_unlabelled[shard], ctx.device)
+                batch["x_t"], _ = to_tensors(ctx.data.unlabelled, drawn.unlabelled[shard], drawn.flip_unlabelled[shard], ctx.device,
+                                             channels=channels)
         if self.finetune:
             batch["translator"] = translator_batch(ctx, self.translator_mode, self.stage, step, size, stream=1)
         return batch
@@ -316,15 +320,9 @@ class AdaptTrainer(StageTrainer):
 
     def pseudo_batch(self, rows: np.ndarray, flips: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """Target images and their pseudo-labels (``IGNORE_INDEX`` where unconfident), mirrored alike."""
-        unlabelled = self.ctx.data.unlabelled
-        images = unlabelled.images[rows].astype(np.float32)
-        labels = self.pseudo[rows].copy()
-        for row, (flip, axis) in enumerate(zip(flips, unlabelled.flip_axis[rows])):
-            if flip and axis:
-                images[row] = np.flip(images[row], axis=int(axis))
-                labels[row] = np.flip(labels[row], axis=int(axis))
-        device = self.ctx.device
-        return torch.from_numpy(images).unsqueeze(1).to(device), torch.from_numpy(labels).long().to(device)
+        ctx = self.ctx
+        return to_tensors(ctx.data.unlabelled, rows, flips, ctx.device, channels=ctx.config.segmenter.in_channels,
+                          labels=self.pseudo)
 
     @property
     def pseudo_tumour(self) -> np.ndarray:
@@ -353,11 +351,12 @@ class AdaptTrainer(StageTrainer):
         confidence = np.empty(unlabelled.images.shape, dtype=np.uint16)
         predicted = np.empty(unlabelled.images.shape, dtype=np.uint8)
         for begin in range(0, n, chunk):
-            x = torch.from_numpy(unlabelled.images[begin:begin + chunk].astype(np.float32)).unsqueeze(1).to(ctx.device)
+            rows = np.arange(begin, min(begin + chunk, n))
+            x = torch.from_numpy(unlabelled.stack(rows, ctx.config.segmenter.in_channels)).to(ctx.device)
             with ctx.autocast():
                 probabilities = torch.softmax(teacher(x).float(), 1)
                 if adapt.pseudo_views == "both":
-                    probabilities = 0.5 * (probabilities + torch.softmax(teacher(self.translators.t2s(x)).float(), 1))
+                    probabilities = 0.5 * (probabilities + torch.softmax(teacher(per_slice(self.translators.t2s, x)).float(), 1))
                 elif adapt.pseudo_views == "inverted":
                     probabilities = 0.5 * (probabilities + torch.softmax(teacher(augment.invert_all(x)).float(), 1))
             best, classes = probabilities.max(1)
@@ -560,12 +559,13 @@ class AdaptTrainer(StageTrainer):
         segmenter.eval()
         with torch.no_grad():
             no_flip = np.zeros(len(rows["labelled"]), bool)
-            x, y = to_tensors(labelled, rows["labelled"], no_flip, ctx.device, with_labels=True)
+            channels = ctx.config.segmenter.in_channels
+            x, y = to_tensors(labelled, rows["labelled"], no_flip, ctx.device, with_labels=True, channels=channels)
             images = {f"{labelled.modality} + labels": x, f"{labelled.modality} + prediction": x}
             overlays = {f"{labelled.modality} + labels": y, f"{labelled.modality} + prediction": segmenter(x).argmax(1)}
             if self.method == "bigl":
-                x_t, _ = to_tensors(unlabelled, rows["unlabelled"], no_flip, ctx.device)
-                x_t2s = self.translators.t2s(x_t)
+                x_t, _ = to_tensors(unlabelled, rows["unlabelled"], no_flip, ctx.device, channels=channels)
+                x_t2s = per_slice(self.translators.t2s, x_t)
                 images[f"{unlabelled.modality} + prediction"] = x_t
                 overlays[f"{unlabelled.modality} + prediction"] = segmenter(x_t).argmax(1)
                 images[f"{unlabelled.modality}->{labelled.modality} + prediction"] = x_t2s
@@ -574,7 +574,7 @@ class AdaptTrainer(StageTrainer):
         segmenter.train()
         sample_grid(
             path,
-            {name: t[:, 0].float().cpu().numpy() for name, t in images.items()},
+            {name: t[:, t.shape[1] // 2].float().cpu().numpy() for name, t in images.items()},
             overlays={name: t.cpu().numpy() for name, t in overlays.items()},
             title=f"stage 2 {self.method}, step {int(path.stem.rsplit('_', 1)[-1])}",
         )

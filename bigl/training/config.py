@@ -345,8 +345,12 @@ def _validate_models(config: dict[str, Any]) -> None:
             f"{size} px leaves a 1x1 bottleneck after {config['segmenter']['depth']} poolings (attention needs at least 2x2)",
             f"use at least {2 * segmenter_multiple} px or a smaller segmenter.depth",
         )
-    if config["segmenter"]["in_channels"] != 1 or config["translator"]["channels"] != 1:
-        raise ConfigError("training uses one-channel slices", "set segmenter.in_channels=1 and translator.channels=1")
+    channels = config["segmenter"]["in_channels"]
+    if channels % 2 == 0:
+        raise _fail("segmenter.in_channels", f"{channels} adjacent slices have no middle one to segment",
+                    "use 1 (single slices) or an odd number such as 3 (the slice and one neighbour on each side)")
+    if config["translator"]["channels"] != 1:
+        raise ConfigError("the translators work on single slices", "set translator.channels=1")
 
 
 def _validate_stage_length(config: dict[str, Any], section: str) -> None:

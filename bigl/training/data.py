@@ -56,6 +56,35 @@ class SliceSet:
             return np.zeros(0, dtype=np.int64)
         return np.flatnonzero(self.labels.reshape(len(self.labels), -1).any(axis=1))
 
+    def context_rows(self, channels: int) -> np.ndarray:
+        """int64 [n, channels]: the rows of each slice's neighbours (2.5D input, offsets as
+        :func:`bigl.data.preprocess.context_offsets`), -1 where the neighbour holds no brain or lies
+        outside the volume (the slices without brain were not kept)."""
+        from bigl.data.preprocess import context_offsets
+
+        cache = self.__dict__.setdefault("_context_rows", {})
+        if channels not in cache:
+            n = len(self)
+            rows = np.arange(n)[:, None] + context_offsets(channels)[None, :]
+            clipped = np.clip(rows, 0, max(n - 1, 0))
+            same = (self.case_index[clipped] == self.case_index[:, None]) & (
+                self.slice_index[clipped] - self.slice_index[:, None] == context_offsets(channels)[None, :])
+            cache[channels] = np.where((rows >= 0) & (rows < n) & same, rows, -1)
+        return cache[channels]
+
+    def stack(self, indices: np.ndarray, channels: int = 1) -> np.ndarray:
+        """float32 [len(indices), channels, S, S]: each slice with its neighbours as channels,
+        background where a neighbour holds no brain."""
+        from bigl.data.preprocess import BACKGROUND
+
+        indices = np.asarray(indices, dtype=np.int64)
+        if channels == 1:
+            return self.images[indices].astype(np.float32)[:, None]
+        rows = self.context_rows(channels)[indices]
+        out = self.images[np.maximum(rows, 0)].astype(np.float32)
+        out[rows < 0] = BACKGROUND
+        return out
+
     def describe(self) -> dict[str, Any]:
         info = {"modality": self.modality, "cases": len(self.case_names), "case_names": list(self.case_names), "slices": len(self)}
         if self.labels is not None:
@@ -333,16 +362,22 @@ class StepSampler:
 
 
 def to_tensors(
-    slices: SliceSet, indices: np.ndarray, flips: np.ndarray, device: torch.device, with_labels: bool = False
+    slices: SliceSet, indices: np.ndarray, flips: np.ndarray, device: torch.device, with_labels: bool = False,
+    channels: int = 1, labels: np.ndarray | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Images [B, 1, S, S] float32 (and labels [B, S, S] long) on ``device``, mirrored left-right where asked."""
-    images = slices.images[indices].astype(np.float32)
-    labels = slices.labels[indices].copy() if with_labels else None
+    """Images [B, channels, S, S] float32 (each slice with its neighbours, :meth:`SliceSet.stack`)
+    and labels [B, S, S] long on ``device``, mirrored left-right where asked. The labels are the
+    set's own (``with_labels``) or ``labels`` given per slice of the set (pseudo-labels)."""
+    images = slices.stack(indices, channels)
+    if labels is not None:
+        labels = labels[indices].copy()
+    elif with_labels:
+        labels = slices.labels[indices].copy()
     for row, (flip, axis) in enumerate(zip(flips, slices.flip_axis[indices])):
         if flip and axis:
             images[row] = np.flip(images[row], axis=int(axis))
             if labels is not None:
                 labels[row] = np.flip(labels[row], axis=int(axis))
-    image_tensor = torch.from_numpy(images).unsqueeze(1).to(device)
+    image_tensor = torch.from_numpy(images).to(device)
     label_tensor = None if labels is None else torch.from_numpy(labels).long().to(device)
     return image_tensor, label_tensor

@@ -59,6 +59,14 @@ def resolve_mode(config: TrainingConfig, pairs: int) -> str:
     return mode
 
 
+def per_slice(generator: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A one-channel generator applied to every channel of ``x`` [B, C, H, W] on its own: the
+    translators work on single slices, a 2.5D segmenter input holds several."""
+    if x.shape[1] == 1:
+        return generator(x)
+    return generator(x.reshape(-1, 1, *x.shape[2:])).reshape(x.shape)
+
+
 class TranslatorPair(nn.Module):
     """G_s->t and G_t->s; ``forward`` computes everything a generator step needs in one call
     (the objective says what: the cycled images, the identity images)."""
