@@ -42,6 +42,7 @@ class SliceSet:
     slice_index: np.ndarray  # int32 [n]: slice position in its prepared volume
     flip_axis: np.ndarray  # int8 [n]: slice axis (-2 or -1) running left-right, 0 when none does
     keys: np.ndarray = field(init=False)  # int64 [n]: (case, slice) identity shared across domains
+    _context_rows: dict[int, np.ndarray] = field(init=False, repr=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         self.keys = np.zeros(len(self.images), dtype=np.int64)
@@ -62,15 +63,14 @@ class SliceSet:
         outside the volume (the slices without brain were not kept)."""
         from bigl.data.preprocess import context_offsets
 
-        cache = self.__dict__.setdefault("_context_rows", {})
-        if channels not in cache:
-            n = len(self)
-            rows = np.arange(n)[:, None] + context_offsets(channels)[None, :]
+        if channels not in self._context_rows:
+            n, offsets = len(self), context_offsets(channels)[None, :]
+            rows = np.arange(n)[:, None] + offsets
             clipped = np.clip(rows, 0, max(n - 1, 0))
             same = (self.case_index[clipped] == self.case_index[:, None]) & (
-                self.slice_index[clipped] - self.slice_index[:, None] == context_offsets(channels)[None, :])
-            cache[channels] = np.where((rows >= 0) & (rows < n) & same, rows, -1)
-        return cache[channels]
+                self.slice_index[clipped] - self.slice_index[:, None] == offsets)
+            self._context_rows[channels] = np.where((rows >= 0) & (rows < n) & same, rows, -1)
+        return self._context_rows[channels]
 
     def stack(self, indices: np.ndarray, channels: int = 1) -> np.ndarray:
         """float32 [len(indices), channels, S, S]: each slice with its neighbours as channels,
