@@ -47,6 +47,10 @@ TRANSLATOR_FORMAT = "bigl-translator"
 TRANSLATOR_FORMAT_VERSION = 1
 #: Tensor-name prefixes of the networks a bundle can hold.
 PARTS = ("segmenter", "translator_s2t", "translator_t2s")
+#: What a bundle's ``inference`` metadata may turn on by default (true/false each; every predictor
+#: takes them too, None meaning the metadata's choice): test-time flips, the inverted view, the
+#: edge refinement and the label clean-up (bigl.prediction, bigl.postprocess).
+INFERENCE_OPTIONS = ("flip", "invert_view", "refine_edges", "postprocess")
 #: Where the shipped reference model lives (inside the installed package).
 DEFAULT_BUNDLE_PATH = Path(__file__).resolve().parent / "resources" / "default_model.safetensors"
 #: Tensors that are state but not trainable parameters (excluded from parameter counts).
@@ -558,8 +562,8 @@ def annotate_bundle(
     inference: dict | None = None,
 ) -> Path:
     """Copy a bundle with its ``metrics`` replaced, ``training`` merged into its training record and
-    (when given) a new description and ``inference`` defaults (``{"flip": bool, "postprocess": bool,
-    "invert_view": bool}``, each optional,
+    (when given) a new description and ``inference`` defaults (``{"flip": bool, "postprocess": bool, ...}``,
+    the names of ``INFERENCE_OPTIONS``, each optional,
     what :class:`bigl.inference.BiGLPredictor` does unless told otherwise); the weights are copied
     byte for byte. Used to record what was measured on a model after training (e.g. the shipped
     reference model's report table) and how it is best run."""
@@ -573,9 +577,9 @@ def annotate_bundle(
     if description is not None:
         metadata["description"] = description
     if inference is not None:
-        unknown = sorted(set(inference) - {"flip", "postprocess", "invert_view"})
+        unknown = sorted(set(inference) - set(INFERENCE_OPTIONS))
         if unknown or not all(isinstance(value, bool) for value in inference.values()):
-            raise ConfigError(f"inference defaults take flip, postprocess and invert_view (true/false), got {inference}",
+            raise ConfigError(f"inference defaults take {', '.join(INFERENCE_OPTIONS)} (true/false), got {inference}",
                               'e.g. {"flip": true, "postprocess": true}')
         metadata["inference"] = dict(inference)
     metadata = _check_metadata(metadata, None)

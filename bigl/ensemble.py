@@ -23,14 +23,16 @@ class EnsemblePredictor(Predictor):
     """A :class:`~bigl.prediction.Predictor` over several predictors (``members``).
 
     The labels are the arg-max of the members' mean class probabilities on the input grid (then
-    ``postprocess``, when on: None takes it from the members, on when every member has it on).
+    ``refine_edges`` and ``postprocess``, when on: None takes each from the members, on when every
+    member has it on).
     The attention maps and the translated image are the first member's. The description
     (``metadata``, modality, preprocessing) is the first member's; ``members`` names them all.
     """
 
     engine = "ensemble"
 
-    def __init__(self, members: Sequence[Predictor], *, postprocess: bool | None = None):
+    def __init__(self, members: Sequence[Predictor], *, postprocess: bool | None = None,
+                 refine_edges: bool | None = None):
         members = list(members)
         if len(members) < 2:
             raise ConfigError(f"an ensemble needs at least two models, got {len(members)}",
@@ -44,7 +46,10 @@ class EnsemblePredictor(Predictor):
         first = members[0]
         if postprocess is None:
             postprocess = all(member.postprocess for member in members)
-        self._setup(first.metadata, first.model_path, first.batch_size, flip=False, postprocess=postprocess)
+        if refine_edges is None:
+            refine_edges = all(member.refine_edges for member in members)
+        self._setup(first.metadata, first.model_path, first.batch_size, flip=False, postprocess=postprocess,
+                    refine_edges=refine_edges)
         # What the records of a run say: on when every member does it (each member applies its own).
         self.flip = all(member.flip for member in members)
         self.invert_view = all(member.invert_view for member in members)
@@ -72,12 +77,7 @@ class EnsemblePredictor(Predictor):
             else:
                 total += result.probabilities
         total /= count
-        labels = classes_to_labels(np.argmax(total, axis=0)).astype(np.uint8)
-        if self.postprocess:
-            from bigl.data.io import affine_spacing
-            from bigl.postprocess import postprocess_labels
-
-            labels = postprocess_labels(labels, affine_spacing(affine))
+        labels = self._finish_labels(classes_to_labels(np.argmax(total, axis=0)).astype(np.uint8), data, affine)
         return Prediction(labels=labels, affine=affine, probabilities=total if probabilities else None,
                           attention=first.attention, translated=first.translated)
 

@@ -188,7 +188,7 @@ def evaluate_bundle(
             "model_modality": predictor.modality,
             "source_modality": predictor.source_modality,
             "transform": getattr(transform, "name", repr(transform)) if transform is not None else None,
-            "inference": {"flip": predictor.flip, "postprocess": predictor.postprocess, "invert_view": predictor.invert_view},
+            "inference": predictor.inference_options(),
             "cases": scores,
             "summary": summarise(scores),
             "n_cases": len(scores),

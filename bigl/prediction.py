@@ -44,7 +44,7 @@ from typing import Callable
 
 import numpy as np
 
-from bigl.bundle import Bundle, BundleError, ModelDescription
+from bigl.bundle import INFERENCE_OPTIONS, Bundle, BundleError, ModelDescription
 from bigl.data.io import affine_spacing
 from bigl.data.naming import ATTENTION_KINDS, attention_paths, case_name, is_nifti_path, modality_from_name
 from bigl.errors import ConfigError, InputError
@@ -99,7 +99,7 @@ class Predictor(ModelDescription):
     model_path: Path | None = None
 
     def _setup(self, metadata: dict, model_path: Path | None, batch_size: int, flip: bool | None,
-               postprocess: bool | None, invert_view: bool | None = None) -> None:
+               postprocess: bool | None, invert_view: bool | None = None, refine_edges: bool | None = None) -> None:
         self.metadata = metadata
         self.model_path = model_path
         self.batch_size = check_batch_size(batch_size)
@@ -111,6 +111,23 @@ class Predictor(ModelDescription):
         self.invert_view = bool(defaults.get("invert_view", False)) if invert_view is None else bool(invert_view)
         #: bigl.postprocess rules on the label map (the probabilities are left as predicted).
         self.postprocess = bool(defaults.get("postprocess", False)) if postprocess is None else bool(postprocess)
+        #: bigl.postprocess.refine_edges: the whole tumour's edge redrawn on the scan (before ``postprocess``).
+        self.refine_edges = bool(defaults.get("refine_edges", False)) if refine_edges is None else bool(refine_edges)
+
+    def inference_options(self) -> dict[str, bool]:
+        """What this predictor does beyond the arg-max, by the names of a model's ``inference`` metadata."""
+        return {name: bool(getattr(self, name)) for name in INFERENCE_OPTIONS}
+
+    def _finish_labels(self, labels: np.ndarray, data: np.ndarray, affine: np.ndarray,
+                       brain: np.ndarray | None = None) -> np.ndarray:
+        """The label rules that are on (edge refinement, post-processing), applied to an arg-max label map
+        of ``data`` (``brain``: its brain mask when already known)."""
+        if not (self.refine_edges or self.postprocess):
+            return labels
+        from bigl.postprocess import finish_labels
+
+        return finish_labels(labels, data, affine_spacing(affine), refine=self.refine_edges, postprocess=self.postprocess,
+                             brain=brain)
 
     @property
     def _description_path(self) -> Path | None:
@@ -206,11 +223,8 @@ class Predictor(ModelDescription):
         del class_maps
         np.clip(restored, 0.0, 1.0, out=restored)
         restored /= restored.sum(axis=0, keepdims=True)
-        labels = classes_to_labels(np.argmax(restored, axis=0)).astype(np.uint8)
-        if self.postprocess:
-            from bigl.postprocess import postprocess_labels
-
-            labels = postprocess_labels(labels, affine_spacing(affine))
+        labels = self._finish_labels(classes_to_labels(np.argmax(restored, axis=0)).astype(np.uint8), data, affine,
+                                     prepared.mask)
 
         attention_maps = None
         if attention:
@@ -581,7 +595,8 @@ def choose_engine(model: str | os.PathLike | None, engine: str = "auto", device:
 
 def open_predictor(model: str | os.PathLike | list | None = None, *, engine: str = "auto", device: str = "auto",
                    batch_size: int = 16, num_threads: int | None = None, flip: bool | None = None,
-                   postprocess: bool | None = None, translated: bool = False, invert_view: bool | None = None) -> Predictor:
+                   postprocess: bool | None = None, translated: bool = False, invert_view: bool | None = None,
+                   refine_edges: bool | None = None) -> Predictor:
     """The predictor for a model file (None: the shipped default), on the engine :func:`choose_engine`
     picks; ``translated``: the translated image will be asked for (BundleError now when it cannot be).
     A list of two or more model files gives a :class:`bigl.ensemble.EnsemblePredictor` of them (each
@@ -590,13 +605,13 @@ def open_predictor(model: str | os.PathLike | list | None = None, *, engine: str
     check_num_threads(num_threads)
     if isinstance(model, (list, tuple)):
         options = {"engine": engine, "device": device, "batch_size": batch_size, "num_threads": num_threads,
-                   "flip": flip, "postprocess": postprocess, "invert_view": invert_view}
+                   "flip": flip, "postprocess": postprocess, "invert_view": invert_view, "refine_edges": refine_edges}
         if len(model) == 1:
             return open_predictor(model[0], translated=translated, **options)
         from bigl.ensemble import EnsemblePredictor
 
         members = [open_predictor(path, translated=translated and index == 0, **options) for index, path in enumerate(model)]
-        return EnsemblePredictor(members, postprocess=postprocess)
+        return EnsemblePredictor(members, postprocess=postprocess, refine_edges=refine_edges)
     chosen, path = choose_engine(model, engine, device, translated=translated)
     if chosen == "onnx":
         from bigl import onnxengine
@@ -607,7 +622,7 @@ def open_predictor(model: str | os.PathLike | list | None = None, *, engine: str
         bundle = None if onnxengine.is_onnx_path(given) else given  # its export: the bundle's metadata is current
         predictor = onnxengine.OnnxPredictor.from_path(path, device=device, batch_size=batch_size,
                                                        num_threads=num_threads, flip=flip, postprocess=postprocess,
-                                                       invert_view=invert_view, bundle=bundle)
+                                                       invert_view=invert_view, refine_edges=refine_edges, bundle=bundle)
     else:
         if not _torch_available():
             raise ConfigError("PyTorch is not installed, and the torch engine needs it",
@@ -616,7 +631,8 @@ def open_predictor(model: str | os.PathLike | list | None = None, *, engine: str
         from bigl.inference import BiGLPredictor
 
         predictor = BiGLPredictor.from_path(path, device=device, batch_size=batch_size, num_threads=num_threads,
-                                            flip=flip, postprocess=postprocess, invert_view=invert_view)
+                                            flip=flip, postprocess=postprocess, invert_view=invert_view,
+                                            refine_edges=refine_edges)
     if translated and not predictor.has_translator:
         raise predictor.no_translator_error()
     return predictor

@@ -337,6 +337,16 @@ def test_info_shows_the_settings_of_the_bundles_own_intensity_normalisation(caps
     assert "percentile" not in row
 
 
+def test_info_names_the_inference_options_a_bundle_turns_on(capsys, tiny_bundle, tmp_path):
+    from bigl.bundle import annotate_bundle
+
+    assert main(["info", str(tiny_bundle)]) == 0
+    assert "inference:     no options on by default" in capsys.readouterr().out
+    annotated = annotate_bundle(tiny_bundle, tmp_path / "m.safetensors", inference={"refine_edges": True, "flip": False})
+    assert main(["info", str(annotated)]) == 0
+    assert "inference:     on by default: refine_edges\n" in capsys.readouterr().out
+
+
 def test_info_json(capsys, tiny_bundle):
     assert main(["info", str(tiny_bundle), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)

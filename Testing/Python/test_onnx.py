@@ -50,7 +50,8 @@ def _both(bundle: Path, **options):
     return torch_result, onnx_result
 
 
-@pytest.mark.parametrize("options", [{}, {"flip": True}, {"invert_view": True}], ids=["plain", "flip", "invert-view"])
+@pytest.mark.parametrize("options", [{}, {"flip": True}, {"invert_view": True}, {"refine_edges": True}],
+                         ids=["plain", "flip", "invert-view", "refine-edges"])
 def test_onnx_runtime_agrees_with_torch(exported, options):
     expected, got = _both(exported, **options)
     assert len(np.unique(expected.labels)) > 1, "the test model must predict more than one label"

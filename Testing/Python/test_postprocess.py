@@ -8,7 +8,7 @@ import pytest
 from bigl.bundle import annotate_bundle, load_bundle
 from bigl.errors import ConfigError
 from bigl.inference import BiGLPredictor
-from bigl.postprocess import postprocess_labels
+from bigl.postprocess import ADDED_LABEL, postprocess_labels, refine_edges
 
 
 def test_specks_far_from_the_tumour_are_removed_and_the_tumour_kept():
@@ -30,6 +30,62 @@ def test_specks_far_from_the_tumour_are_removed_and_the_tumour_kept():
 
 def test_an_empty_prediction_stays_empty():
     assert not postprocess_labels(np.zeros((8, 8, 8), np.uint8), (1, 1, 1)).any()
+
+
+def sphere(shape, centre, radius) -> np.ndarray:
+    grid = np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")
+    return sum((axis - c) ** 2 for axis, c in zip(grid, centre)) <= radius**2
+
+
+def tumour_scan(radius: float = 10.0) -> tuple[np.ndarray, np.ndarray]:
+    """A T2-like scan: a noisy brain (100) with a bright tumour (180) of ``radius``; and the tumour."""
+    shape, centre = (52, 52, 52), (26, 26, 26)
+    brain = sphere(shape, centre, 24)
+    tumour = sphere(shape, centre, radius)
+    rng = np.random.default_rng(3)
+    image = np.where(tumour, 180.0, 100.0) * brain + 8.0 * rng.standard_normal(shape) * brain
+    return image.astype(np.float32), tumour
+
+
+def dice(a, b) -> float:
+    return 2 * (a & b).sum() / (a.sum() + b.sum())
+
+
+@pytest.mark.parametrize("predicted_radius", [6, 13], ids=["too-small", "too-large"])
+def test_the_edge_refinement_moves_the_tumour_edge_to_the_scans_edge(predicted_radius):
+    """Inwards by up to EDGE_INSIDE_MM (3 mm here), outwards by up to EDGE_OUTSIDE_MM (4 mm here)."""
+    image, tumour = tumour_scan(10)
+    shape, centre = image.shape, (26, 26, 26)
+    labels = np.where(sphere(shape, centre, predicted_radius), 2, 0).astype(np.uint8)
+    labels[sphere(shape, centre, 3)] = 1  # a core inside, which the refinement keeps
+    out = refine_edges(labels, image)
+    assert dice(labels > 0, tumour) < 0.7
+    assert dice(out > 0, tumour) > 0.9
+    assert (out[sphere(shape, centre, 3)] == 1).all()
+    added = (out > 0) & (labels == 0)
+    assert (out[added] == ADDED_LABEL).all()
+    assert labels.max() == 2 and (labels[sphere(shape, centre, 3)] == 1).all()  # the input is left as it was
+
+
+def test_the_edge_refinement_leaves_empty_and_too_thin_tumours_and_checks_the_grid():
+    image, _ = tumour_scan(10)
+    empty = np.zeros(image.shape, np.uint8)
+    np.testing.assert_array_equal(refine_edges(empty, image), empty)
+    thin = empty.copy()
+    thin[20:26, 10:30, 10:30] = 2  # 6 voxels thick: no voxel more than 3 mm inside its edge
+    np.testing.assert_array_equal(refine_edges(thin, image), thin)
+    with pytest.raises(ValueError, match="one grid"):
+        refine_edges(empty[:-1], image)
+
+
+def test_predictors_refine_edges_when_told_or_when_the_bundle_says(tiny_bundle, tmp_path):
+    volume = scan()
+    plain = BiGLPredictor.from_path(tiny_bundle, device="cpu").predict(volume, np.eye(4)).labels
+    refined = BiGLPredictor.from_path(tiny_bundle, device="cpu", refine_edges=True).predict(volume, np.eye(4)).labels
+    np.testing.assert_array_equal(refined, refine_edges(plain, volume))
+    annotated = annotate_bundle(tiny_bundle, tmp_path / "r.safetensors", inference={"refine_edges": True})
+    assert BiGLPredictor.from_path(annotated, device="cpu").refine_edges
+    assert not BiGLPredictor.from_path(annotated, device="cpu", refine_edges=False).refine_edges
 
 
 def scan(size: int = 40) -> np.ndarray:
@@ -103,7 +159,7 @@ def test_evaluation_records_the_inference_options(tiny_bundle, phantom_cohort):
 
     predictor = BiGLPredictor.from_path(tiny_bundle, device="cpu", flip=True, postprocess=False)
     result = evaluate_bundle(predictor, phantom_cohort, "t2", cases=["Phantom_001"], progress=False)
-    assert result["inference"] == {"flip": True, "postprocess": False, "invert_view": False}
+    assert result["inference"] == {"flip": True, "invert_view": False, "refine_edges": False, "postprocess": False}
     # ...and that is the inference the scores come from: every batch was mirrored
     axes = []
     original = predictor._segment_slices

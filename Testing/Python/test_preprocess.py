@@ -92,7 +92,8 @@ def test_prepared_slices_shape_range_and_background(phantom):
     assert slices.min() == -1.0 and slices.max() <= 1.0 and (slices > 0.99).any()
     assert np.all(slices[:, 0, 0] == -1.0)
     # The crop is the brain's bounding box plus the margin, clipped at the volume edges.
-    brain = np.argwhere(brain_mask(phantom.images["t2"]))
+    np.testing.assert_array_equal(prepared.mask, brain_mask(phantom.images["t2"]))  # the mask it cropped to
+    brain = np.argwhere(prepared.mask)
     for axis, (start, stop) in enumerate(geometry.bbox):
         assert start == max(brain[:, axis].min() - 2, 0)
         assert stop == min(brain[:, axis].max() + 3, phantom.images["t2"].shape[axis])

@@ -22,13 +22,17 @@ COMMANDS = ("segment", "train", "export", "evaluate", "score", "demo", "phantoms
 
 
 def add_inference_options(parser: argparse.ArgumentParser) -> None:
-    """--flip / --postprocess / --invert-view, shared by the commands that segment (default: the model's own setting)."""
+    """--flip / --postprocess / --refine-edges / --invert-view, shared by the commands that segment (default: the model's own setting)."""
     parser.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
                         help="test-time flips: average each slice's prediction with its left-right mirror's "
                              "(default: as the model's metadata says, else off)")
     parser.add_argument("--postprocess", action=argparse.BooleanOptionalAction, default=None,
                         help="drop tumour specks under 10%% of the largest component and relabel an ET under 0.5 mL "
                              "as core (default: as the model's metadata says, else off)")
+    parser.add_argument("--refine-edges", action=argparse.BooleanOptionalAction, default=None,
+                        help="redraw the whole tumour's edge on the scan itself with a random walker, seeded by the "
+                             "predicted tumour's interior and the brain beyond it; slower (seconds to a minute per "
+                             "scan) (default: as the model's metadata says, else off)")
     parser.add_argument("--invert-view", action=argparse.BooleanOptionalAction, default=None,
                         help="also average each slice's prediction with that of the slice with its brain intensities "
                              "mirrored, which looks like the source modality (default: as the model's metadata says, "

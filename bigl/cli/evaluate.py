@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
                          "add --baseline invert-histmatch, or leave them out")
     predictor = open_predictor(args.model or [None], engine="torch", device=args.device, batch_size=args.batch_size,
                                num_threads=args.threads, flip=args.flip, postprocess=args.postprocess,
-                               invert_view=args.invert_view)
+                               invert_view=args.invert_view, refine_edges=args.refine_edges)
     transform = reference_file = None
     if args.baseline is not None:
         transform = _baseline_transform(args, predictor.source_modality)

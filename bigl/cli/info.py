@@ -79,6 +79,8 @@ def format_info(info: dict) -> str:
     row("preprocessing", _preprocessing(info["preprocessing"]))
     names = info.get("class_names") or []
     row("labels", ", ".join(f"{label} {name}" for label, name in zip(info.get("labels", []), names)))
+    defaults = [name for name, on in (info.get("inference") or {}).items() if on]
+    row("inference", ("on by default: " + ", ".join(defaults)) if defaults else "no options on by default")
     if info.get("metrics"):
         lines.append("  metrics:")
         lines.extend(f"    {key}: {value}" for key, value in _flatten(info["metrics"]))

@@ -146,7 +146,7 @@ def _run(args: argparse.Namespace, reporter: Reporter) -> int:
     _check_outputs(args, scans if source.is_dir() else [source], folder_mode=source.is_dir())
     predictor = open_predictor(args.model, engine=args.engine, device=args.device, batch_size=args.batch_size,
                                num_threads=args.threads, flip=args.flip, postprocess=args.postprocess,
-                               invert_view=args.invert_view, translated=args.translated_out is not None)
+                               invert_view=args.invert_view, refine_edges=args.refine_edges, translated=args.translated_out is not None)
     reporter.say(_model_line(predictor, shipped=args.model is None))
     if source.is_dir():
         return _segment_folder(args, scans, predictor, reporter)

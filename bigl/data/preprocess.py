@@ -129,6 +129,7 @@ class SliceGeometry:
 class PreparedVolume:
     slices: np.ndarray  # float32 [n, image_size, image_size] in [-1, 1]
     geometry: SliceGeometry
+    mask: np.ndarray  # bool, the brain on the volume's grid
 
 
 def _check_volume(volume: np.ndarray) -> np.ndarray:
@@ -303,7 +304,7 @@ def prepare_volume(volume: np.ndarray, config: PreprocessConfig, mask: np.ndarra
     downsampling = geometry.square > config.image_size
     slices = _resize_planes(stack, config.image_size, order=1, anti_aliasing=downsampling)
     slices = np.clip(slices, -1.0, 1.0).astype(np.float32, copy=False)
-    return PreparedVolume(slices=np.ascontiguousarray(slices), geometry=geometry)
+    return PreparedVolume(slices=np.ascontiguousarray(slices), geometry=geometry, mask=mask)
 
 
 def prepare_labels(labels: np.ndarray, geometry: SliceGeometry) -> np.ndarray:
