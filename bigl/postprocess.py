@@ -63,9 +63,9 @@ def refine_edges(labels: np.ndarray, image: np.ndarray, spacing: Sequence[float]
     was segmented, on the same grid; ``spacing`` in mm): the voxels less than ``EDGE_INSIDE_MM``
     inside the edge and up to ``EDGE_OUTSIDE_MM`` outside it go to tumour or background by a random
     walker, so the edge moves by at most those distances. Removed voxels become background, added
-    ones oedema (``ADDED_LABEL``); the sub-regions inside are kept; outside ``brain`` (a mask on the
-    same grid; None: bigl.data.preprocess.brain_mask of the image) nothing is added. A tumour too
-    thin to have an interior that deep is left as it is."""
+    ones oedema (``ADDED_LABEL``); the sub-regions inside are kept. Outside ``brain`` (a mask on the
+    same grid; None: bigl.data.preprocess.brain_mask of the image) the band counts as background. A
+    tumour too thin to have an interior that deep is left as it is."""
     from bigl.data.preprocess import brain_mask
 
     out = np.array(labels, dtype=np.uint8, copy=True)
@@ -86,7 +86,7 @@ def refine_edges(labels: np.ndarray, image: np.ndarray, spacing: Sequence[float]
     if not undecided.any():
         return out
     # Brain intensities on [0, 1] by their 0.5th-99.5th percentiles, so bright outliers do not set the scale.
-    low, high = np.percentile(image[brain], [0.5, 99.5]) if brain.any() else (image.min(), image.max())
+    low, high = np.percentile(image[brain], [0.5, 99.5])  # the band is inside the brain, so it is not empty
     scan = np.clip((np.asarray(image[box], dtype=np.float64) - low) / max(high - low, 1e-12), 0.0, 1.0)
     walked = inside.copy()
     walked[undecided] = _tumour_probability(scan, undecided, inside, spacing) > 0.5

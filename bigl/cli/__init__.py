@@ -31,8 +31,8 @@ def add_inference_options(parser: argparse.ArgumentParser) -> None:
                              "as core (default: as the model's metadata says, else off)")
     parser.add_argument("--refine-edges", action=argparse.BooleanOptionalAction, default=None,
                         help="redraw the whole tumour's edge on the scan itself with a random walker, seeded by the "
-                             "predicted tumour's interior and the brain beyond it; slower (seconds to a minute per "
-                             "scan) (default: as the model's metadata says, else off)")
+                             "predicted tumour's interior and the brain beyond it; about 1-2 s more per scan "
+                             "(default: as the model's metadata says, else off)")
     parser.add_argument("--invert-view", action=argparse.BooleanOptionalAction, default=None,
                         help="also average each slice's prediction with that of the slice with its brain intensities "
                              "mirrored, which looks like the source modality (default: as the model's metadata says, "
