@@ -40,6 +40,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 TARGET_SECONDS = 15.0
 TARGET_RSS_GB = 2.5
+#: For --model (the shipped model): labels by ONNX Runtime, what ``bigl segment`` runs, imports included.
+SHIPPED_SECONDS = 5.0
+SHIPPED_RSS_GB = 1.5
 TARGET_SPEEDUP = 1.5
 TARGET_INSTALL_MB = 300.0
 SHAPE = (240, 240, 155)
@@ -199,10 +202,15 @@ def main() -> int:
         for engine in ENGINES:
             r = results[engine, mode]
             total = r["load_s"] + r["predict_s"]
-            met = total <= TARGET_SECONDS and r["peak_rss_gb"] <= TARGET_RSS_GB
+            if args.model and (engine, mode) == ("onnx", "labels"):
+                met = total + r["import_s"] <= SHIPPED_SECONDS and r["peak_rss_gb"] <= SHIPPED_RSS_GB
+                target = f"(<= {SHIPPED_SECONDS:g} s with the import, <= {SHIPPED_RSS_GB:g} GB: a shipped model)"
+            else:
+                met = total <= TARGET_SECONDS and r["peak_rss_gb"] <= TARGET_RSS_GB
+                target = f"(<= {TARGET_SECONDS:g} s, <= {TARGET_RSS_GB:g} GB)"
             ok &= met
             print(f"{engine:<7} {mode:<8} {r['import_s']:>9.2f} {r['load_s']:>7.2f} {r['predict_s']:>10.2f} {total:>15.2f} "
-                  f"{r['peak_rss_gb']:>12.2f}  {'met' if met else 'MISSED'} (<= {TARGET_SECONDS:g} s, <= {TARGET_RSS_GB:g} GB)")
+                  f"{r['peak_rss_gb']:>12.2f}  {'met' if met else 'MISSED'} {target}")
     print()
     for mode in MODES:
         speedup = (sum(results["torch", mode][k] for k in ("import_s", "load_s", "predict_s"))

@@ -1,7 +1,7 @@
 """Package a BiGL model of a report-split protocol run as the shipped default model.
 
     python benchmarks/make_reference_model.py PROTOCOL_DIR --setting bigl --seed 0 \\
-        [--target-only target-only] [--destination bigl/resources/default_model.safetensors]
+        [--target-only target-only] [--inference refine+post] [--destination bigl/resources/default_model.safetensors]
 
 PROTOCOL_DIR is the output folder of ``benchmarks/protocol.py --split report --baselines``. The
 bundle of SETTING/seedN is copied with what was measured on the report cases in its metadata: for
@@ -12,6 +12,11 @@ training wall times (from the run folders' event logs) are recorded too, so ``bi
 shipped model shows what it was measured to do. The weights are not touched; the ONNX export
 beside the destination is written again (`bigl export`), so it stays that of the bundle. Prints
 the tables as Markdown, for the model card.
+
+With ``--inference NAME`` (a variant the protocol scored with ``--inference "NAME=--flag;..."``,
+folder SETTING/eval-NAME-seedN) the shipped model runs with that variant's options by default
+(the bundle's ``inference`` metadata, as the variant's ``bigl evaluate`` recorded them): the
+``bigl`` row is then that variant's scores, and the scores without options become ``bigl-plain``.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ DEFAULT_DESTINATION = Path(__file__).resolve().parents[1] / "bigl" / "resources"
 MAX_BYTES = 50 * 1024 * 1024
 #: Row names of the model card's tables.
 LABELS = {"source-only": "Source only", "invert-histmatch": "Source only + invert/histogram match (no learning)",
-          "bigl": "**BiGL**", "target-only": "Target only (T2 labels, upper bound)"}
+          "bigl": "**BiGL**", "bigl-plain": "BiGL, no inference options", "target-only": "Target only (T2 labels, upper bound)"}
 
 
 def _read_json(path: Path) -> dict:
@@ -73,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--setting", required=True, help="the protocol setting whose model is packaged")
     parser.add_argument("--seed", type=int, default=0, help="which seed's model (default 0)")
     parser.add_argument("--target-only", help="the protocol setting of the target-only upper bound, if it ran")
+    parser.add_argument("--inference", metavar="NAME",
+                        help="the protocol's inference variant whose options the model runs with by default")
     parser.add_argument("--destination", type=Path, default=DEFAULT_DESTINATION, help="where to write the packaged model")
     args = parser.parse_args(argv)
 
@@ -116,9 +123,23 @@ def main(argv: list[str] | None = None) -> int:
                  for folder in sorted((root / name).glob("eval-seed*")) if folder.name.removeprefix("eval-seed").isdigit()}
         over_seeds[name] = summarise({name: {seed: s for seed, s in seeds.items() if s is not None}})[name]
 
+    defaults = None
+    if args.inference:
+        folder = root / args.setting / f"eval-{args.inference}-seed{args.seed}"
+        variant = _summary(folder)
+        if variant is None:
+            sys.exit(f"{folder} has no summary.json: run the protocol with --inference \"{args.inference}=...\"")
+        if sorted(variant["cases"]) != sorted(REPORT_CASES):
+            sys.exit(f"{folder} was scored on other cases than the report cases: rerun the protocol")
+        defaults = {name: True for name, on in variant.get("inference", {}).items() if on}
+        if not defaults:
+            sys.exit(f"{folder} was scored without inference options: name a variant that has some")
+        methods["bigl-plain"] = "bigl-plain"
+        this_seed["bigl-plain"], this_seed[args.setting] = this_seed[args.setting], variant
+
     wall = {"translator": _stage_seconds(root / "translators" / f"seed{args.seed}").get("translator"),
             **{name: _stage_seconds(root / name / f"seed{args.seed}").get("adapt")
-               for name in methods if name != "invert-histmatch"}}
+               for name in methods if name not in ("invert-histmatch", "bigl-plain")}}
     metrics = {
         "report": {
             "modality": this_seed[args.setting]["modality"],
@@ -129,11 +150,13 @@ def main(argv: list[str] | None = None) -> int:
             "over_seeds": {methods[name]: entry for name, entry in over_seeds.items()},
         }
     }
+    if defaults:
+        metrics["report"]["inference"] = {"bigl": defaults}  # over_seeds stay without options
     training = {"wall_seconds": {key: round(value) for key, value in wall.items() if value is not None},
                 "machine": f"{platform.machine()}, {platform.system()}, CPU", "report_cases": sorted(REPORT_CASES),
                 "protocol": {"setting": args.setting, "seed": args.seed, "data": manifest["data"],
                              "overrides": manifest["settings"].get(args.setting, [])}}
-    out = annotate_bundle(model, args.destination, metrics=metrics, training=training)
+    out = annotate_bundle(model, args.destination, metrics=metrics, training=training, inference=defaults)
     size = out.stat().st_size
     if size > MAX_BYTES:
         out.unlink()

@@ -62,6 +62,27 @@ def test_the_packaged_model_carries_its_seed_and_the_spread_over_seeds(tiny_bund
     assert "55.0 ± 7.1" in capsys.readouterr().out
 
 
+def test_an_inference_variant_becomes_the_models_default_and_its_row(tiny_bundle, tmp_path):
+    """--inference NAME: the variant's options become the bundle's inference defaults and its
+    scores the bigl row; the scores without options stay, as bigl-plain."""
+    script = _script()
+    root = _protocol(tmp_path / "protocol", tiny_bundle, script.REPORT_CASES)
+    variant = root / "recipe" / "eval-refine-seed0"
+    variant.mkdir()
+    options = {"flip": False, "invert_view": False, "refine_edges": True, "postprocess": True}
+    variant.joinpath("summary.json").write_text(json.dumps({**_summary(script.REPORT_CASES, 0.65), "inference": options}))
+    destination = tmp_path / "model.safetensors"
+    assert script.main([str(root), "--setting", "recipe", "--inference", "refine", "--destination", str(destination)]) == 0
+    metadata = read_metadata(destination)
+    assert metadata["inference"] == {"refine_edges": True, "postprocess": True}
+    report = metadata["metrics"]["report"]
+    assert report["methods"]["bigl"]["mean"]["WT"]["dice"] == pytest.approx(0.65)
+    assert report["methods"]["bigl-plain"]["mean"]["WT"]["dice"] == pytest.approx(0.6)
+    assert report["inference"] == {"bigl": {"refine_edges": True, "postprocess": True}}
+    with pytest.raises(SystemExit, match="eval-post-seed0 has no summary.json"):
+        script.main([str(root), "--setting", "recipe", "--inference", "post", "--destination", str(destination)])
+
+
 def test_a_development_split_run_is_not_packaged(tiny_bundle, tmp_path):
     script = _script()
     root = _protocol(tmp_path / "protocol", tiny_bundle, ["Dev_1", "Dev_2"], split="dev")

@@ -336,6 +336,76 @@ def test_pseudo_labels_keep_confident_voxels_and_the_most_confident_share_of_eac
     assert event["ignored"] == pytest.approx(float((pseudo == IGNORE_INDEX).mean()), abs=1e-4)
 
 
+def test_pseudo_label_edges_are_refined_on_each_cases_scan_in_3d():
+    """Slices of two cases, in mixed row order, go back into their volumes: the result is the 3D
+    refinement of each case (its voxel size included), which moves a too-large tumour to the scan's."""
+    from bigl.postprocess import refine_edges
+    from bigl.training.adapt_stage import _refine_pseudo_edges
+    from bigl.training.data import SliceSet
+    from test_postprocess import dice, sphere, tumour_scan
+
+    image, tumour = tumour_scan(10)
+    scaled = ((image - image.min()) / (image.max() - image.min()) * 2 - 1).astype(np.float16)
+    scaled[image == 0] = -1
+    predicted = np.where(sphere(image.shape, (26, 26, 26), 13), 2, 0).astype(np.uint8)
+    kept = np.arange(4, 48)  # slices with brain
+    order = np.random.default_rng(0).permutation(2 * len(kept))
+    images = np.concatenate([scaled[kept], scaled[kept]])[order]
+    labels = np.concatenate([predicted[kept], np.zeros_like(predicted[kept])])[order]
+    slices = SliceSet(modality="t2", images=images, labels=None, case_names=["a", "b"],
+                      case_index=np.repeat([0, 1], len(kept)).astype(np.int32)[order],
+                      slice_index=np.concatenate([kept, kept]).astype(np.int32)[order],
+                      flip_axis=np.zeros(2 * len(kept), dtype=np.int8),
+                      case_spacing=np.array([[1.0, 1.0, 1.0], [2.0, 1.0, 1.0]], dtype=np.float32))
+    refined = _refine_pseudo_edges(slices, labels)
+    case_a = np.argsort(order)[:len(kept)]  # rows of case a, in slice order
+    expected = refine_edges(predicted[kept], scaled[kept].astype(np.float32), (1.0, 1.0, 1.0), brain=scaled[kept] > -1 + 1e-3)
+    np.testing.assert_array_equal(refined[case_a], expected)
+    assert dice(refined[case_a] > 0, tumour[kept]) > 0.9 > dice(predicted[kept] > 0, tumour[kept])
+    assert not refined[np.argsort(order)[len(kept):]].any()  # case b has no tumour: left as it is
+    assert labels.max() == 2 and np.array_equal(labels[case_a], predicted[kept])  # the input is left as it was
+
+
+def test_prepared_slices_know_their_voxel_size():
+    from bigl.data.preprocess import SliceGeometry
+
+    geometry = SliceGeometry(original_shape=(240, 240, 155), bbox=((20, 200), (30, 220), (0, 150)), slice_axis=2,
+                             square=192, pad=((6, 6), (1, 1)), image_size=96)
+    assert geometry.slice_spacing((1.0, 0.9, 3.0)) == (3.0, 2.0, pytest.approx(1.8))
+
+
+def test_refined_pseudo_labels_keep_the_voxels_the_refinement_moves(phantom_cohort, tmp_path, monkeypatch):
+    """With pseudo_refine_edges the moved voxels take the refined class even where the network was
+    unsure, every other voxel is as without it, and the event log counts the moves."""
+    from bigl.training import adapt_stage
+
+    pseudo, moved = {}, {}
+    for refine in (False, True):
+        run = TrainingRun(smoke(phantom_cohort, *SELF_TRAINING, "adapt.pseudo_threshold=0.99",
+                                f"adapt.pseudo_refine_edges={str(refine).lower()}"), tmp_path / str(refine), progress=False)
+        run.prepare()
+        run.translator_trainer().finish()
+        trainer: AdaptTrainer = run.adapt_trainer()
+
+        def grow(slices, predicted):  # a stand-in refinement: one block of every slice becomes oedema
+            out = predicted.copy()
+            out[:, :4, :4] = 2
+            moved["mask"] = out != predicted
+            return out
+
+        monkeypatch.setattr(adapt_stage, "_refine_pseudo_edges", grow)
+        trainer.make_pseudo_labels(0)
+        monkeypatch.undo()
+        pseudo[refine] = trainer.pseudo
+        event = [e for e in read_events(tmp_path / str(refine) / "events.jsonl") if e["event"] == "pseudo_labels"][-1]
+        assert ("edge_added" in event) == refine
+    mask = moved["mask"]
+    assert mask.any()
+    assert (pseudo[True][mask] == 2).all()
+    np.testing.assert_array_equal(pseudo[True][~mask], pseudo[False][~mask])
+    assert (pseudo[False][mask] == IGNORE_INDEX).any()  # some were too unsure to be kept without it
+
+
 def test_self_training_phase_trains_on_pseudo_labels_without_adversarial_terms(phantom_cohort, tmp_path):
     out = tmp_path / "run"
     bundle = run_training(smoke(phantom_cohort, *SELF_TRAINING), out, progress=False)

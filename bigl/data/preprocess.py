@@ -103,6 +103,13 @@ class SliceGeometry:
     def crop_shape(self) -> tuple[int, int, int]:
         return tuple(stop - start for start, stop in self.bbox)  # type: ignore[return-value]
 
+    def slice_spacing(self, spacing) -> tuple[float, float, float]:
+        """Voxel size in mm of the prepared slices ``[n, S, S]`` of a scan with voxel size ``spacing``:
+        the slice axis keeps its spacing, the in-plane axes are resized from ``square`` to ``image_size``."""
+        scale = self.square / self.image_size
+        rows, cols = (float(s) * scale for axis, s in enumerate(spacing) if axis != self.slice_axis)
+        return float(spacing[self.slice_axis]), rows, cols
+
     def to_dict(self) -> dict:
         return {
             "original_shape": list(self.original_shape),

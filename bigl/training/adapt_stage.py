@@ -25,7 +25,9 @@ adaptation steps, the adapted segmenter pseudo-labels every unlabelled target sl
 Phi(x_t) and Phi(x_t->s) averaged, of Phi(x_t) alone with ``pseudo_views`` "target", or of Phi(x_t) and
 Phi(x_t with mirrored brain intensities) with "inverted"; a voxel is kept when its confidence reaches
 ``min(pseudo_threshold, the (1 - pseudo_class_fraction) quantile of its class)``, so rare classes
-keep their most confident share; the rest is ignored), and the segmenter goes on with
+keep their most confident share; the rest is ignored; with ``pseudo_refine_edges`` the whole tumour's
+edge is then redrawn on each case's target scan by :func:`bigl.postprocess.refine_edges`, and the
+voxels it moves are kept whatever their confidence), and the segmenter goes on with
 L_seg(x_s) + synthetic_weight * L_seg(x_s->t) + L_seg(x_t, pseudo-labels) [+ lambda_out * L_out],
 without the adversarial terms. With ``self_training_rounds`` > 1 the pseudo-labels are made anew
 at the start of each round. The pseudo-labels travel in the checkpoints, so resume is exact.
@@ -363,6 +365,7 @@ class AdaptTrainer(StageTrainer):
             confidence[begin:begin + chunk] = (best * bins).clamp(0, bins - 1).to(torch.int32).cpu().numpy()
             predicted[begin:begin + chunk] = classes.cpu().numpy()
         teacher.train()
+        refined = _refine_pseudo_edges(unlabelled, predicted) if adapt.pseudo_refine_edges else predicted
         classes = int(predicted.max()) + 1
         histogram = np.zeros(classes * bins, dtype=np.int64)
         for begin in range(0, n, chunk):
@@ -384,10 +387,17 @@ class AdaptTrainer(StageTrainer):
         for begin in range(0, n, chunk):
             part = predicted[begin:begin + chunk]
             labels[begin:begin + chunk] = np.where(confidence[begin:begin + chunk] >= lowest[part], part, IGNORE_INDEX)
-        del confidence, predicted
+        extra = {}
+        if refined is not predicted:
+            moved = refined != predicted
+            labels[moved] = refined[moved]
+            extra = {"edge_added": round(float((moved & (refined > 0)).mean()), 5),
+                     "edge_removed": round(float((moved & (refined == 0)).mean()), 5)}
+        del confidence, predicted, refined
         self.pseudo, self.pseudo_round = labels, round_index
         ctx.log.write("pseudo_labels", stage=self.stage, round=round_index, kept_per_class=kept,
-                      ignored=round(float((labels == IGNORE_INDEX).mean()), 4), seconds=round(time.perf_counter() - started, 2))
+                      ignored=round(float((labels == IGNORE_INDEX).mean()), 4), **extra,
+                      seconds=round(time.perf_counter() - started, 2))
 
     def segmenter_losses(self, batch: dict[str, Any], out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Every term of the segmenter step (weighted sum in ``total``)."""
@@ -511,7 +521,7 @@ class AdaptTrainer(StageTrainer):
             info["iterations"]["self_training"] = self.self_steps
             info["self_training"] = {key: getattr(self.adapt, key) for key in (
                 "self_training_iterations", "self_training_rounds", "self_training_lr", "pseudo_threshold", "pseudo_class_fraction",
-                "pseudo_views")}
+                "pseudo_views", "pseudo_refine_edges")}
         if data.unlabelled is not None:
             info["unlabelled"] = data.unlabelled.describe()
         if self.method == "bigl":
@@ -578,3 +588,25 @@ class AdaptTrainer(StageTrainer):
             overlays={name: t.cpu().numpy() for name, t in overlays.items()},
             title=f"stage 2 {self.method}, step {int(path.stem.rsplit('_', 1)[-1])}",
         )
+
+
+def _refine_pseudo_edges(slices, predicted: np.ndarray) -> np.ndarray:
+    """``predicted`` (class indices of every slice of the SliceSet ``slices``) with each case's
+    whole-tumour edge redrawn on its scan by :func:`bigl.postprocess.refine_edges`: the slices are
+    stacked back into the case's prepared volume with its voxel size, so the refinement sees the
+    tumour in 3D as at inference. Added voxels become oedema (class 2, BraTS label 2)."""
+    from bigl.data.preprocess import BACKGROUND
+    from bigl.postprocess import refine_edges
+
+    refined = predicted.copy()
+    size = predicted.shape[-1]
+    for case, rows in enumerate(slices.case_rows()):
+        if not len(rows) or not predicted[rows].any():
+            continue
+        positions = slices.slice_index[rows] - slices.slice_index[rows].min()
+        labels = np.zeros((int(positions.max()) + 1, size, size), dtype=np.uint8)
+        image = np.full(labels.shape, BACKGROUND, dtype=np.float32)
+        labels[positions], image[positions] = predicted[rows], slices.images[rows]
+        brain = image > BACKGROUND + 1e-3
+        refined[rows] = refine_edges(labels, image, slices.case_spacing[case], brain=brain)[positions]
+    return refined

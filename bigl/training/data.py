@@ -41,6 +41,7 @@ class SliceSet:
     case_index: np.ndarray  # int32 [n]: index into case_names
     slice_index: np.ndarray  # int32 [n]: slice position in its prepared volume
     flip_axis: np.ndarray  # int8 [n]: slice axis (-2 or -1) running left-right, 0 when none does
+    case_spacing: np.ndarray | None = None  # float32 [cases, 3]: voxel size in mm of each case's slices [n, S, S]
     keys: np.ndarray = field(init=False)  # int64 [n]: (case, slice) identity shared across domains
     _context_rows: dict[int, np.ndarray] = field(init=False, repr=False, default_factory=dict)
 
@@ -84,6 +85,12 @@ class SliceSet:
         out = self.images[np.maximum(rows, 0)].astype(np.float32)
         out[rows < 0] = BACKGROUND
         return out
+
+    def case_rows(self) -> list[np.ndarray]:
+        """Per case (in ``case_names`` order), its rows in this set, in slice order."""
+        order = np.lexsort((self.slice_index, self.case_index))
+        bounds = np.searchsorted(self.case_index[order], np.arange(len(self.case_names) + 1))
+        return [order[bounds[i]:bounds[i + 1]] for i in range(len(self.case_names))]
 
     def describe(self) -> dict[str, Any]:
         info = {"modality": self.modality, "cases": len(self.case_names), "case_names": list(self.case_names), "slices": len(self)}
@@ -185,8 +192,9 @@ def find_training_cases(config: TrainingConfig | dict, *, need_source: bool, nee
 # loading
 
 
-def _prepare_case(jobs: dict[str, tuple[Any, str, bool]], preprocessing) -> dict[str, tuple[np.ndarray, np.ndarray | None, int]]:
-    """Preprocess one subject: role -> (case, modality, with labels) to role -> (slices, labels, flip axis).
+def _prepare_case(jobs: dict[str, tuple[Any, str, bool]], preprocessing) -> dict[str, tuple[np.ndarray, np.ndarray | None, int, tuple]]:
+    """Preprocess one subject: role -> (case, modality, with labels) to role -> (slices, labels, flip
+    axis, voxel size of the slices in mm).
 
     Roles on one grid share one brain mask, so their slices line up.
     """
@@ -207,7 +215,8 @@ def _prepare_case(jobs: dict[str, tuple[Any, str, bool]], preprocessing) -> dict
             label_volume = case.load_labels()
             check_same_grid({f"{case.name} {modality}": volumes[role], f"{case.name} labels": label_volume})
             labels = prepare_labels(label_volume.data, prepared.geometry)
-        result[role] = (prepared.slices.astype(np.float16), labels, left_right_axis(volumes[role].affine, preprocessing.slice_axis))
+        result[role] = (prepared.slices.astype(np.float16), labels, left_right_axis(volumes[role].affine, preprocessing.slice_axis),
+                         prepared.geometry.slice_spacing(volumes[role].spacing))
     return result
 
 
@@ -230,8 +239,8 @@ def load_training_data(
     parts: dict[str, list] = {role: [] for role in cases}
     with ThreadPoolExecutor(max_workers=data.workers) as pool:
         for done, (name, result) in enumerate(zip(names, pool.map(lambda n: _prepare_case(subjects[n], preprocessing), names)), 1):
-            for role, (slices, labels, flip_axis) in result.items():
-                parts[role].append((name, slices, labels, flip_axis))
+            for role, (slices, labels, flip_axis, spacing) in result.items():
+                parts[role].append((name, slices, labels, flip_axis, spacing))
             if progress is not None:
                 progress(done, len(names))
 
@@ -240,15 +249,16 @@ def load_training_data(
             return None
         entries = parts[role]
         with_labels = role == labelled_role
-        kept = [_slices_with_brain(slices) for _, slices, _, _ in entries]
+        kept = [_slices_with_brain(slices) for _, slices, _, _, _ in entries]
         return SliceSet(
             modality=modality[role],
-            images=np.concatenate([slices[keep] for (_, slices, _, _), keep in zip(entries, kept)]),
-            labels=np.concatenate([labels[keep] for (_, _, labels, _), keep in zip(entries, kept)]) if with_labels else None,
-            case_names=[name for name, _, _, _ in entries],
+            images=np.concatenate([slices[keep] for (_, slices, _, _, _), keep in zip(entries, kept)]),
+            labels=np.concatenate([labels[keep] for (_, _, labels, _, _), keep in zip(entries, kept)]) if with_labels else None,
+            case_names=[name for name, _, _, _, _ in entries],
             case_index=np.concatenate([np.full(len(keep), i, dtype=np.int32) for i, keep in enumerate(kept)]),
             slice_index=np.concatenate(kept).astype(np.int32),
-            flip_axis=np.concatenate([np.full(len(keep), axis, dtype=np.int8) for (_, _, _, axis), keep in zip(entries, kept)]),
+            flip_axis=np.concatenate([np.full(len(keep), axis, dtype=np.int8) for (_, _, _, axis, _), keep in zip(entries, kept)]),
+            case_spacing=np.asarray([spacing for _, _, _, _, spacing in entries], dtype=np.float32),
         )
 
     if labelled_role == "target":
