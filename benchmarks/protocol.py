@@ -22,7 +22,11 @@ the ``reference`` config (96 px) for the final table; ``--config`` picks another
 stage 1 alone share one translator per seed (trained once, ``adapt.translator_bundle``), so they
 differ only in what they change. ``--inference "NAME=--flip;--postprocess"`` scores the same models
 again with inference options (rows ``setting + NAME``). ``--ensemble`` also scores each setting's
-models of all seeds as one ensemble (:mod:`bigl.ensemble`, row ``setting (ensemble)``). ``--baselines`` adds source-only and the no-learning
+models of all seeds as one ensemble (:mod:`bigl.ensemble`, row ``setting (ensemble)``).
+``--branch "NAME=adapt.pseudo_threshold=0.8"`` trains, for each seed, a branch of the first
+setting's run at the end of its adversarial phase (``bigl train --branch-from``): the same adapted
+network, with only the self-training settings changed, so the comparison is paired and costs the
+self-training steps alone. ``--baselines`` adds source-only and the no-learning
 invert + histogram-match baseline (source-only model on the inverted T2) for each seed; its T1
 reference histogram comes from the training cases of the first ``--data`` folder.
 
@@ -101,6 +105,12 @@ class Protocol:
         manifest = {"split": self.args.split, "config": self.config, "data": self.folders,
                     "excluded": self.excluded, "scored": self.scored}
         settings = dict(parse_setting(text) for text in self.args.setting)
+        base, base_overrides = parse_setting(self.args.setting[0])
+        branches = {name: base_overrides + overrides for name, overrides in map(parse_setting, self.args.branch)}
+        clash = sorted(set(branches) & set(settings))
+        if clash:
+            raise SystemExit(f"{', '.join(clash)}: a name is a --setting or a --branch, not both")
+        settings.update(branches)
         path = self.out / "manifest.json"
         old = json.loads(path.read_text(encoding="utf-8")) if path.exists() else dict(manifest)
         changed = [key for key in manifest if old.get(key) != manifest[key]]
@@ -112,6 +122,8 @@ class Protocol:
             raise SystemExit(f"{self.out} holds setting(s) {', '.join(redefined)} with other overrides "
                              f"({'; '.join(f'{n}: {known[n]}' for n in redefined)}); give the new ones another name")
         manifest["settings"] = {**known, **settings}
+        if branches:
+            manifest["branches"] = {**old.get("branches", {}), **{name: base for name in branches}}
         path.write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
 
     def command(self, argv: list[str], log: Path) -> None:
@@ -125,12 +137,13 @@ class Protocol:
         if result.returncode:
             raise SystemExit(f"command failed (exit {result.returncode}); see {log}")
 
-    def train(self, folder: Path, overrides: list[str], stage: str = "all") -> Path:
+    def train(self, folder: Path, overrides: list[str], stage: str = "all", branch_from: Path | None = None) -> Path:
         stage_file = "translator.safetensors" if stage == "translator" else "model.safetensors"
         if (folder / stage_file).exists():
             return folder / stage_file
         resume = ["--resume"] if (folder / "config.json").exists() else []
-        argv = [*self.bigl, "train", "--config", self.config, "--out", str(folder), "--stage", stage, *resume,
+        branch = ["--branch-from", str(branch_from)] if branch_from is not None else []
+        argv = [*self.bigl, "train", "--config", self.config, "--out", str(folder), "--stage", stage, *resume, *branch,
                 *self.data_overrides, *overrides]
         self.command(argv, folder.parent / f"{folder.name}.log")
         return folder / stage_file
@@ -145,6 +158,13 @@ class Protocol:
                     "--figure-cases", "0", "--threads", str(self.args.threads), *extra]
             self.command(argv, folder.parent / f"{folder.name}.log")
         return json.loads(summary.read_text(encoding="utf-8"))
+
+    def score(self, name: str, seed: int, model: Path, results: dict) -> None:
+        """Evaluate a setting's model of one seed, plain and with each --inference variant."""
+        results.setdefault(name, {})[seed] = self.evaluate(model, self.out / name / f"eval-seed{seed}")
+        for variant, flags in (parse_setting(text) for text in self.args.inference):
+            results.setdefault(f"{name} + {variant}", {})[seed] = self.evaluate(
+                model, self.out / name / f"eval-{variant}-seed{seed}", flags)
 
     def run(self) -> dict:
         results: dict[str, dict[int, dict]] = {}
@@ -161,10 +181,14 @@ class Protocol:
                 run_dir = self.out / name / f"seed{seed}"
                 shared = [] if own_translator(overrides) else [f"adapt.translator_bundle={translator}"]
                 model = self.train(run_dir, seed_overrides + shared + overrides, stage="all" if not shared else "adapt")
-                results.setdefault(name, {})[seed] = self.evaluate(model, self.out / name / f"eval-seed{seed}")
-                for variant, flags in (parse_setting(text) for text in self.args.inference):
-                    results.setdefault(f"{name} + {variant}", {})[seed] = self.evaluate(
-                        model, self.out / name / f"eval-{variant}-seed{seed}", flags)
+                self.score(name, seed, model, results)
+            base, base_overrides = settings[0]
+            for name, overrides in (parse_setting(text) for text in self.args.branch):
+                print(f"seed {seed}: {name}, a branch of {base}: {' '.join(overrides)}", flush=True)
+                shared = [] if own_translator(base_overrides) else [f"adapt.translator_bundle={translator}"]
+                model = self.train(self.out / name / f"seed{seed}", seed_overrides + shared + base_overrides + overrides,
+                                   stage="adapt", branch_from=self.out / base / f"seed{seed}")
+                self.score(name, seed, model, results)
             if self.args.baselines:
                 run_dir = self.out / "source-only" / f"seed{seed}"
                 model = self.train(run_dir, seed_overrides + ["adapt.method=source-only"], stage="adapt")
@@ -181,7 +205,7 @@ class Protocol:
                         reference.write_bytes(found.read_bytes())
         if self.args.ensemble and len(seeds) > 1:
             label = "+".join(str(seed) for seed in seeds)
-            for name, _ in settings:
+            for name in [name for name, _ in settings] + [parse_setting(text)[0] for text in self.args.branch]:
                 models = [self.out / name / f"seed{seed}" / "model.safetensors" for seed in seeds]
                 print(f"seeds {label}: {name} as one ensemble", flush=True)
                 results[f"{name} (ensemble)"] = {label: self.evaluate(models, self.out / name / f"eval-ensemble-{label}")}
@@ -245,6 +269,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split", choices=tuple(SPLITS), default="dev")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--setting", action="append", required=True, help="NAME=key=value;key=value")
+    parser.add_argument("--branch", action="append", default=[],
+                        help="NAME=key=value;key=value: a branch of the first --setting's runs at the end of their "
+                             "adversarial phase, with other self-training settings (adapt.self_training_*, adapt.pseudo_*)")
     parser.add_argument("--baselines", action="store_true", help="also source-only and invert + histogram match")
     parser.add_argument("--inference", action="append", default=[],
                         help="NAME=--flag;--flag: also score every setting's models with these bigl evaluate flags "

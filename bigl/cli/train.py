@@ -36,6 +36,10 @@ def register(subparsers) -> None:
                         help="run folder (default runs/<config>-<date>-<time>)")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --out from its last checkpoint (finished stages are skipped)")
+    parser.add_argument("--branch-from", type=Path, metavar="RUN",
+                        help="start from RUN's network at the end of its adversarial phase and train only the "
+                             "self-training steps (which may use other adapt.self_training_* / adapt.pseudo_* "
+                             "settings), with RUN's translator")
     parser.add_argument("--device", choices=DEVICE_CHOICES, help="sets run.device (default: the config's, auto)")
     parser.add_argument("--data", type=Path, metavar="DIR", action="append",
                         help="BraTS-style folder for both domains (sets data.source_dir and data.target_dir); repeat it to use several")
@@ -119,7 +123,8 @@ def run(args: argparse.Namespace) -> int:
     if main_process:
         print(f"bigl train: run folder {out_dir} (events in {out_dir / 'events.jsonl'})", file=sys.stderr, flush=True)
     try:
-        result = run_training(config, out_dir, stage=args.stage, resume=args.resume, progress=not args.no_progress)
+        result = run_training(config, out_dir, stage=args.stage, resume=args.resume, progress=not args.no_progress,
+                              branch_from=args.branch_from)
     except KeyboardInterrupt:
         if main_process:
             if args.resume:

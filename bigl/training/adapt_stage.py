@@ -171,6 +171,9 @@ class AdaptTrainer(StageTrainer):
         self.finetune = bool(adapt.finetune_translator)
         self.self_steps = adapt.self_training_steps
         self.adapt_steps = self.total - self.self_steps
+        # the end of the adversarial phase, where other self-training settings branch off (bigl.training.branch)
+        self.kept_steps = (self.adapt_steps,) if self.self_steps and self.adapt_steps > 0 else ()
+        self.branched_from: dict | None = None
         self.pseudo: np.ndarray | None = None  # uint8 [n, S, S] pseudo-labels of the unlabelled slices
         self.pseudo_round = -1
         self.translator_mode = translator_mode
@@ -236,10 +239,12 @@ class AdaptTrainer(StageTrainer):
     def extra_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         tensors = {} if self.pseudo is None else {"pseudo_labels": torch.from_numpy(self.pseudo)}
         return tensors, {"method": self.method, "levels": list(self.levels), "pseudo_round": self.pseudo_round,
-                         "scalers": {"seg": self.scaler_seg.state_dict(), "d": self.scaler_d.state_dict()}}
+                         "scalers": {"seg": self.scaler_seg.state_dict(), "d": self.scaler_d.state_dict()},
+                         **({"branched_from": self.branched_from} if self.branched_from else {})}
 
     def load_extra_state(self, tensors: dict[str, torch.Tensor], values: dict[str, Any]) -> None:
         load_scaler_states({"seg": self.scaler_seg, "d": self.scaler_d}, values["scalers"])
+        self.branched_from = values.get("branched_from")
         if "pseudo_labels" in tensors:
             self.pseudo = tensors["pseudo_labels"].numpy().astype(np.uint8)
             self.pseudo_round = int(values.get("pseudo_round", 0))
@@ -522,6 +527,8 @@ class AdaptTrainer(StageTrainer):
             info["self_training"] = {key: getattr(self.adapt, key) for key in (
                 "self_training_iterations", "self_training_rounds", "self_training_lr", "pseudo_threshold", "pseudo_class_fraction",
                 "pseudo_views", "pseudo_refine_edges")}
+        if self.branched_from:
+            info["branched_from"] = self.branched_from
         if data.unlabelled is not None:
             info["unlabelled"] = data.unlabelled.describe()
         if self.method == "bigl":

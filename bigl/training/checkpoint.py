@@ -184,10 +184,12 @@ def announce_resume(log, stage: str, found: tuple[Checkpoint | None, list[Config
     return checkpoint
 
 
-def prune_checkpoints(folder: Path, stage: str, keep: int) -> None:
-    """Delete all but the ``keep`` newest checkpoints of a stage."""
+def prune_checkpoints(folder: Path, stage: str, keep: int, protect: tuple[int, ...] = ()) -> None:
+    """Delete all but the ``keep`` newest checkpoints of a stage, and those of the steps in ``protect``."""
     for path in list_checkpoints(folder, stage)[keep:]:
-        path.unlink(missing_ok=True)
+        parsed = parse_checkpoint_name(path.name)
+        if parsed is None or parsed[1] not in protect:
+            path.unlink(missing_ok=True)
 
 
 def prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

@@ -167,6 +167,9 @@ class StageTrainer:
         self.precisions = [ctx.precision]
         torch.manual_seed(init_seed(ctx.config.run.seed, self.stage))  # networks built next start alike
 
+    #: Steps whose checkpoints are written and never pruned (AdaptTrainer: the branch point).
+    kept_steps: tuple[int, ...] = ()
+
     # -- to be provided by subclasses ---------------------------------------------------------
     def checkpoint_modules(self) -> dict[str, nn.Module]:
         raise NotImplementedError
@@ -216,7 +219,7 @@ class StageTrainer:
             extra_tensors=tensors,
             extra={**values, "total": self.total, "precisions": self.precisions},
         )
-        prune_checkpoints(self.checkpoint_dir, self.stage, self.ctx.config.run.keep_checkpoints)
+        prune_checkpoints(self.checkpoint_dir, self.stage, self.ctx.config.run.keep_checkpoints, protect=self.kept_steps)
         return path
 
     def resume(self) -> int:
@@ -282,7 +285,7 @@ class StageTrainer:
                     sums[name] = sums.get(name, 0.0) + value.detach().float()
                 count += 1
                 bar.update(1)
-                is_checkpoint = done % run_cfg.checkpoint_every == 0 or done == self.total
+                is_checkpoint = done % run_cfg.checkpoint_every == 0 or done == self.total or done in self.kept_steps
                 if done % run_cfg.log_every == 0 or done == start + 1 or is_checkpoint:
                     means = {name: float(total) / count for name, total in sums.items()}
                     _check_finite(means, self.stage, done)

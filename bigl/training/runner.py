@@ -34,10 +34,11 @@ from bigl.training.sections import TrainingConfig
 _DISK_MARGIN_BYTES = 64 * 2**20
 
 
-def run_training(config: dict, out_dir: str | os.PathLike, *, stage: str = "all", resume: bool = False, progress: bool = True) -> Path:
+def run_training(config: dict, out_dir: str | os.PathLike, *, stage: str = "all", resume: bool = False, progress: bool = True,
+                 branch_from: str | os.PathLike | None = None) -> Path:
     """Train into ``out_dir`` and return the path of the stage's result (``model.safetensors``,
     or ``translator.safetensors`` for ``stage="translator"``)."""
-    return TrainingRun(config, out_dir, stage=stage, resume=resume, progress=progress).execute()
+    return TrainingRun(config, out_dir, stage=stage, resume=resume, progress=progress, branch_from=branch_from).execute()
 
 
 def plan_stages(config: TrainingConfig, stage: str) -> list[str]:
@@ -62,8 +63,11 @@ def _relative(path: Path, root: Path) -> str:
 class TrainingRun:
     """One invocation of training. ``execute`` = ``prepare`` + the stages; tests use the parts."""
 
-    def __init__(self, config: dict, out_dir: str | os.PathLike, *, stage: str = "all", resume: bool = False, progress: bool = True):
+    def __init__(self, config: dict, out_dir: str | os.PathLike, *, stage: str = "all", resume: bool = False, progress: bool = True,
+                 branch_from: str | os.PathLike | None = None):
         self.raw_config = config
+        #: a run folder to branch off at the end of its adversarial phase (bigl.training.branch)
+        self.branch_from = Path(branch_from).expanduser().resolve() if branch_from is not None else None
         self.out_dir = Path(out_dir).expanduser().resolve()
         self.stage = stage
         self.resume = resume
@@ -98,6 +102,26 @@ class TrainingRun:
                 "intervals may change), or start a new run in another --out folder",
             )
 
+    def _branch(self, config: TrainingConfig) -> TrainingConfig:
+        """The branch's config (the parent's translator, stage 2 only); a new branch folder gets the
+        parent's checkpoint of its branch point, and the run resumes from it."""
+        from bigl.training.branch import branch_checkpoint, branch_config
+
+        if self.stage == "translator":
+            raise ConfigError("--branch-from trains stage 2 only", "use --stage adapt (or all)")
+        if env_int("WORLD_SIZE", 1) > 1:
+            raise ConfigError("--branch-from runs in one process",
+                              "start the branch in one process, stop it, and continue it with torchrun ... --resume")
+        config = branch_config(self.branch_from, config)
+        self.stage = "adapt"
+        if not self.resume or not (self.out_dir / CONFIG_FILE).exists():
+            if (self.out_dir / CONFIG_FILE).exists():
+                self._check_folder(config)  # refuses: the folder holds a run and --resume was not given
+            step = branch_checkpoint(self.branch_from, config, self.out_dir)
+            self.log.write("branch", parent=str(self.branch_from), step=step)
+            self.resume = True
+        return config
+
     def _translator_file(self, config: TrainingConfig) -> Path:
         given = config.adapt.translator_bundle
         return Path(given).expanduser() if given else self.out_dir / TRANSLATOR_FILE
@@ -118,6 +142,8 @@ class TrainingRun:
     def prepare(self) -> RunContext:
         """Validate everything, join the process group and load the data (nothing is written but events)."""
         config = TrainingConfig.of(validate_config(self.raw_config))
+        if self.branch_from is not None:
+            config = self._branch(config)
         stages = plan_stages(config, self.stage)
         self.stages = stages
         self._check_folder(config)
