@@ -216,7 +216,7 @@ def test_not_enough_disk(phantom_cohort, tmp_path, monkeypatch):
     expect_refusal(smoke(phantom_cohort), tmp_path / "run", fragment="not enough disk space")
 
 
-def test_disk_estimate_counts_the_weight_average_and_the_pseudo_labels(phantom_cohort):
+def test_disk_estimate_counts_the_weight_average_the_pseudo_labels_and_the_branch_point(phantom_cohort):
     from bigl.training.runner import estimate_disk_bytes
 
     plain = smoke(phantom_cohort)
@@ -227,7 +227,10 @@ def test_disk_estimate_counts_the_weight_average_and_the_pseudo_labels(phantom_c
     slices = 10_000
     size = self_training["preprocessing"]["image_size"]
     keep = self_training["run"]["keep_checkpoints"] + 1
-    assert estimate_disk_bytes(self_training, ["adapt"], slices) - base == keep * slices * size**2
+    one_checkpoint = estimate_disk_bytes(smoke(phantom_cohort, f"run.keep_checkpoints={keep}"), ["adapt"]) - base
+    # self-training keeps one more checkpoint (the branch point, before any pseudo-label), and pseudo-labels in the others
+    assert estimate_disk_bytes(self_training, ["adapt"]) - base == one_checkpoint > 0
+    assert estimate_disk_bytes(self_training, ["adapt"], slices) - base - one_checkpoint == keep * slices * size**2
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")

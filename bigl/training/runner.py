@@ -332,7 +332,8 @@ def _parameters(module: torch.nn.Module) -> int:
 def estimate_disk_bytes(config: TrainingConfig | dict, stages: list[str], target_slices: int = 0) -> int:
     """Upper estimate of what a run writes: the kept checkpoints of each stage (weights and
     optimiser moments, the weight average, the uint8 pseudo-labels of ``target_slices`` target
-    slices in self-training; one more while a new one is written), the translator file and the bundle."""
+    slices in self-training; one more while a new one is written, and the branch point of a run with
+    self-training), the translator file and the bundle."""
     from bigl.models import DualAttentionUNet
     from bigl.training.adapt_stage import level_discriminators
     from bigl.training.translator_stage import TranslatorPair, translator_discriminators
@@ -353,7 +354,8 @@ def estimate_disk_bytes(config: TrainingConfig | dict, stages: list[str], target
         checkpoint = (slots + (1 if adapt.ema_decay > 0 else 0)) * segmenter + 3 * levels
         if adapt.finetune_translator:
             checkpoint += 3 * (generators + image_discriminators)
-        total += keep * checkpoint + segmenter + (generators if adapt.method == "bigl" else 0)
+        branch_point = 1 if adapt.self_training_steps else 0  # kept besides the newest (AdaptTrainer.kept_steps)
+        total += (keep + branch_point) * checkpoint + segmenter + (generators if adapt.method == "bigl" else 0)
         if adapt.self_training_steps:
             pseudo_label_bytes = keep * target_slices * config.preprocessing.image_size ** 2
     return 4 * total + pseudo_label_bytes + _DISK_MARGIN_BYTES
