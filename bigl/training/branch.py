@@ -43,10 +43,9 @@ def parent_config(parent: Path) -> TrainingConfig:
         raise ConfigError(f"cannot read {path}: {exc}", "restore the file, or branch from another run") from None
 
 
-def branch_config(parent: Path, config: TrainingConfig) -> TrainingConfig:
-    """``config`` checked against the parent's, with the parent's translator: ConfigError naming
-    every setting that a branch cannot change."""
-    old = parent_config(parent)
+def branch_config(parent: Path, old: TrainingConfig, config: TrainingConfig) -> TrainingConfig:
+    """``config`` checked against ``old``, the config of the run in ``parent``, with the parent's
+    translator: ConfigError naming every setting that a branch cannot change."""
     if old.adapt.method != "bigl" or not old.adapt.self_training_steps:
         raise ConfigError(f"--branch-from {parent}: that run has no self-training, so it has no branch point",
                           "branch from a run of method bigl with adapt.self_training_iterations > 0")
@@ -72,10 +71,9 @@ def branch_config(parent: Path, config: TrainingConfig) -> TrainingConfig:
     return TrainingConfig.of(new)
 
 
-def branch_checkpoint(parent: Path, config: TrainingConfig, out_dir: Path) -> int:
-    """Copy the parent's checkpoint at the end of its adversarial phase into ``out_dir``, set to
-    the branch's length; returns its step."""
-    old = parent_config(parent)
+def branch_checkpoint(parent: Path, old: TrainingConfig, config: TrainingConfig, out_dir: Path) -> int:
+    """Copy the checkpoint at the end of the adversarial phase of the run in ``parent`` (config
+    ``old``) into ``out_dir``, set to the branch's length; returns its step."""
     folder = parent / CHECKPOINT_DIR
     for path in list_checkpoints(folder, "adapt"):
         checkpoint = read_checkpoint(path)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -192,9 +192,18 @@ def find_training_cases(config: TrainingConfig | dict, *, need_source: bool, nee
 # loading
 
 
-def _prepare_case(jobs: dict[str, tuple[Any, str, bool]], preprocessing) -> dict[str, tuple[np.ndarray, np.ndarray | None, int, tuple]]:
-    """Preprocess one subject: role -> (case, modality, with labels) to role -> (slices, labels, flip
-    axis, voxel size of the slices in mm).
+class _PreparedCase(NamedTuple):
+    """One case of one role, preprocessed: its slices, their labels, the slice axis running
+    left-right and the voxel size of the slices in mm."""
+
+    slices: np.ndarray
+    labels: np.ndarray | None
+    flip_axis: int
+    spacing: tuple[float, float, float]
+
+
+def _prepare_case(jobs: dict[str, tuple[Any, str, bool]], preprocessing) -> dict[str, _PreparedCase]:
+    """Preprocess one subject: role -> (case, modality, with labels) to role -> its prepared case.
 
     Roles on one grid share one brain mask, so their slices line up.
     """
@@ -215,8 +224,9 @@ def _prepare_case(jobs: dict[str, tuple[Any, str, bool]], preprocessing) -> dict
             label_volume = case.load_labels()
             check_same_grid({f"{case.name} {modality}": volumes[role], f"{case.name} labels": label_volume})
             labels = prepare_labels(label_volume.data, prepared.geometry)
-        result[role] = (prepared.slices.astype(np.float16), labels, left_right_axis(volumes[role].affine, preprocessing.slice_axis),
-                         prepared.geometry.slice_spacing(volumes[role].spacing))
+        result[role] = _PreparedCase(prepared.slices.astype(np.float16), labels,
+                                     left_right_axis(volumes[role].affine, preprocessing.slice_axis),
+                                     prepared.geometry.slice_spacing(volumes[role].spacing))
     return result
 
 
@@ -236,11 +246,11 @@ def load_training_data(
         for case in role_cases:
             subjects.setdefault(case.name, {})[role] = (case, modality[role], role == labelled_role)
     names = sorted(subjects)
-    parts: dict[str, list] = {role: [] for role in cases}
+    parts: dict[str, list[tuple[str, _PreparedCase]]] = {role: [] for role in cases}
     with ThreadPoolExecutor(max_workers=data.workers) as pool:
         for done, (name, result) in enumerate(zip(names, pool.map(lambda n: _prepare_case(subjects[n], preprocessing), names)), 1):
-            for role, (slices, labels, flip_axis, spacing) in result.items():
-                parts[role].append((name, slices, labels, flip_axis, spacing))
+            for role, prepared in result.items():
+                parts[role].append((name, prepared))
             if progress is not None:
                 progress(done, len(names))
 
@@ -249,16 +259,17 @@ def load_training_data(
             return None
         entries = parts[role]
         with_labels = role == labelled_role
-        kept = [_slices_with_brain(slices) for _, slices, _, _, _ in entries]
+        prepared = [case for _, case in entries]
+        kept = [_slices_with_brain(case.slices) for case in prepared]
         return SliceSet(
             modality=modality[role],
-            images=np.concatenate([slices[keep] for (_, slices, _, _, _), keep in zip(entries, kept)]),
-            labels=np.concatenate([labels[keep] for (_, _, labels, _, _), keep in zip(entries, kept)]) if with_labels else None,
-            case_names=[name for name, _, _, _, _ in entries],
+            images=np.concatenate([case.slices[keep] for case, keep in zip(prepared, kept)]),
+            labels=np.concatenate([case.labels[keep] for case, keep in zip(prepared, kept)]) if with_labels else None,
+            case_names=[name for name, _ in entries],
             case_index=np.concatenate([np.full(len(keep), i, dtype=np.int32) for i, keep in enumerate(kept)]),
             slice_index=np.concatenate(kept).astype(np.int32),
-            flip_axis=np.concatenate([np.full(len(keep), axis, dtype=np.int8) for (_, _, _, axis, _), keep in zip(entries, kept)]),
-            case_spacing=np.asarray([spacing for _, _, _, _, spacing in entries], dtype=np.float32),
+            flip_axis=np.concatenate([np.full(len(keep), case.flip_axis, dtype=np.int8) for case, keep in zip(prepared, kept)]),
+            case_spacing=np.asarray([case.spacing for case in prepared], dtype=np.float32),
         )
 
     if labelled_role == "target":

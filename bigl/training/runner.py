@@ -102,25 +102,27 @@ class TrainingRun:
                 "intervals may change), or start a new run in another --out folder",
             )
 
-    def _branch(self, config: TrainingConfig) -> TrainingConfig:
-        """The branch's config (the parent's translator, stage 2 only); a new branch folder gets the
-        parent's checkpoint of its branch point, and the run resumes from it."""
-        from bigl.training.branch import branch_checkpoint, branch_config
+    def _branch_config(self, config: TrainingConfig) -> tuple[TrainingConfig, TrainingConfig]:
+        """(the branch's config: checked against the parent's, with its translator; the parent's
+        config). A branch trains stage 2 only, in one process."""
+        from bigl.training.branch import branch_config, parent_config
 
         if self.stage == "translator":
             raise ConfigError("--branch-from trains stage 2 only", "use --stage adapt (or all)")
         if env_int("WORLD_SIZE", 1) > 1:
             raise ConfigError("--branch-from runs in one process",
                               "start the branch in one process, stop it, and continue it with torchrun ... --resume")
-        config = branch_config(self.branch_from, config)
         self.stage = "adapt"
-        if not self.resume or not (self.out_dir / CONFIG_FILE).exists():
-            if (self.out_dir / CONFIG_FILE).exists():
-                self._check_folder(config)  # refuses: the folder holds a run and --resume was not given
-            step = branch_checkpoint(self.branch_from, config, self.out_dir)
-            self.log.write("branch", parent=str(self.branch_from), step=step)
-            self.resume = True
-        return config
+        parent = parent_config(self.branch_from)
+        return branch_config(self.branch_from, parent, config), parent
+
+    def _start_branch(self, parent: TrainingConfig, config: TrainingConfig) -> None:
+        """A new branch folder gets the parent's checkpoint of its branch point; the run resumes from it."""
+        from bigl.training.branch import branch_checkpoint
+
+        step = branch_checkpoint(self.branch_from, parent, config, self.out_dir)
+        self.log.write("branch", parent=str(self.branch_from), step=step)
+        self.resume = True
 
     def _translator_file(self, config: TrainingConfig) -> Path:
         given = config.adapt.translator_bundle
@@ -142,11 +144,14 @@ class TrainingRun:
     def prepare(self) -> RunContext:
         """Validate everything, join the process group and load the data (nothing is written but events)."""
         config = TrainingConfig.of(validate_config(self.raw_config))
+        parent = None
         if self.branch_from is not None:
-            config = self._branch(config)
+            config, parent = self._branch_config(config)
         stages = plan_stages(config, self.stage)
         self.stages = stages
         self._check_folder(config)
+        if parent is not None and not (self.out_dir / CONFIG_FILE).exists():
+            self._start_branch(parent, config)
         world_size = env_int("WORLD_SIZE", 1)
         for section in ("translator_training", "adapt"):
             batch_size = getattr(config, section).batch_size
