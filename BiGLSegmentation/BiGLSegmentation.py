@@ -465,8 +465,9 @@ class BiGLSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def showOutputs(self, outputs, seconds: float) -> None:
         volumes = {row.key: row.volume_ml for row in outputs.volumes}
+        sure = "" if outputs.confidence is None else f" Model confidence {outputs.confidence:.2f}."
         self.ui.statusLabel.text = (f"Done in {seconds:.0f} s: WT {volumes['WT']:.1f} mL, "
-                                    f"TC {volumes['TC']:.1f} mL, ET {volumes['ET']:.1f} mL.")
+                                    f"TC {volumes['TC']:.1f} mL, ET {volumes['ET']:.1f} mL.{sure}")
         self.ui.volumesTableView.setMRMLTableNode(outputs.volumes_table)
         self.ui.overlayComboBox.blockSignals(True)
         self.ui.overlayComboBox.clear()

@@ -25,7 +25,8 @@ class EnsemblePredictor(Predictor):
     The labels are the arg-max of the members' mean class probabilities on the input grid (then
     ``refine_edges`` and ``postprocess``, when on: None takes each from the members, on when every
     member has it on).
-    The attention maps and the translated image are the first member's. The description
+    The attention maps and the translated image are the first member's; the tumour confidence is
+    the mean of the members' (each on its own slices). The description
     (``metadata``, modality, preprocessing) is the first member's; ``members`` names them all.
     """
 
@@ -68,18 +69,22 @@ class EnsemblePredictor(Predictor):
         total = None
         first = None
         count = len(self.members)
+        confidences = []
         for index, member in enumerate(self.members):
             result = member._predict(data, affine, probabilities=True, attention=attention and index == 0,
                                      translated=translated and index == 0,
                                      progress=None if progress is None else _member_progress(progress, index, count))
+            confidences.append(result.confidence)
             if total is None:
                 total, first = result.probabilities, result
             else:
                 total += result.probabilities
         total /= count
         labels = self._finish_labels(classes_to_labels(np.argmax(total, axis=0)).astype(np.uint8), data, affine)
+        found = [value for value in confidences if value is not None]
         return Prediction(labels=labels, affine=affine, probabilities=total if probabilities else None,
-                          attention=first.attention, translated=first.translated)
+                          attention=first.attention, translated=first.translated,
+                          confidence=float(np.mean(found)) if found else None)
 
 
 def _member_progress(progress: ProgressCallback, index: int, count: int) -> ProgressCallback:

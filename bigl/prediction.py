@@ -71,6 +71,7 @@ class Prediction:
     attention: dict[str, np.ndarray] | None = None  # "position", "channel": float32 [X, Y, Z]
     translated: np.ndarray | None = None  # float32 [X, Y, Z], source-modality image in [-1, 1]
     warnings: list[str] = field(default_factory=list)  # why the result may mean little (bigl.plausibility)
+    confidence: float | None = None  # tumour_confidence of the network's slices; None when it found no tumour
 
 
 def check_batch_size(batch_size) -> int:
@@ -199,7 +200,8 @@ class Predictor(ModelDescription):
                 raise
             raise error from None
         too_large = plausibility.tumour_warning(prediction.labels, affine, name=name)
-        prediction.warnings = warnings + ([too_large] if too_large else [])
+        unsure = plausibility.confidence_warning(prediction.confidence, name=name)
+        prediction.warnings = warnings + [warning for warning in (too_large, unsure) if warning]
         return prediction
 
     def _predict(self, data: np.ndarray, affine: np.ndarray, *, probabilities: bool, attention: bool,
@@ -217,6 +219,7 @@ class Predictor(ModelDescription):
             source_image = self._translate_slices(slices, report) if translated else None
 
         class_maps = maps.pop("probabilities")
+        confidence = tumour_confidence(class_maps)
         restored = np.empty((class_maps.shape[1], *data.shape), dtype=np.float32)
         restored[:1] = self._restore(class_maps[:, :1], geometry, fill=1.0)
         restored[1:] = self._restore(class_maps[:, 1:], geometry, fill=0.0)
@@ -241,6 +244,7 @@ class Predictor(ModelDescription):
             probabilities=restored if probabilities else None,
             attention=attention_maps,
             translated=translated_image,
+            confidence=confidence,
         )
 
     def _restore(self, maps: np.ndarray, geometry, *, fill: float) -> np.ndarray:
@@ -397,6 +401,20 @@ def softmax(logits: np.ndarray, axis: int = 1) -> np.ndarray:
     np.exp(shifted, out=shifted)
     shifted /= shifted.sum(axis=axis, keepdims=True)
     return shifted
+
+
+def tumour_confidence(probabilities: np.ndarray) -> float | None:
+    """How sure a segmentation is of its tumour: the mean tumour probability (1 - background) over
+    the pixels whose arg-max is a tumour class, from [n, K, S, S] class probabilities of the
+    network's slices (None when no pixel is tumour).
+
+    Label-free: on the development scans a model segmented well it was 0.89-0.94, and below 0.85 on
+    the scans where it missed most of the tumour (docs/results.md, "Which scans a model fails on");
+    :func:`bigl.plausibility.confidence_warning` warns below :data:`bigl.plausibility.CONFIDENCE_FLOOR`.
+    """
+    tumour_probability = 1.0 - np.asarray(probabilities[:, 0], dtype=np.float32)
+    tumour = np.argmax(probabilities, axis=1) > 0
+    return float(tumour_probability[tumour].mean()) if tumour.any() else None
 
 
 def position_summary(position_attention: np.ndarray, grid: tuple[int, int]) -> np.ndarray:

@@ -380,6 +380,9 @@ class SegmentationRun:
                 model_name=model_name or self.model_path.name,
             )
             outputs.warnings = list(self.warnings)
+            done = next(event for event in reversed(self.events) if event.get("event") == "done")
+            confidence = done.get("confidence")
+            outputs.confidence = float(confidence) if isinstance(confidence, (int, float)) else None
             return outputs
         finally:
             status.running = False

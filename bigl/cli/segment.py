@@ -153,7 +153,7 @@ def _run(args: argparse.Namespace, reporter: Reporter) -> int:
     prediction = _segment_one(args, source, predictor, reporter, folder_mode=False)
     reporter.say(_summary(source, args.output, prediction))
     if reporter.mode == "json":
-        reporter.emit("done", output=str(args.output))
+        reporter.emit("done", output=str(args.output), confidence=prediction.confidence)
     return 0
 
 
@@ -219,7 +219,7 @@ def _segment_folder(args, scans: list[Path], predictor, reporter: Reporter) -> i
             continue
         reporter.say(f"[{index}/{len(scans)}] {_summary(scan, output, prediction)}")
         if reporter.mode == "json":
-            reporter.emit("file_done", input=str(scan), output=str(output))
+            reporter.emit("file_done", input=str(scan), output=str(output), confidence=prediction.confidence)
     done = len(scans) - len(failed)
     reporter.say(f"segmented {done} of {len(scans)} scans into {out_dir}"
                  + (f"; failed: {', '.join(p.name for p in failed)}" if failed else ""))
@@ -248,7 +248,8 @@ def _model_line(predictor, *, shipped: bool) -> str:
 
 
 def _summary(source: Path, output: Path, prediction) -> str:
-    """One line: where the labels went and the tumour volume per label in millilitres."""
+    """One line: where the labels went, the tumour volume per label in millilitres and the model's
+    confidence in that tumour (bigl.prediction.tumour_confidence)."""
     import numpy as np
 
     from bigl.data.io import affine_spacing
@@ -258,4 +259,5 @@ def _summary(source: Path, output: Path, prediction) -> str:
     counts = np.bincount(prediction.labels.ravel(), minlength=5)
     parts = [f"{name} {counts[label] * voxel_ml:.1f} ml" for label, name in _SHORT_NAMES.items()]
     tumour = sum(counts[label] for label in _SHORT_NAMES) * voxel_ml
-    return f"{source.name} -> {output}: tumour {tumour:.1f} ml ({', '.join(parts)})"
+    sure = "" if prediction.confidence is None else f", confidence {prediction.confidence:.2f}"
+    return f"{source.name} -> {output}: tumour {tumour:.1f} ml ({', '.join(parts)}){sure}"
