@@ -161,6 +161,7 @@ def evaluate_bundle(
 
     try:
         scores: dict[str, dict[str, dict[str, float]]] = {}
+        confidence: dict[str, float | None] = {}
         prediction_files: dict[str, Path] = {}
         for case in _progress_bar(selection.evaluable, progress, f"evaluating {modality}"):
             image = case.load_image(modality)
@@ -176,6 +177,7 @@ def evaluate_bundle(
             for warning in prediction.warnings:
                 log(f"warning: {warning}")
             scores[case.name] = score_case(prediction.labels, truth.data, truth.spacing)
+            confidence[case.name] = prediction.confidence
             if prediction_dir is not None:
                 prediction_files[case.name] = save_volume(prediction_dir / f"{case.name}_seg.nii.gz", prediction.labels,
                                                           image.affine, dtype=np.uint8, like=image.path, output=True)
@@ -190,6 +192,7 @@ def evaluate_bundle(
             "transform": getattr(transform, "name", repr(transform)) if transform is not None else None,
             "inference": predictor.inference_options(),
             "cases": scores,
+            "confidence": confidence,
             "summary": summarise(scores),
             "n_cases": len(scores),
             "skipped": {"unlabelled": selection.unlabelled, "missing_modality": selection.missing_modality},
@@ -318,6 +321,13 @@ def format_report_markdown(result: dict) -> str:
         format_case_table(result["cases"]),
         "",
     ]
+    from bigl.plausibility import CONFIDENCE_FLOOR
+
+    unsure = {case: value for case, value in result.get("confidence", {}).items()
+              if value is not None and value < CONFIDENCE_FLOOR}
+    if unsure:
+        lines += [f"The model was unsure of (tumour confidence below {CONFIDENCE_FLOOR:.2f}): "
+                  + ", ".join(f"{case} ({value:.2f})" for case, value in unsure.items()), ""]
     skipped = result["skipped"]
     if skipped["unlabelled"]:
         lines += [f"Skipped (no labels): {', '.join(skipped['unlabelled'])}", ""]

@@ -147,3 +147,19 @@ class LeftHalfIsOedema(torch.nn.Module):
         logits[:, 0, : x.shape[2] // 2] = -5.0  # the first half of the rows: the left-right axis of AFFINE
         logits[:, 2, : x.shape[2] // 2] = 5.0
         return logits
+
+
+def test_bigl_evaluate_records_each_cases_confidence_and_names_the_unsure_ones(phantom_cohort, tiny_bundle, tmp_path):
+    from bigl.evaluate import evaluate_bundle
+
+    for margin in (0.5, 4.0):
+        out = tmp_path / f"eval-{margin}"
+        result = evaluate_bundle(_predictor(tiny_bundle, margin), phantom_cohort, "T2", out, progress=False,
+                                 figure=False)
+        summary = json.loads((out / "summary.json").read_text())
+        assert sorted(summary["confidence"]) == sorted(result["cases"])
+        assert all(value == pytest.approx(sigmoid(margin), abs=1e-5) for value in summary["confidence"].values())
+        markdown = (out / "summary.md").read_text()
+        assert ("The model was unsure of" in markdown) == (margin == 0.5)
+        if margin == 0.5:
+            assert all(f"{case} ({sigmoid(margin):.2f})" in markdown for case in result["cases"])
