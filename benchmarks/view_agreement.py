@@ -10,7 +10,8 @@ each check with that Dice over all rows.
         --cases Brats18_2013_11_1,Brats18_CBICA_ABM_1 --out runs/agreement/dev.csv
 
 Use it on development cases (report-case labels decide nothing); ``--no-labels`` gives the checks
-alone, for scans whose labels must not be read.
+alone, for scans whose labels must not be read. ``--wt-thresholds 0.2 0.3`` adds the WT Dice of
+the plain prediction's 1 - p(background) > tau, for each tau.
 """
 
 from __future__ import annotations
@@ -104,6 +105,8 @@ def main() -> int:
     parser.add_argument("--modality", default="t2")
     parser.add_argument("--no-labels", action="store_true", help="do not read labels (no Dice column)")
     parser.add_argument("--out", type=Path, required=True, help="CSV file of the rows")
+    parser.add_argument("--wt-thresholds", type=float, nargs="*", default=[],
+                        help="also the WT Dice of 1 - p(background) > each of these (plain prediction, on the scan's grid)")
     args = parser.parse_args()
 
     cases = {case.name: case for case in find_cases(args.data)}
@@ -126,6 +129,10 @@ def main() -> int:
             if not args.no_labels:
                 truth = np.asarray(cases[name].load_labels().data)
                 row["wt_dice"] = float(dice(labels > 0, truth > 0))
+                if args.wt_thresholds:
+                    background = check.predict(data, affine, probabilities=True, modality=args.modality).probabilities[0]
+                    for tau in args.wt_thresholds:
+                        row[f"wt_dice_tau{tau:g}"] = float(dice(1.0 - background > tau, truth > 0))
             rows.append(row)
             print(", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
