@@ -568,3 +568,28 @@ def test_the_dice_switch_reaches_every_segmentation_loss(phantom_cohort, tmp_pat
     monkeypatch.setattr(adapt_stage, "segmentation_loss", recording)
     run_training(smoke(phantom_cohort, *SELF_TRAINING, "adapt.dice=mean"), tmp_path / "run", progress=False)
     assert len(seen) == 4 * 2 + 4 * 3 and set(seen) == {"mean"}  # seg + seg_syn, then + seg_pseudo
+
+
+def test_intensity_augmented_self_training_alters_the_target_slices_but_not_their_pseudo_labels(phantom_cohort, tmp_path):
+    """pseudo_augment_intensity: the self-training batch holds the same slices and pseudo-labels as
+    without it, the slices altered inside the brain only; the adversarial phase is untouched."""
+    batches = {}
+    for augmented in (False, True):
+        run = TrainingRun(smoke(phantom_cohort, *SELF_TRAINING, "adapt.batch_size=8",
+                                f"adapt.pseudo_augment_intensity={str(augmented).lower()}"),
+                          tmp_path / str(augmented), progress=False)
+        run.prepare()
+        run.translator_trainer().finish()
+        trainer: AdaptTrainer = run.adapt_trainer()
+        trainer.make_pseudo_labels(0)
+        first_self_training_step = trainer.adapt_steps
+        batches[augmented] = (trainer.batch(0), trainer.batch(first_self_training_step))
+    (adversarial_plain, plain), (adversarial_augmented, augmented) = batches[False], batches[True]
+    assert torch.equal(adversarial_plain["x_t"], adversarial_augmented["x_t"])
+    assert torch.equal(plain["y_t"], augmented["y_t"]) and torch.equal(plain["x"], augmented["x"])
+    brain = plain["x_t"] > -1.0 + 1e-3
+    assert brain.any()
+    assert (augmented["x_t"][~brain] == -1.0).all()  # what is not brain is background
+    changed = (augmented["x_t"] - plain["x_t"]).abs()[brain]
+    assert (changed > 1e-4).float().mean() > 0.2  # at least one of the transforms hit most slices
+    assert augmented["x_t"].min() >= -1.0 and augmented["x_t"].max() <= 1.0

@@ -29,7 +29,11 @@ keep their most confident share; the rest is ignored; with ``pseudo_refine_edges
 edge is then redrawn on each case's target scan by :func:`bigl.postprocess.refine_edges`, and the
 voxels it moves are kept whatever their confidence), and the segmenter goes on with
 L_seg(x_s) + synthetic_weight * L_seg(x_s->t) + L_seg(x_t, pseudo-labels) [+ lambda_out * L_out],
-without the adversarial terms. With ``self_training_rounds`` > 1 the pseudo-labels are made anew
+without the adversarial terms. With ``pseudo_augment_intensity`` each pseudo-labelled x_t is
+altered by the intensity augmentation before the segmenter sees it: labels made on the plain
+slice, learnt on a slice of other gamma, contrast, level, bias field and noise (the weak/strong
+views of FixMatch-style self-training), so that the target scans' own spread of intensities is
+covered with the target's anatomy. With ``self_training_rounds`` > 1 the pseudo-labels are made anew
 at the start of each round. The pseudo-labels travel in the checkpoints, so resume is exact.
 
 Augmentation (``data.augment_spatial``, ``data.augment_intensity``, ``data.augment_invert``;
@@ -309,6 +313,9 @@ class AdaptTrainer(StageTrainer):
                 batch["x_t"], batch["y_t"] = self.pseudo_batch(picked[shard], drawn.flip_unlabelled[shard])
                 if data.augment_spatial:
                     batch["x_t"], batch["y_t"] = augment.spatial(batch["x_t"], batch["y_t"], rng, **rows)
+                if self.adapt.pseudo_augment_intensity:  # labels of the plain slice, learnt on an altered one
+                    seed = int(rng.integers(0, 2**63 - 1))
+                    batch["x_t"] = augment.intensity(batch["x_t"], np.random.default_rng(seed), **rows)
             else:
                 batch["x_t"], _ = to_tensors(ctx.data.unlabelled, drawn.unlabelled[shard], drawn.flip_unlabelled[shard], ctx.device,
                                              channels=channels)
@@ -526,7 +533,7 @@ class AdaptTrainer(StageTrainer):
             info["iterations"]["self_training"] = self.self_steps
             info["self_training"] = {key: getattr(self.adapt, key) for key in (
                 "self_training_iterations", "self_training_rounds", "self_training_lr", "pseudo_threshold", "pseudo_class_fraction",
-                "pseudo_views", "pseudo_refine_edges")}
+                "pseudo_views", "pseudo_refine_edges", "pseudo_augment_intensity")}
         if self.branched_from:
             info["branched_from"] = self.branched_from
         if data.unlabelled is not None:

@@ -182,6 +182,7 @@ class AdaptSection(_Schedule):
     pseudo_views: str = one_of("both", PSEUDO_VIEWS, "both averages Phi(x_t) and Phi(x_t->s); target takes Phi(x_t) alone; "
                                "inverted averages Phi(x_t) and Phi of x_t with mirrored intensities")
     pseudo_refine_edges: bool = False
+    pseudo_augment_intensity: bool = False
     ema_decay: float = within(0.0, 0.0, 1.0, high_open=True,
                               hint="0 ships the last weights; 0.99 ships their exponential moving average over about the last 100 steps")
     dice: str = one_of("generalised", DICE_LOSSES, "generalised (the default), mean (every class weighs the same) "
