@@ -570,10 +570,11 @@ def test_the_dice_switch_reaches_every_segmentation_loss(phantom_cohort, tmp_pat
     assert len(seen) == 4 * 2 + 4 * 3 and set(seen) == {"mean"}  # seg + seg_syn, then + seg_pseudo
 
 
-def test_intensity_augmented_self_training_alters_the_target_slices_but_not_their_pseudo_labels(phantom_cohort, tmp_path):
+def test_intensity_augmented_self_training_alters_what_the_segmenter_sees_of_the_target(phantom_cohort, tmp_path):
     """pseudo_augment_intensity: the self-training batch holds the same slices and pseudo-labels as
-    without it, the slices altered inside the brain only; the adversarial phase is untouched."""
-    batches = {}
+    without it, and alters x_t inside the brain as the segmenter sees it, not as the translator
+    does; the adversarial phase is untouched."""
+    batches, trainers = {}, {}
     for augmented in (False, True):
         run = TrainingRun(smoke(phantom_cohort, *SELF_TRAINING, "adapt.batch_size=8",
                                 f"adapt.pseudo_augment_intensity={str(augmented).lower()}"),
@@ -582,14 +583,24 @@ def test_intensity_augmented_self_training_alters_the_target_slices_but_not_thei
         run.translator_trainer().finish()
         trainer: AdaptTrainer = run.adapt_trainer()
         trainer.make_pseudo_labels(0)
-        first_self_training_step = trainer.adapt_steps
-        batches[augmented] = (trainer.batch(0), trainer.batch(first_self_training_step))
+        batches[augmented] = (trainer.batch(0), trainer.batch(trainer.adapt_steps))
+        trainers[augmented] = trainer
     (adversarial_plain, plain), (adversarial_augmented, augmented) = batches[False], batches[True]
-    assert torch.equal(adversarial_plain["x_t"], adversarial_augmented["x_t"])
-    assert torch.equal(plain["y_t"], augmented["y_t"]) and torch.equal(plain["x"], augmented["x"])
+    assert "augment_target" not in adversarial_augmented and "augment_target" not in plain
+    for key in ("x", "x_t", "y_t"):
+        assert torch.equal(plain[key], augmented[key])
+    altered = augmented["augment_target"](augmented["x_t"])
     brain = plain["x_t"] > -1.0 + 1e-3
-    assert brain.any()
-    assert (augmented["x_t"][~brain] == -1.0).all()  # what is not brain is background
-    changed = (augmented["x_t"] - plain["x_t"]).abs()[brain]
+    assert brain.any() and (altered[~brain] == -1.0).all()  # what is not brain is background
+    changed = (altered - plain["x_t"]).abs()[brain]
     assert (changed > 1e-4).float().mean() > 0.2  # at least one of the transforms hit most slices
-    assert augmented["x_t"].min() >= -1.0 and augmented["x_t"].max() <= 1.0
+    assert altered.min() >= -1.0 and altered.max() <= 1.0
+
+    network = trainers[True].network.eval()
+    with torch.no_grad():
+        as_is = network(augmented["x"], augmented["x_t"])
+        seen = network(augmented["x"], augmented["x_t"], augment_target=augmented["augment_target"])
+    assert torch.equal(as_is["fake_s"], seen["fake_s"])  # the translator gets the plain slice
+    n = len(augmented["x"])
+    assert torch.equal(as_is["logits"][:2 * n], seen["logits"][:2 * n])
+    assert not torch.equal(as_is["logits"][2 * n:3 * n], seen["logits"][2 * n:3 * n])  # the segmenter the altered one

@@ -30,15 +30,17 @@ edge is then redrawn on each case's target scan by :func:`bigl.postprocess.refin
 voxels it moves are kept whatever their confidence), and the segmenter goes on with
 L_seg(x_s) + synthetic_weight * L_seg(x_s->t) + L_seg(x_t, pseudo-labels) [+ lambda_out * L_out],
 without the adversarial terms. With ``pseudo_augment_intensity`` each pseudo-labelled x_t is
-altered by the intensity augmentation before the segmenter sees it: labels made on the plain
-slice, learnt on a slice of other gamma, contrast, level, bias field and noise (the weak/strong
-views of FixMatch-style self-training), so that the target scans' own spread of intensities is
-covered with the target's anatomy. With ``self_training_rounds`` > 1 the pseudo-labels are made anew
+altered by the intensity augmentation as the segmenter sees it (the translator gets it as it is,
+so L_out compares Phi of the altered slice with Phi of the plain slice's translation): labels
+made on the plain slice, learnt on a slice of other gamma, contrast, level, bias field and noise
+(the weak/strong views of FixMatch-style self-training), so that the target scans' own spread of
+intensities is covered with the target's anatomy. With ``self_training_rounds`` > 1 the pseudo-labels are made anew
 at the start of each round. The pseudo-labels travel in the checkpoints, so resume is exact.
 
 Augmentation (``data.augment_spatial``, ``data.augment_intensity``, ``data.augment_invert``;
 :mod:`bigl.training.augment`): spatial to x_s with y_s before translation (and to the
-pseudo-labelled x_t in self-training), intensity to x_s and x_s->t as the segmenter sees them,
+pseudo-labelled x_t in self-training), intensity to x_s and x_s->t as the segmenter sees them (and,
+with ``adapt.pseudo_augment_intensity``, to the pseudo-labelled x_t),
 inversion to x_s as the segmenter sees it (the translator gets x_s un-augmented).
 """
 
@@ -111,9 +113,10 @@ class AdaptNetwork(nn.Module):
         translator_batch: dict[str, torch.Tensor] | None = None,
         augment_labelled: Callable[[torch.Tensor], torch.Tensor] | None = None,
         augment_translated: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        augment_target: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:
-        """The augmentations (intensity) apply to x_s and x_s->t as the segmenter sees them; the
-        translator gets x_s as it is."""
+        """The augmentations (intensity) apply to x_s, x_s->t and x_t as the segmenter sees them; the
+        translators get x_s and x_t as they are."""
         seg_labelled = x_labelled if augment_labelled is None else augment_labelled(x_labelled)
         if self.translators is None:
             return {"logits": self.segmenter(seg_labelled)}
@@ -127,7 +130,8 @@ class AdaptNetwork(nn.Module):
                 fake_t, fake_s = per_slice(self.translators.s2t, x_labelled), per_slice(self.translators.t2s, x_target)
         if augment_translated is not None:
             fake_t = augment_translated(fake_t)
-        aux = self.segmenter(torch.cat([seg_labelled, fake_t, x_target, fake_s]), return_aux=True)
+        seg_target = x_target if augment_target is None else augment_target(x_target)
+        aux = self.segmenter(torch.cat([seg_labelled, fake_t, seg_target, fake_s]), return_aux=True)
         out.update(
             logits=aux.logits,
             features=aux.features,
@@ -314,8 +318,8 @@ class AdaptTrainer(StageTrainer):
                 if data.augment_spatial:
                     batch["x_t"], batch["y_t"] = augment.spatial(batch["x_t"], batch["y_t"], rng, **rows)
                 if self.adapt.pseudo_augment_intensity:  # labels of the plain slice, learnt on an altered one
-                    seed = int(rng.integers(0, 2**63 - 1))
-                    batch["x_t"] = augment.intensity(batch["x_t"], np.random.default_rng(seed), **rows)
+                    target_seed = int(rng.integers(0, 2**63 - 1))
+                    batch["augment_target"] = lambda t: augment.intensity(t, np.random.default_rng(target_seed), **rows)
             else:
                 batch["x_t"], _ = to_tensors(ctx.data.unlabelled, drawn.unlabelled[shard], drawn.flip_unlabelled[shard], ctx.device,
                                              channels=channels)
@@ -467,7 +471,7 @@ class AdaptTrainer(StageTrainer):
             set_requires_grad(self.bank, False)
         with ctx.autocast():
             out = self.network_ddp(batch["x"], batch.get("x_t"), batch.get("translator"),
-                                   batch.get("augment_labelled"), batch.get("augment_translated"))
+                                   batch.get("augment_labelled"), batch.get("augment_translated"), batch.get("augment_target"))
             losses = self.segmenter_losses(batch, out)
         for optimizer in optimizers:
             optimizer.zero_grad(set_to_none=True)
