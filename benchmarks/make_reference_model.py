@@ -80,6 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target-only", help="the protocol setting of the target-only upper bound, if it ran")
     parser.add_argument("--inference", metavar="NAME",
                         help="the protocol's inference variant whose options the model runs with by default")
+    parser.add_argument("--confidence-floor", type=float, metavar="C",
+                        help="the tumour confidence below which the model warns that it is unsure (set on development "
+                             "scans with benchmarks/view_agreement.py; the shipped model's: bigl.plausibility.CONFIDENCE_FLOOR)")
     parser.add_argument("--destination", type=Path, default=DEFAULT_DESTINATION, help="where to write the packaged model")
     args = parser.parse_args(argv)
 
@@ -156,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
                 "machine": f"{platform.machine()}, {platform.system()}, CPU", "report_cases": sorted(REPORT_CASES),
                 "protocol": {"setting": args.setting, "seed": args.seed, "data": manifest["data"],
                              "overrides": manifest["settings"].get(args.setting, [])}}
-    out = annotate_bundle(model, args.destination, metrics=metrics, training=training, inference=defaults)
+    out = annotate_bundle(model, args.destination, metrics=metrics, training=training, inference=defaults,
+                          confidence_floor=args.confidence_floor)
     size = out.stat().st_size
     if size > MAX_BYTES:
         out.unlink()

@@ -276,6 +276,10 @@ def _check_metadata(metadata: Any, path: Path | None) -> dict:
             f"and predict {len(LABELS)} classes",
             "use a bundle trained with BiGL's label convention",
         )
+    floor = metadata.get("confidence_floor")
+    if floor is not None and (isinstance(floor, bool) or not isinstance(floor, (int, float)) or not 0.0 < floor < 1.0):
+        raise BundleError(f"{where}the bundle's confidence_floor must be a number between 0 and 1, got {floor!r}",
+                          _REBUILD_HINT)
     labels = metadata.get("labels", list(LABELS))
     if list(labels) != list(LABELS):
         raise BundleError(
@@ -560,13 +564,16 @@ def annotate_bundle(
     training: dict | None = None,
     description: str | None = None,
     inference: dict | None = None,
+    confidence_floor: float | None = None,
 ) -> Path:
     """Copy a bundle with its ``metrics`` replaced, ``training`` merged into its training record and
-    (when given) a new description and ``inference`` defaults (``{"flip": bool, "postprocess": bool, ...}``,
+    (when given) a new description, ``inference`` defaults (``{"flip": bool, "postprocess": bool, ...}``,
     the names of ``INFERENCE_OPTIONS``, each optional,
-    what :class:`bigl.inference.BiGLPredictor` does unless told otherwise); the weights are copied
-    byte for byte. Used to record what was measured on a model after training (e.g. the shipped
-    reference model's report table) and how it is best run."""
+    what :class:`bigl.inference.BiGLPredictor` does unless told otherwise) and ``confidence_floor``
+    (the tumour confidence below which predictions warn that the model is unsure,
+    :func:`bigl.plausibility.confidence_warning`; set for a model from its development scans). The
+    weights are copied byte for byte. Used to record what was measured on a model after training
+    (e.g. the shipped reference model's report table) and how it is best run."""
     path, metadata, _ = _read_header(source)
     tensors = _read_tensors(path)
     metadata = dict(metadata)
@@ -582,6 +589,8 @@ def annotate_bundle(
             raise ConfigError(f"inference defaults take {', '.join(INFERENCE_OPTIONS)} (true/false), got {inference}",
                               'e.g. {"flip": true, "postprocess": true}')
         metadata["inference"] = dict(inference)
+    if confidence_floor is not None:
+        metadata["confidence_floor"] = confidence_floor
     metadata = _check_metadata(metadata, None)
     destination = Path(destination).expanduser()
     atomic_write_bytes(destination, tensorfile.encode(tensors, _metadata_header(metadata)))

@@ -26,7 +26,7 @@ class EnsemblePredictor(Predictor):
     ``refine_edges`` and ``postprocess``, when on: None takes each from the members, on when every
     member has it on).
     The attention maps and the translated image are the first member's; the tumour confidence is
-    the mean of the members' (each on its own slices). The description
+    the mean of the members' (each on its own slices), and its floor the first member's. The description
     (``metadata``, modality, preprocessing) is the first member's; ``members`` names them all.
     """
 

@@ -8,8 +8,9 @@ modality are listed and skipped.
 Written to the output folder (all optional except the summary):
 
 * ``cases.csv``           one row per case (:func:`bigl.metrics.write_cases_csv`)
-* ``summary.md``          mean ± std per region in the layout of Tables 1-2 of the paper, then per case
-* ``summary.json``        everything :func:`evaluate_bundle` returns
+* ``summary.md``          mean ± std per region in the layout of Tables 1-2 of the paper, then per case,
+                          and the cases the model was unsure of (tumour confidence below its floor)
+* ``summary.json``        everything :func:`evaluate_bundle` returns (with each case's tumour confidence)
 * ``predictions/<case>_seg.nii.gz``  the label maps, on each input's grid
 * ``cases.png``           a few cases (best, median, worst mean Dice) in three planes:
                           input, prediction, ground truth
@@ -193,6 +194,7 @@ def evaluate_bundle(
             "inference": predictor.inference_options(),
             "cases": scores,
             "confidence": confidence,
+            "confidence_floor": predictor.confidence_floor,
             "summary": summarise(scores),
             "n_cases": len(scores),
             "skipped": {"unlabelled": selection.unlabelled, "missing_modality": selection.missing_modality},
@@ -321,12 +323,11 @@ def format_report_markdown(result: dict) -> str:
         format_case_table(result["cases"]),
         "",
     ]
-    from bigl.plausibility import CONFIDENCE_FLOOR
-
+    floor = result.get("confidence_floor")
     unsure = {case: value for case, value in result.get("confidence", {}).items()
-              if value is not None and value < CONFIDENCE_FLOOR}
+              if floor is not None and value is not None and value < floor}
     if unsure:
-        lines += [f"The model was unsure of (tumour confidence below {CONFIDENCE_FLOOR:.2f}): "
+        lines += [f"The model was unsure of (tumour confidence below its floor of {floor:.2f}): "
                   + ", ".join(f"{case} ({value:.2f})" for case, value in unsure.items()), ""]
     skipped = result["skipped"]
     if skipped["unlabelled"]:

@@ -71,7 +71,7 @@ class Prediction:
     attention: dict[str, np.ndarray] | None = None  # "position", "channel": float32 [X, Y, Z]
     translated: np.ndarray | None = None  # float32 [X, Y, Z], source-modality image in [-1, 1]
     warnings: list[str] = field(default_factory=list)  # why the result may mean little (bigl.plausibility)
-    confidence: float | None = None  # tumour_confidence of the network's slices; None when it found no tumour
+    confidence: float | None = None  # tumour_confidence of the network's slices (plain view); None: no tumour found
 
 
 def check_batch_size(batch_size) -> int:
@@ -114,6 +114,9 @@ class Predictor(ModelDescription):
         self.postprocess = bool(defaults.get("postprocess", False)) if postprocess is None else bool(postprocess)
         #: bigl.postprocess.refine_edges: the whole tumour's edge redrawn on the scan (before ``postprocess``).
         self.refine_edges = bool(defaults.get("refine_edges", False)) if refine_edges is None else bool(refine_edges)
+        #: Below this tumour confidence a prediction warns that the model is unsure (None: the model
+        #: records no floor, so the confidence is reported without a warning).
+        self.confidence_floor = metadata.get("confidence_floor")
 
     def inference_options(self) -> dict[str, bool]:
         """What this predictor does beyond the arg-max, by the names of a model's ``inference`` metadata."""
@@ -200,7 +203,7 @@ class Predictor(ModelDescription):
                 raise
             raise error from None
         too_large = plausibility.tumour_warning(prediction.labels, affine, name=name)
-        unsure = plausibility.confidence_warning(prediction.confidence, name=name)
+        unsure = plausibility.confidence_warning(prediction.confidence, self.confidence_floor, name=name)
         prediction.warnings = warnings + [warning for warning in (too_large, unsure) if warning]
         return prediction
 
@@ -219,7 +222,8 @@ class Predictor(ModelDescription):
             source_image = self._translate_slices(slices, report) if translated else None
 
         class_maps = maps.pop("probabilities")
-        confidence = tumour_confidence(class_maps)
+        tumour_sum, tumour_pixels = maps.pop("confidence")
+        confidence = tumour_sum / tumour_pixels if tumour_pixels else None
         restored = np.empty((class_maps.shape[1], *data.shape), dtype=np.float32)
         restored[:1] = self._restore(class_maps[:, :1], geometry, fill=1.0)
         restored[1:] = self._restore(class_maps[:, 1:], geometry, fill=0.0)
@@ -289,12 +293,15 @@ class Predictor(ModelDescription):
                         flip_axis: int = 0) -> dict[str, np.ndarray]:
         """Softmax maps [n, K, S, S] and, when asked, raw attention summaries [n, S, S]; with a
         ``flip_axis`` (-2 or -1) the softmax maps average each slice and its mirror image, with
-        ``invert_view`` also the slice with mirrored brain intensities (two or three views)."""
+        ``invert_view`` also the slice with mirrored brain intensities (two or three views).
+        ``"confidence"``: (sum, count) of :func:`tumour_confidence` over the plain view alone, the
+        one pass its floors were set on (averaged views agree less, and are less sure)."""
         from bigl.data.preprocess import mirror_brain
 
         config = self.segmenter_config
         count, size = len(slices), slices.shape[-1]
         out = {"probabilities": np.empty((count, config.num_classes, size, size), dtype=np.float32)}
+        tumour_sum, tumour_pixels = 0.0, 0
         if attention:
             out["position"] = np.empty((count, size, size), dtype=np.float32)
             out["channel"] = np.empty((count, size, size), dtype=np.float32)
@@ -302,6 +309,8 @@ class Predictor(ModelDescription):
             stop, padded = start + len(batch), batch.shape[-2:]
             results = self._run_segmenter(batch, attention)
             probabilities, views = softmax(results["logits"], axis=1), 1
+            part_sum, part_pixels = tumour_confidence_sums(probabilities[..., :size, :size])
+            tumour_sum, tumour_pixels = tumour_sum + part_sum, tumour_pixels + part_pixels
             if flip_axis:
                 mirrored = self._run_segmenter(np.ascontiguousarray(np.flip(batch, flip_axis)), False)["logits"]
                 probabilities, views = probabilities + np.flip(softmax(mirrored, axis=1), flip_axis), views + 1
@@ -317,6 +326,7 @@ class Predictor(ModelDescription):
                 out["position"][start:stop] = resize_bilinear(position, padded)[:, 0, :size, :size]
                 out["channel"][start:stop] = resize_bilinear(channel, padded)[:, 0, :size, :size]
             report(len(batch))
+        out["confidence"] = (tumour_sum, tumour_pixels)
         return out
 
     def _translate_slices(self, slices: np.ndarray, report: ProgressCallback) -> np.ndarray:
@@ -403,18 +413,24 @@ def softmax(logits: np.ndarray, axis: int = 1) -> np.ndarray:
     return shifted
 
 
+def tumour_confidence_sums(probabilities: np.ndarray) -> tuple[float, int]:
+    """(sum of the tumour probability 1 - background, count) over the pixels of [n, K, S, S] class
+    probabilities whose arg-max is a tumour class."""
+    tumour = np.argmax(probabilities, axis=1) > 0
+    return float((1.0 - np.asarray(probabilities[:, 0], dtype=np.float64))[tumour].sum()), int(tumour.sum())
+
+
 def tumour_confidence(probabilities: np.ndarray) -> float | None:
     """How sure a segmentation is of its tumour: the mean tumour probability (1 - background) over
     the pixels whose arg-max is a tumour class, from [n, K, S, S] class probabilities of the
     network's slices (None when no pixel is tumour).
 
-    Label-free: on the development scans a model segmented well it was 0.89-0.94, and below 0.85 on
-    the scans where it missed most of the tumour (docs/results.md, "Which scans a model fails on");
-    :func:`bigl.plausibility.confidence_warning` warns below :data:`bigl.plausibility.CONFIDENCE_FLOOR`.
+    Label-free: with the shipped model's recipe it was 0.89-0.94 on the development scans a model
+    segmented well and 0.82-0.84 where it missed most of the tumour (docs/results.md, "Which scans a
+    model fails on"); :func:`bigl.plausibility.confidence_warning` warns below a model's floor.
     """
-    tumour_probability = 1.0 - np.asarray(probabilities[:, 0], dtype=np.float32)
-    tumour = np.argmax(probabilities, axis=1) > 0
-    return float(tumour_probability[tumour].mean()) if tumour.any() else None
+    total, pixels = tumour_confidence_sums(probabilities)
+    return total / pixels if pixels else None
 
 
 def position_summary(position_attention: np.ndarray, grid: tuple[int, int]) -> np.ndarray:

@@ -42,6 +42,12 @@ def test_reference_model_ships_its_current_onnx_export():
     assert export.stat().st_size + onnxengine.translator_path(export).stat().st_size < MAX_BYTES
 
 
+def test_reference_model_warns_below_the_floor_set_on_the_development_splits(metadata):
+    from bigl.plausibility import CONFIDENCE_FLOOR
+
+    assert metadata["confidence_floor"] == CONFIDENCE_FLOOR
+
+
 def test_report_cases_took_no_part_in_training(metadata):
     training = metadata["training"]
     report = metadata["metrics"]["report"]["cases"]

@@ -72,9 +72,11 @@ def test_an_inference_variant_becomes_the_models_default_and_its_row(tiny_bundle
     options = {"flip": False, "invert_view": False, "refine_edges": True, "postprocess": True}
     variant.joinpath("summary.json").write_text(json.dumps({**_summary(script.REPORT_CASES, 0.65), "inference": options}))
     destination = tmp_path / "model.safetensors"
-    assert script.main([str(root), "--setting", "recipe", "--inference", "refine", "--destination", str(destination)]) == 0
+    assert script.main([str(root), "--setting", "recipe", "--inference", "refine", "--confidence-floor", "0.87",
+                        "--destination", str(destination)]) == 0
     metadata = read_metadata(destination)
     assert metadata["inference"] == {"refine_edges": True, "postprocess": True}
+    assert metadata["confidence_floor"] == 0.87
     report = metadata["metrics"]["report"]
     assert report["methods"]["bigl"]["mean"]["WT"]["dice"] == pytest.approx(0.65)
     assert report["methods"]["bigl-plain"]["mean"]["WT"]["dice"] == pytest.approx(0.6)

@@ -15,7 +15,9 @@ Segment the given modality of every case in a BraTS-style folder that has labels
 Dice and HD95 (mm) for the whole tumour (WT), tumour core (TC) and enhancing tumour (ET), mean ±
 std over cases as in Tables 1-2 of the paper. Cases without labels or without the modality are
 listed and skipped. With --out, writes cases.csv, summary.md, summary.json, cases.png (a few
-cases in three planes: input, prediction, ground truth) and predictions/<case>_seg.nii.gz.
+cases in three planes: input, prediction, ground truth) and predictions/<case>_seg.nii.gz;
+summary.json has each case's tumour confidence, and summary.md names the cases the model was
+unsure of (confidence below the floor the model records, if it records one).
 
 --baseline invert-histmatch evaluates the no-learning translation baseline: the model (a
 source-only bundle) is applied to each image after inverting its intensities inside the brain and

@@ -81,6 +81,9 @@ def format_info(info: dict) -> str:
     row("labels", ", ".join(f"{label} {name}" for label, name in zip(info.get("labels", []), names)))
     defaults = [name for name, on in (info.get("inference") or {}).items() if on]
     row("inference", ("on by default: " + ", ".join(defaults)) if defaults else "no options on by default")
+    floor = info.get("confidence_floor")
+    row("unsure below", f"a tumour confidence of {floor:g} (it warns then)" if floor is not None
+        else "no confidence floor (it reports its confidence without warning)")
     if info.get("metrics"):
         lines.append("  metrics:")
         lines.extend(f"    {key}: {value}" for key, value in _flatten(info["metrics"]))
