@@ -62,6 +62,8 @@ def test_onnx_runtime_agrees_with_torch(exported, options):
         assert expected.attention[kind].std() > 0.05, kind  # a real map, not a flat one
         assert np.abs(got.attention[kind] - expected.attention[kind]).max() <= 1e-3, kind
     assert np.abs(got.translated - expected.translated).max() <= 1e-3
+    # the tumour confidence (of the plain pass, with or without test-time views) is the engines' alike
+    assert expected.confidence is not None and got.confidence == pytest.approx(expected.confidence, abs=1e-4)
 
 
 def test_both_engines_normalise_as_the_bundle_says(exported, tmp_path):
