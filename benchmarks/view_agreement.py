@@ -33,11 +33,6 @@ CHECKS = ("flipped", "translated", "inverted", "confidence", "wt_ml")
 VIEWS = ("flipped", "translated", "inverted")
 
 
-def _whole_tumour(probabilities: np.ndarray) -> np.ndarray:
-    """[n, K, S, S] class probabilities -> bool [n, S, S]: the arg-max is a tumour class."""
-    return np.argmax(probabilities, axis=1) > 0
-
-
 def view_agreement(predictor, volume: np.ndarray, affine: np.ndarray | None = None,
                    views: Sequence[str] = VIEWS) -> dict[str, float]:
     """Whole-tumour Dice (0-1) between the plain prediction of ``volume`` and each view's, on the
@@ -50,7 +45,7 @@ def view_agreement(predictor, volume: np.ndarray, affine: np.ndarray | None = No
     """
     from bigl.data.preprocess import left_right_axis, mirror_brain, prepare_volume
     from bigl.metrics import dice
-    from bigl.prediction import Progress, _as_scan, tumour_confidence
+    from bigl.prediction import Progress, _as_scan, tumour_confidence, tumour_pixels
 
     unknown = sorted(set(views) - set(VIEWS))
     if unknown:
@@ -69,7 +64,7 @@ def view_agreement(predictor, volume: np.ndarray, affine: np.ndarray | None = No
             return predictor._segment_slices(np.ascontiguousarray(images, dtype=np.float32), False, report)["probabilities"]
 
     plain = segment(slices)
-    tumour = _whole_tumour(plain)
+    tumour = tumour_pixels(plain)
     confidence = tumour_confidence(plain)
     result = {"confidence": float("nan") if confidence is None else confidence}
     for view in views:
@@ -80,7 +75,7 @@ def view_agreement(predictor, volume: np.ndarray, affine: np.ndarray | None = No
         else:
             with Progress(None, total=len(slices), batches=0) as report:
                 other = segment(predictor._translate_slices(slices, report))
-        result[view] = dice(tumour, _whole_tumour(other))
+        result[view] = dice(tumour, tumour_pixels(other))
     return result
 
 

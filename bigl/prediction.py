@@ -413,10 +413,15 @@ def softmax(logits: np.ndarray, axis: int = 1) -> np.ndarray:
     return shifted
 
 
+def tumour_pixels(probabilities: np.ndarray) -> np.ndarray:
+    """[n, K, S, S] class probabilities -> bool [n, S, S]: the pixels whose arg-max is a tumour class."""
+    return np.argmax(probabilities, axis=1) > 0
+
+
 def tumour_confidence_sums(probabilities: np.ndarray) -> tuple[float, int]:
-    """(sum of the tumour probability 1 - background, count) over the pixels of [n, K, S, S] class
-    probabilities whose arg-max is a tumour class."""
-    tumour = np.argmax(probabilities, axis=1) > 0
+    """(sum of the tumour probability 1 - background, count) over the :func:`tumour_pixels` of
+    [n, K, S, S] class probabilities."""
+    tumour = tumour_pixels(probabilities)
     return float((1.0 - np.asarray(probabilities[:, 0], dtype=np.float64))[tumour].sum()), int(tumour.sum())
 
 
