@@ -466,6 +466,8 @@ class BiGLSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def showOutputs(self, outputs, seconds: float) -> None:
         volumes = {row.key: row.volume_ml for row in outputs.volumes}
         sure = "" if outputs.confidence is None else f" Model confidence {outputs.confidence:.2f}."
+        if outputs.contrast_gamma not in (None, 1.0):
+            sure += f" Segmented at contrast gamma {outputs.contrast_gamma:g} (the model was unsure of the scan as it is)."
         self.ui.statusLabel.text = (f"Done in {seconds:.0f} s: WT {volumes['WT']:.1f} mL, "
                                     f"TC {volumes['TC']:.1f} mL, ET {volumes['ET']:.1f} mL.{sure}")
         self.ui.volumesTableView.setMRMLTableNode(outputs.volumes_table)

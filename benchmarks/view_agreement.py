@@ -11,7 +11,11 @@ each check with that Dice over all rows.
 
 Use it on development cases (report-case labels decide nothing); ``--no-labels`` gives the checks
 alone, for scans whose labels must not be read. ``--wt-thresholds 0.2 0.3`` adds the WT Dice of
-the plain prediction's 1 - p(background) > tau, for each tau.
+the plain prediction's 1 - p(background) > tau, for each tau. ``--gammas 0.7 1.4`` adds, for each
+contrast view (``Predictor.predict(contrast_gamma=g)``, with the inference defaults), its tumour
+confidence and WT Dice, and then what keeping each scan's most confident view would change, on
+every scan and on the scans below ``--floor`` only (the contrast search, ``--contrast-search``),
+over the given gammas and over the search's own (``CONTRAST_GAMMAS``) when they are among them.
 """
 
 from __future__ import annotations
@@ -102,6 +106,11 @@ def main() -> int:
     parser.add_argument("--out", type=Path, required=True, help="CSV file of the rows")
     parser.add_argument("--wt-thresholds", type=float, nargs="*", default=[],
                         help="also the WT Dice of 1 - p(background) > each of these (plain prediction, on the scan's grid)")
+    parser.add_argument("--gammas", type=float, nargs="*", default=[],
+                        help="also the confidence and WT Dice of these contrast views (gamma 1: the scan as it is)")
+    parser.add_argument("--floor", type=float, default=None,
+                        help="with --gammas: the confidence floor below which a scan is searched (default: the "
+                             "shipped model's, bigl.plausibility.CONFIDENCE_FLOOR)")
     args = parser.parse_args()
 
     cases = {case.name: case for case in find_cases(args.data)}
@@ -128,6 +137,11 @@ def main() -> int:
                     background = check.predict(data, affine, probabilities=True, modality=args.modality).probabilities[0]
                     for tau in args.wt_thresholds:
                         row[f"wt_dice_tau{tau:g}"] = float(dice(1.0 - background > tau, truth > 0))
+            for gamma in args.gammas:
+                view = final.predict(data, affine, modality=args.modality, name=name, contrast_gamma=gamma)
+                row[f"confidence_g{gamma:g}"] = float("nan") if view.confidence is None else view.confidence
+                if not args.no_labels:
+                    row[f"wt_dice_g{gamma:g}"] = float(dice(view.labels > 0, truth > 0))
             rows.append(row)
             print(", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -140,7 +154,43 @@ def main() -> int:
         print(f"\nrank correlation with the WT Dice over {len(rows)} rows:")
         for key in CHECKS:
             print(f"  {key}: {spearman(np.array([row[key] for row in rows]), dice):+.2f}")
+        if args.gammas:
+            from bigl.plausibility import CONFIDENCE_FLOOR
+
+            from bigl.prediction import CONTRAST_GAMMAS
+
+            floor = CONFIDENCE_FLOOR if args.floor is None else args.floor
+            shipped = [gamma for gamma in CONTRAST_GAMMAS if gamma != 1.0]
+            for gammas in [list(args.gammas)] + ([shipped] if set(shipped) < set(args.gammas) else []):
+                report_search(rows, gammas, floor)
     return 0
+
+
+def search_choice(row: dict, gammas: Sequence[float], floor: float | None) -> float:
+    """The view the contrast search keeps for a row: the scan as it is when its confidence is at or
+    above ``floor`` (None: search every scan), else the most confident of it and the ``gammas``."""
+    plain = row["confidence"]
+    if floor is not None and np.isfinite(plain) and plain >= floor:
+        return 1.0
+    best, best_confidence = 1.0, plain if np.isfinite(plain) else -1.0
+    for gamma in gammas:
+        value = row[f"confidence_g{gamma:g}"]
+        if np.isfinite(value) and value > best_confidence:
+            best, best_confidence = gamma, value
+    return best
+
+
+def report_search(rows: list[dict], gammas: Sequence[float], floor: float) -> None:
+    """The WT Dice change of keeping each row's most confident view, searched on every row and on the
+    rows below ``floor``, in points (mean over rows; the rows it changes)."""
+    def wt(row: dict, gamma: float) -> float:
+        return row["wt_dice"] if gamma == 1.0 else row[f"wt_dice_g{gamma:g}"]
+
+    for label, rule_floor in (("every scan", None), (f"below {floor:g}", floor)):
+        change = np.array([wt(row, search_choice(row, gammas, rule_floor)) - row["wt_dice"] for row in rows]) * 100
+        moved = ", ".join(f"{row['model']}/{row['case']} {delta:+.1f}" for row, delta in zip(rows, change) if delta)
+        print(f"contrast search over {', '.join(f'{g:g}' for g in gammas)} on {label}: WT {change.mean():+.2f} points "
+              f"on average over {len(rows)} rows; changed: {moved or 'none'}")
 
 
 if __name__ == "__main__":

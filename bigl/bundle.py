@@ -49,8 +49,8 @@ TRANSLATOR_FORMAT_VERSION = 1
 PARTS = ("segmenter", "translator_s2t", "translator_t2s")
 #: What a bundle's ``inference`` metadata may turn on by default (true/false each; every predictor
 #: takes them too, None meaning the metadata's choice): test-time flips, the inverted view, the
-#: edge refinement and the label clean-up (bigl.prediction, bigl.postprocess).
-INFERENCE_OPTIONS = ("flip", "invert_view", "refine_edges", "postprocess")
+#: edge refinement, the label clean-up and the contrast search (bigl.prediction, bigl.postprocess).
+INFERENCE_OPTIONS = ("flip", "invert_view", "refine_edges", "postprocess", "contrast_search")
 #: Where the shipped reference model lives (inside the installed package).
 DEFAULT_BUNDLE_PATH = Path(__file__).resolve().parent / "resources" / "default_model.safetensors"
 #: Tensors that are state but not trainable parameters (excluded from parameter counts).

@@ -26,7 +26,8 @@ class EnsemblePredictor(Predictor):
     ``refine_edges`` and ``postprocess``, when on: None takes each from the members, on when every
     member has it on).
     The attention maps and the translated image are the first member's; the tumour confidence is
-    the mean of the members' (each on its own slices), and its floor the first member's. The description
+    the mean of the members' (each on its own slices), and its floor the first member's. With the
+    contrast search each member searches on its own (``contrast_gamma`` is then None). The description
     (``metadata``, modality, preprocessing) is the first member's; ``members`` names them all.
     """
 
@@ -54,6 +55,7 @@ class EnsemblePredictor(Predictor):
         # What the records of a run say: on when every member does it (each member applies its own).
         self.flip = all(member.flip for member in members)
         self.invert_view = all(member.invert_view for member in members)
+        self.contrast_search = all(member.contrast_search for member in members)
         self.device = first.device
 
     @property
@@ -65,14 +67,14 @@ class EnsemblePredictor(Predictor):
         return [member.model_path for member in self.members]
 
     def _predict(self, data: np.ndarray, affine: np.ndarray, *, probabilities: bool, attention: bool,
-                 translated: bool, progress: ProgressCallback | None) -> Prediction:
+                 translated: bool, progress: ProgressCallback | None, contrast_gamma: float | None = None) -> Prediction:
         total = None
         first = None
         count = len(self.members)
         confidences = []
         for index, member in enumerate(self.members):
             result = member._predict(data, affine, probabilities=True, attention=attention and index == 0,
-                                     translated=translated and index == 0,
+                                     translated=translated and index == 0, contrast_gamma=contrast_gamma,
                                      progress=None if progress is None else _member_progress(progress, index, count))
             confidences.append(result.confidence)
             if total is None:
@@ -84,7 +86,7 @@ class EnsemblePredictor(Predictor):
         found = [value for value in confidences if value is not None]
         return Prediction(labels=labels, affine=affine, probabilities=total if probabilities else None,
                           attention=first.attention, translated=first.translated,
-                          confidence=float(np.mean(found)) if found else None)
+                          confidence=float(np.mean(found)) if found else None, contrast_gamma=contrast_gamma)
 
 
 def _member_progress(progress: ProgressCallback, index: int, count: int) -> ProgressCallback:

@@ -10,7 +10,8 @@ Written to the output folder (all optional except the summary):
 * ``cases.csv``           one row per case (:func:`bigl.metrics.write_cases_csv`)
 * ``summary.md``          mean ± std per region in the layout of Tables 1-2 of the paper, then per case,
                           and the cases the model was unsure of (tumour confidence below its floor)
-* ``summary.json``        everything :func:`evaluate_bundle` returns (with each case's tumour confidence)
+* ``summary.json``        everything :func:`evaluate_bundle` returns (with each case's tumour confidence,
+                          and with ``contrast_search`` the gamma chosen for it)
 * ``predictions/<case>_seg.nii.gz``  the label maps, on each input's grid
 * ``cases.png``           a few cases (best, median, worst mean Dice) in three planes:
                           input, prediction, ground truth
@@ -163,6 +164,7 @@ def evaluate_bundle(
     try:
         scores: dict[str, dict[str, dict[str, float]]] = {}
         confidence: dict[str, float | None] = {}
+        contrast: dict[str, float] = {}
         prediction_files: dict[str, Path] = {}
         for case in _progress_bar(selection.evaluable, progress, f"evaluating {modality}"):
             image = case.load_image(modality)
@@ -179,6 +181,8 @@ def evaluate_bundle(
                 log(f"warning: {warning}")
             scores[case.name] = score_case(prediction.labels, truth.data, truth.spacing)
             confidence[case.name] = prediction.confidence
+            if prediction.contrast_gamma is not None:
+                contrast[case.name] = prediction.contrast_gamma
             if prediction_dir is not None:
                 prediction_files[case.name] = save_volume(prediction_dir / f"{case.name}_seg.nii.gz", prediction.labels,
                                                           image.affine, dtype=np.uint8, like=image.path, output=True)
@@ -195,6 +199,7 @@ def evaluate_bundle(
             "cases": scores,
             "confidence": confidence,
             "confidence_floor": predictor.confidence_floor,
+            "contrast_gamma": contrast or None,
             "summary": summarise(scores),
             "n_cases": len(scores),
             "skipped": {"unlabelled": selection.unlabelled, "missing_modality": selection.missing_modality},

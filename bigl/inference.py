@@ -43,8 +43,10 @@ class BiGLPredictor(Predictor):
 
     def __init__(self, bundle: Bundle, device: str | torch.device = "auto", batch_size: int = 16,
                  num_threads: int | None = None, *, flip: bool | None = None, postprocess: bool | None = None,
-                 invert_view: bool | None = None, refine_edges: bool | None = None):
-        self._setup(bundle.metadata, bundle.path, batch_size, flip, postprocess, invert_view, refine_edges)
+                 invert_view: bool | None = None, refine_edges: bool | None = None,
+                 contrast_search: bool | None = None):
+        self._setup(bundle.metadata, bundle.path, batch_size, flip, postprocess, invert_view, refine_edges,
+                    contrast_search)
         if check_num_threads(num_threads) is not None:
             torch.set_num_threads(num_threads)
         self.device = resolve_device(device)
@@ -56,16 +58,16 @@ class BiGLPredictor(Predictor):
     def from_path(cls, path: str | os.PathLike | None = None, device: str | torch.device = "auto",
                   batch_size: int = 16, num_threads: int | None = None, *, flip: bool | None = None,
                   postprocess: bool | None = None, invert_view: bool | None = None,
-                  refine_edges: bool | None = None) -> BiGLPredictor:
+                  refine_edges: bool | None = None, contrast_search: bool | None = None) -> BiGLPredictor:
         """Load a bundle file (``None``: the shipped default model) and wrap it. ``flip``,
-        ``postprocess``, ``invert_view`` and ``refine_edges`` left at None take the bundle's ``inference``
-        metadata (default off)."""
+        ``postprocess``, ``invert_view``, ``refine_edges`` and ``contrast_search`` left at None take the
+        bundle's ``inference`` metadata (default off)."""
         from bigl.bundle import default_bundle_path
 
         target = resolve_device(device)
         bundle = load_bundle(default_bundle_path() if path is None else path, device=target)
         return cls(bundle, device=target, batch_size=batch_size, num_threads=num_threads, flip=flip, postprocess=postprocess,
-                   invert_view=invert_view, refine_edges=refine_edges)
+                   invert_view=invert_view, refine_edges=refine_edges, contrast_search=contrast_search)
 
     @property
     def has_translator(self) -> bool:

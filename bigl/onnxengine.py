@@ -460,7 +460,7 @@ class OnnxPredictor(Predictor):
     it). ``device``: "auto" (the CUDA execution provider when onnxruntime-gpu has it), "cpu" or
     "cuda"; ``device`` afterwards says where the session really runs (ONNX Runtime falls back to
     the CPU when CUDA cannot start). ``num_threads``: ONNX Runtime's intra-op threads (this
-    predictor only). ``flip``, ``postprocess``, ``invert_view`` and ``refine_edges`` left at None take the model's ``inference``
+    predictor only). ``flip``, ``postprocess``, ``invert_view``, ``refine_edges`` and ``contrast_search`` left at None take the model's ``inference``
     metadata, as with PyTorch. ``bundle``: the bundle the file is the export of; its current
     metadata (e.g. inference defaults annotated after the export) is used instead of the copy in
     the export, as long as the networks it describes are the same.
@@ -471,7 +471,7 @@ class OnnxPredictor(Predictor):
     def __init__(self, path: str | os.PathLike, device: str = "auto", batch_size: int = 16,
                  num_threads: int | None = None, *, flip: bool | None = None, postprocess: bool | None = None,
                  bundle: str | os.PathLike | None = None, invert_view: bool | None = None,
-                 refine_edges: bool | None = None):
+                 refine_edges: bool | None = None, contrast_search: bool | None = None):
         path = Path(path).expanduser()
         self.providers = execution_providers(device)
         check_num_threads(num_threads)
@@ -479,7 +479,7 @@ class OnnxPredictor(Predictor):
         metadata, info, _ = read_export(path, "segmenter", data=data)
         if bundle is not None:
             metadata = _current_metadata(metadata, Path(bundle).expanduser())
-        self._setup(metadata, path, batch_size, flip, postprocess, invert_view, refine_edges)
+        self._setup(metadata, path, batch_size, flip, postprocess, invert_view, refine_edges, contrast_search)
         self.export_info = info
         size = self.preprocessing.image_size
         self.segmenter = _Graph(path, "segmenter", SEGMENTER_OUTPUTS,
@@ -502,9 +502,11 @@ class OnnxPredictor(Predictor):
     def from_path(cls, path: str | os.PathLike, device: str = "auto", batch_size: int = 16,
                   num_threads: int | None = None, *, flip: bool | None = None,
                   postprocess: bool | None = None, bundle: str | os.PathLike | None = None,
-                  invert_view: bool | None = None, refine_edges: bool | None = None) -> OnnxPredictor:
+                  invert_view: bool | None = None, refine_edges: bool | None = None,
+                  contrast_search: bool | None = None) -> OnnxPredictor:
         return cls(path, device=device, batch_size=batch_size, num_threads=num_threads, flip=flip,
-                   postprocess=postprocess, bundle=bundle, invert_view=invert_view, refine_edges=refine_edges)
+                   postprocess=postprocess, bundle=bundle, invert_view=invert_view, refine_edges=refine_edges,
+                   contrast_search=contrast_search)
 
     @property
     def has_translator(self) -> bool:

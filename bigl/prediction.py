@@ -53,6 +53,9 @@ from bigl.runfolder import ENGINE_CHOICES
 
 ProgressCallback = Callable[[int, int], None]
 
+#: The brain-intensity gammas the contrast search tries: the scan as it is and a step of about
+#: sqrt 2 either way (wider steps, 0.5 and 2, took the scans too far from what the models learnt on).
+CONTRAST_GAMMAS = (0.7, 1.0, 1.4)
 #: Slices in the padded square background take this value (the normalised background).
 BACKGROUND = -1.0
 #: Above this many batches a terminal progress bar is shown when no callback is given.
@@ -72,6 +75,7 @@ class Prediction:
     translated: np.ndarray | None = None  # float32 [X, Y, Z], source-modality image in [-1, 1]
     warnings: list[str] = field(default_factory=list)  # why the result may mean little (bigl.plausibility)
     confidence: float | None = None  # tumour_confidence of the network's slices (plain view); None: no tumour found
+    contrast_gamma: float | None = None  # the view the contrast search kept, 1.0: the scan as it is (None: search off)
 
 
 def check_batch_size(batch_size) -> int:
@@ -100,7 +104,8 @@ class Predictor(ModelDescription):
     model_path: Path | None = None
 
     def _setup(self, metadata: dict, model_path: Path | None, batch_size: int, flip: bool | None,
-               postprocess: bool | None, invert_view: bool | None = None, refine_edges: bool | None = None) -> None:
+               postprocess: bool | None, invert_view: bool | None = None, refine_edges: bool | None = None,
+               contrast_search: bool | None = None) -> None:
         self.metadata = metadata
         self.model_path = model_path
         self.batch_size = check_batch_size(batch_size)
@@ -114,6 +119,10 @@ class Predictor(ModelDescription):
         self.postprocess = bool(defaults.get("postprocess", False)) if postprocess is None else bool(postprocess)
         #: bigl.postprocess.refine_edges: the whole tumour's edge redrawn on the scan (before ``postprocess``).
         self.refine_edges = bool(defaults.get("refine_edges", False)) if refine_edges is None else bool(refine_edges)
+        #: Contrast search: when the model is unsure of a scan, also try it at the other brain-intensity
+        #: gammas of CONTRAST_GAMMAS and keep the view whose tumour confidence is highest (_search_contrast).
+        self.contrast_search = (bool(defaults.get("contrast_search", False)) if contrast_search is None
+                                else bool(contrast_search))
         #: Below this tumour confidence a prediction warns that the model is unsure (None: the model
         #: records no floor, so the confidence is reported without a warning).
         self.confidence_floor = metadata.get("confidence_floor")
@@ -160,7 +169,7 @@ class Predictor(ModelDescription):
 
     def predict(self, volume: np.ndarray, affine: np.ndarray | None = None, *, probabilities: bool = False,
                 attention: bool = False, translated: bool = False, progress: ProgressCallback | None = None,
-                modality: str | None = None, name: str | None = None) -> Prediction:
+                modality: str | None = None, name: str | None = None, contrast_gamma: float | None = None) -> Prediction:
         """Segment a 3D volume; see the module docstring for the optional outputs.
 
         ``modality``: the scan's modality when known (checked against the model's; when None, the
@@ -168,12 +177,17 @@ class Predictor(ModelDescription):
         ``progress(done, total)`` is called after every batch, counting slices (twice the slice
         count when the translation is requested). ``Prediction.warnings`` lists what makes the
         result unlikely to mean anything (:mod:`bigl.plausibility`); it is computed anyway.
+        ``contrast_gamma``: segment this contrast view of the scan (:func:`bigl.data.preprocess.gamma_brain`)
+        instead of the scan as it is, with no search (for studies of the views).
         """
         from bigl import plausibility
         from bigl.data.io import check_scan
 
         name = name or "the image"
         self.check_modality(modality)
+        if contrast_gamma is not None and not (isinstance(contrast_gamma, (int, float)) and 0 < contrast_gamma < np.inf):
+            raise ConfigError(f"a contrast gamma must be a number above 0, got {contrast_gamma!r}",
+                              f"use one of {', '.join(map(str, CONTRAST_GAMMAS))}, or None for the scan as it is")
         if translated and not self.has_translator:
             raise self.no_translator_error()
         data = _as_scan(volume, name)
@@ -196,7 +210,7 @@ class Predictor(ModelDescription):
                     "check the image orientation (the affine), or leave flips off for this scan")
         try:
             prediction = self._predict(data, affine, probabilities=probabilities, attention=attention,
-                                       translated=translated, progress=progress)
+                                       translated=translated, progress=progress, contrast_gamma=contrast_gamma)
         except (MemoryError, RuntimeError) as exc:
             error = out_of_memory_error(exc, name=name, batch_size=self.batch_size)
             if error is None:
@@ -208,8 +222,8 @@ class Predictor(ModelDescription):
         return prediction
 
     def _predict(self, data: np.ndarray, affine: np.ndarray, *, probabilities: bool, attention: bool,
-                 translated: bool, progress: ProgressCallback | None) -> Prediction:
-        from bigl.data.preprocess import left_right_axis, prepare_volume
+                 translated: bool, progress: ProgressCallback | None, contrast_gamma: float | None = None) -> Prediction:
+        from bigl.data.preprocess import gamma_brain, left_right_axis, prepare_volume
 
         preprocessing = self.preprocessing
         prepared = prepare_volume(data, preprocessing)
@@ -217,8 +231,12 @@ class Predictor(ModelDescription):
         passes = 2 if translated else 1
         batches = passes * ceil_div(len(slices), self.batch_size)
         flip_axis = left_right_axis(affine, preprocessing.slice_axis) if self.flip else 0
+        gamma = contrast_gamma
         with Progress(progress, total=passes * len(slices), batches=batches) as report:
-            maps = self._segment_slices(slices, attention, report, flip_axis=flip_axis)
+            view = slices if gamma is None else gamma_brain(slices, gamma)
+            maps = self._segment_slices(view, attention, report, flip_axis=flip_axis)
+            if self.contrast_search and gamma is None:
+                gamma, maps = self._search_contrast(slices, maps, attention, report, flip_axis)
             source_image = self._translate_slices(slices, report) if translated else None
 
         class_maps = maps.pop("probabilities")
@@ -249,7 +267,58 @@ class Predictor(ModelDescription):
             attention=attention_maps,
             translated=translated_image,
             confidence=confidence,
+            contrast_gamma=gamma,
         )
+
+    def _search_contrast(self, slices: np.ndarray, maps: dict, attention: bool, report: Progress,
+                         flip_axis: int) -> tuple[float, dict]:
+        """(gamma, maps) of the contrast search, given the ``maps`` of the scan as it is.
+
+        When the model is sure of the scan as it is (its plain-pass tumour confidence at or above
+        the model's floor) that is the answer. Otherwise each other gamma of CONTRAST_GAMMAS gets one
+        plain pass of its view (:func:`bigl.data.preprocess.gamma_brain`), and the view with the
+        highest confidence wins (segmented again when flips or the inverted view are on); the scan
+        as it is wins ties and when no view shows any tumour. A model that records no floor searches
+        on every scan.
+
+        Why: the failures left are whole scans, and they come with the scan's contrast: on the
+        scans the shipped recipe was unsure of, the same model found more of the tumour in the
+        contrast view it was most confident of, while on the scans it was sure of the views' small
+        differences in confidence did not say which was better (docs/results.md, "Contrast search").
+        """
+        from bigl.data.preprocess import gamma_brain
+
+        def confidence_of(sums: tuple[float, int]) -> float:
+            return sums[0] / sums[1] if sums[1] else -1.0
+
+        best, best_maps, best_confidence = 1.0, maps, confidence_of(maps["confidence"])
+        if self.confidence_floor is not None and best_confidence >= self.confidence_floor:
+            return best, maps
+        others = [gamma for gamma in CONTRAST_GAMMAS if gamma != 1.0]
+        report.extend(len(others) * len(slices))
+        # Without flips or the inverted view a view's maps come from its plain pass alone: keep them.
+        single_pass = not flip_axis and not self.invert_view
+        for gamma in others:
+            view = gamma_brain(slices, gamma)
+            candidate = self._segment_slices(view, attention, report) if single_pass else None
+            confidence = confidence_of(candidate["confidence"] if single_pass else self._plain_confidence(view, report))
+            if confidence > best_confidence:
+                best, best_maps, best_confidence = gamma, candidate, confidence
+        if best_maps is None:
+            report.extend(len(slices))
+            best_maps = self._segment_slices(gamma_brain(slices, best), attention, report, flip_axis=flip_axis)
+        return best, best_maps
+
+    def _plain_confidence(self, slices: np.ndarray, report: ProgressCallback) -> tuple[float, int]:
+        """(sum, count) of :func:`tumour_confidence` over one plain pass of the segmenter."""
+        config, size = self.segmenter_config, slices.shape[-1]
+        total, pixels = 0.0, 0
+        for _, batch in self._batches(slices, config.size_multiple, config.in_channels):
+            logits = self._run_segmenter(batch, False)["logits"]
+            part_sum, part_pixels = tumour_confidence_sums(softmax(logits, axis=1)[..., :size, :size])
+            total, pixels = total + part_sum, pixels + part_pixels
+            report(len(batch))
+        return total, pixels
 
     def _restore(self, maps: np.ndarray, geometry, *, fill: float) -> np.ndarray:
         return restore_on_grid(maps, geometry, fill=fill, resize=self._resize)
@@ -536,6 +605,13 @@ class Progress:
     def __enter__(self) -> Progress:
         return self
 
+    def extend(self, count: int) -> None:
+        """``count`` more slices to go than the total said (work that turned out to be needed)."""
+        self.total += count
+        if self.bar is not None:
+            self.bar.total = self.total
+            self.bar.refresh()
+
     def __call__(self, count: int) -> None:
         self.done += count
         if self.callback is not None:
@@ -635,7 +711,7 @@ def choose_engine(model: str | os.PathLike | None, engine: str = "auto", device:
 def open_predictor(model: str | os.PathLike | list | None = None, *, engine: str = "auto", device: str = "auto",
                    batch_size: int = 16, num_threads: int | None = None, flip: bool | None = None,
                    postprocess: bool | None = None, translated: bool = False, invert_view: bool | None = None,
-                   refine_edges: bool | None = None) -> Predictor:
+                   refine_edges: bool | None = None, contrast_search: bool | None = None) -> Predictor:
     """The predictor for a model file (None: the shipped default), on the engine :func:`choose_engine`
     picks; ``translated``: the translated image will be asked for (BundleError now when it cannot be).
     A list of two or more model files gives a :class:`bigl.ensemble.EnsemblePredictor` of them (each
@@ -644,7 +720,8 @@ def open_predictor(model: str | os.PathLike | list | None = None, *, engine: str
     check_num_threads(num_threads)
     if isinstance(model, (list, tuple)):
         options = {"engine": engine, "device": device, "batch_size": batch_size, "num_threads": num_threads,
-                   "flip": flip, "postprocess": postprocess, "invert_view": invert_view, "refine_edges": refine_edges}
+                   "flip": flip, "postprocess": postprocess, "invert_view": invert_view, "refine_edges": refine_edges,
+                   "contrast_search": contrast_search}
         if len(model) == 1:
             return open_predictor(model[0], translated=translated, **options)
         from bigl.ensemble import EnsemblePredictor
@@ -661,7 +738,8 @@ def open_predictor(model: str | os.PathLike | list | None = None, *, engine: str
         bundle = None if onnxengine.is_onnx_path(given) else given  # its export: the bundle's metadata is current
         predictor = onnxengine.OnnxPredictor.from_path(path, device=device, batch_size=batch_size,
                                                        num_threads=num_threads, flip=flip, postprocess=postprocess,
-                                                       invert_view=invert_view, refine_edges=refine_edges, bundle=bundle)
+                                                       invert_view=invert_view, refine_edges=refine_edges,
+                                                       contrast_search=contrast_search, bundle=bundle)
     else:
         if not _torch_available():
             raise ConfigError("PyTorch is not installed, and the torch engine needs it",
@@ -671,7 +749,7 @@ def open_predictor(model: str | os.PathLike | list | None = None, *, engine: str
 
         predictor = BiGLPredictor.from_path(path, device=device, batch_size=batch_size, num_threads=num_threads,
                                             flip=flip, postprocess=postprocess, invert_view=invert_view,
-                                            refine_edges=refine_edges)
+                                            refine_edges=refine_edges, contrast_search=contrast_search)
     if translated and not predictor.has_translator:
         raise predictor.no_translator_error()
     return predictor

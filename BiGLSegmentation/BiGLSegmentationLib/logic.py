@@ -383,6 +383,8 @@ class SegmentationRun:
             done = next(event for event in reversed(self.events) if event.get("event") == "done")
             confidence = done.get("confidence")
             outputs.confidence = float(confidence) if isinstance(confidence, (int, float)) else None
+            gamma = done.get("contrast_gamma")
+            outputs.contrast_gamma = float(gamma) if isinstance(gamma, (int, float)) else None
             return outputs
         finally:
             status.running = False

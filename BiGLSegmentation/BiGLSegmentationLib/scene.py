@@ -458,6 +458,7 @@ class SegmentationOutputs:
     probabilities: dict[int, object] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)  # what bigl segment warned about (implausible scan or result)
     confidence: float | None = None  # the model's mean confidence in the tumour it found (bigl.prediction.tumour_confidence)
+    contrast_gamma: float | None = None  # the contrast view the model's contrast search kept (None: no search)
 
     def overlays(self) -> list[object]:
         """The scalar outputs that can be shown over the input, most telling first."""

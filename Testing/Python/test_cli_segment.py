@@ -149,7 +149,7 @@ def test_json_progress(capsys, tmp_path, scan, tiny_bundle):
     assert progress and progress[-1]["done"] == progress[-1]["total"]
     assert all(e["done"] <= e["total"] for e in progress)
     # the untrained bundle finds no tumour in this scan, so it has no confidence to report
-    assert events[-1] == {"event": "done", "output": str(out), "confidence": None}
+    assert events[-1] == {"event": "done", "output": str(out), "confidence": None, "contrast_gamma": None}
 
 
 def test_json_error_event(capsys, tmp_path, tiny_bundle):

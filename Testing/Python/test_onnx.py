@@ -50,8 +50,9 @@ def _both(bundle: Path, **options):
     return torch_result, onnx_result
 
 
-@pytest.mark.parametrize("options", [{}, {"flip": True}, {"invert_view": True}, {"refine_edges": True}],
-                         ids=["plain", "flip", "invert-view", "refine-edges"])
+@pytest.mark.parametrize("options", [{}, {"flip": True}, {"invert_view": True}, {"refine_edges": True},
+                                     {"contrast_search": True}],
+                         ids=["plain", "flip", "invert-view", "refine-edges", "contrast-search"])
 def test_onnx_runtime_agrees_with_torch(exported, options):
     expected, got = _both(exported, **options)
     assert len(np.unique(expected.labels)) > 1, "the test model must predict more than one label"
@@ -64,6 +65,7 @@ def test_onnx_runtime_agrees_with_torch(exported, options):
     assert np.abs(got.translated - expected.translated).max() <= 1e-3
     # the tumour confidence (of the plain pass, with or without test-time views) is the engines' alike
     assert expected.confidence is not None and got.confidence == pytest.approx(expected.confidence, abs=1e-4)
+    assert got.contrast_gamma == expected.contrast_gamma  # the same view chosen (None without the search)
 
 
 def test_both_engines_normalise_as_the_bundle_says(exported, tmp_path):

@@ -159,7 +159,8 @@ def test_evaluation_records_the_inference_options(tiny_bundle, phantom_cohort):
 
     predictor = BiGLPredictor.from_path(tiny_bundle, device="cpu", flip=True, postprocess=False)
     result = evaluate_bundle(predictor, phantom_cohort, "t2", cases=["Phantom_001"], progress=False)
-    assert result["inference"] == {"flip": True, "invert_view": False, "refine_edges": False, "postprocess": False}
+    assert result["inference"] == {"flip": True, "invert_view": False, "refine_edges": False, "postprocess": False,
+                                   "contrast_search": False}
     # ...and that is the inference the scores come from: every batch was mirrored
     axes = []
     original = predictor._segment_slices

@@ -22,7 +22,8 @@ COMMANDS = ("segment", "train", "export", "evaluate", "score", "demo", "phantoms
 
 
 def add_inference_options(parser: argparse.ArgumentParser) -> None:
-    """--flip / --postprocess / --refine-edges / --invert-view, shared by the commands that segment (default: the model's own setting)."""
+    """--flip / --postprocess / --refine-edges / --invert-view / --contrast-search, shared by the commands that
+    segment (default: the model's own setting)."""
     parser.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
                         help="test-time flips: average each slice's prediction with its left-right mirror's "
                              "(default: as the model's metadata says, else off)")
@@ -37,6 +38,11 @@ def add_inference_options(parser: argparse.ArgumentParser) -> None:
                         help="also average each slice's prediction with that of the slice with its brain intensities "
                              "mirrored, which looks like the source modality (default: as the model's metadata says, "
                              "else off)")
+    parser.add_argument("--contrast-search", action=argparse.BooleanOptionalAction, default=None,
+                        help="when the model is unsure of a scan (confidence below its floor), also segment it with "
+                             "its brain intensities raised to the power 0.7 and 1.4 and keep the view the model is most "
+                             "confident of; two or three more passes of the network on those scans only (default: as "
+                             "the model's metadata says, else off)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -86,7 +86,8 @@ def run(args: argparse.Namespace) -> int:
                          "add --baseline invert-histmatch, or leave them out")
     predictor = open_predictor(args.model or [None], engine="torch", device=args.device, batch_size=args.batch_size,
                                num_threads=args.threads, flip=args.flip, postprocess=args.postprocess,
-                               invert_view=args.invert_view, refine_edges=args.refine_edges)
+                               invert_view=args.invert_view, refine_edges=args.refine_edges,
+                               contrast_search=args.contrast_search)
     transform = reference_file = None
     if args.baseline is not None:
         transform = _baseline_transform(args, predictor.source_modality)

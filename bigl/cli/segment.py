@@ -146,14 +146,16 @@ def _run(args: argparse.Namespace, reporter: Reporter) -> int:
     _check_outputs(args, scans if source.is_dir() else [source], folder_mode=source.is_dir())
     predictor = open_predictor(args.model, engine=args.engine, device=args.device, batch_size=args.batch_size,
                                num_threads=args.threads, flip=args.flip, postprocess=args.postprocess,
-                               invert_view=args.invert_view, refine_edges=args.refine_edges, translated=args.translated_out is not None)
+                               invert_view=args.invert_view, refine_edges=args.refine_edges,
+                               contrast_search=args.contrast_search, translated=args.translated_out is not None)
     reporter.say(_model_line(predictor, shipped=args.model is None))
     if source.is_dir():
         return _segment_folder(args, scans, predictor, reporter)
     prediction = _segment_one(args, source, predictor, reporter, folder_mode=False)
     reporter.say(_summary(source, args.output, prediction))
     if reporter.mode == "json":
-        reporter.emit("done", output=str(args.output), confidence=prediction.confidence)
+        reporter.emit("done", output=str(args.output), confidence=prediction.confidence,
+                      contrast_gamma=prediction.contrast_gamma)
     return 0
 
 
@@ -219,7 +221,8 @@ def _segment_folder(args, scans: list[Path], predictor, reporter: Reporter) -> i
             continue
         reporter.say(f"[{index}/{len(scans)}] {_summary(scan, output, prediction)}")
         if reporter.mode == "json":
-            reporter.emit("file_done", input=str(scan), output=str(output), confidence=prediction.confidence)
+            reporter.emit("file_done", input=str(scan), output=str(output), confidence=prediction.confidence,
+                          contrast_gamma=prediction.contrast_gamma)
     done = len(scans) - len(failed)
     reporter.say(f"segmented {done} of {len(scans)} scans into {out_dir}"
                  + (f"; failed: {', '.join(p.name for p in failed)}" if failed else ""))
@@ -249,7 +252,7 @@ def _model_line(predictor, *, shipped: bool) -> str:
 
 def _summary(source: Path, output: Path, prediction) -> str:
     """One line: where the labels went, the tumour volume per label in millilitres and the model's
-    confidence in that tumour (bigl.prediction.tumour_confidence)."""
+    confidence in that tumour (bigl.prediction.tumour_confidence), and the contrast the search chose."""
     import numpy as np
 
     from bigl.data.io import affine_spacing
@@ -260,4 +263,6 @@ def _summary(source: Path, output: Path, prediction) -> str:
     parts = [f"{name} {counts[label] * voxel_ml:.1f} ml" for label, name in _SHORT_NAMES.items()]
     tumour = sum(counts[label] for label in _SHORT_NAMES) * voxel_ml
     sure = "" if prediction.confidence is None else f", confidence {prediction.confidence:.2f}"
+    if prediction.contrast_gamma not in (None, 1.0):
+        sure += f" at contrast gamma {prediction.contrast_gamma:g}"
     return f"{source.name} -> {output}: tumour {tumour:.1f} ml ({', '.join(parts)}){sure}"

@@ -360,7 +360,7 @@ def restore_labels(classes: np.ndarray, geometry: SliceGeometry) -> np.ndarray:
     return _from_slices(classes_to_labels(stack), geometry, 0, np.uint8)
 
 
-#: Smallest brain intensity of a mirrored slice on the [0, 1] brain scale: it stays above the background.
+#: Smallest brain intensity of a mirrored or contrast-changed slice on the [0, 1] brain scale: it stays above the background.
 MIRROR_FLOOR = 1e-3
 
 
@@ -376,6 +376,16 @@ def mirror_brain(slices):
     brain = slices > EMPTY_SLICE_MAX
     mirrored = (1.0 - (slices - BACKGROUND) / 2.0).clip(MIRROR_FLOOR, 1.0) * 2.0 + BACKGROUND
     return brain * mirrored + ~brain * slices
+
+
+def gamma_brain(slices: np.ndarray, gamma: float) -> np.ndarray:
+    """Preprocessed slices (background -1) with the brain intensities raised to ``gamma`` on the
+    [0, 1] brain scale, background left as it is: gamma < 1 brightens the dark tissue, > 1 darkens
+    it. The contrast views of the test-time contrast search (``contrast_search``)."""
+    slices = np.asarray(slices, dtype=np.float32)
+    brain = slices > EMPTY_SLICE_MAX
+    scaled = np.power(((slices - BACKGROUND) / 2.0).clip(0.0, 1.0), np.float32(gamma)).clip(MIRROR_FLOOR, 1.0)
+    return np.where(brain, scaled * 2.0 + BACKGROUND, slices).astype(np.float32)
 
 
 def left_right_axis(affine: np.ndarray, slice_axis: int) -> int:

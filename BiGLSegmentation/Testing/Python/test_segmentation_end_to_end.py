@@ -41,10 +41,15 @@ def assert_same_maps(scene, outputs, expected, *, attention: float, probabilitie
 
 @pytest.mark.slow
 @pytest.mark.parametrize("scan", ["lps_scan", "anisotropic_scan"])
-def test_subprocess_segmentation_matches_the_core_library(scan, request, headless, varied_bundle):
+def test_subprocess_segmentation_matches_the_core_library(scan, request, headless, varied_bundle, tmp_path):
     from BiGLSegmentationLib import scene
     from BiGLSegmentationLib.logic import OutputOptions, SegmentationLogic
 
+    from bigl.bundle import annotate_bundle
+
+    if scan == "anisotropic_scan":  # a model whose defaults include the contrast search (no floor: always searched)
+        varied_bundle = annotate_bundle(varied_bundle, tmp_path / "searching.safetensors",
+                                        inference={"contrast_search": True})
     path = request.getfixturevalue(scan)
     volume = headless.load_volume(path)
     outputs = SegmentationLogic().segment(volume, varied_bundle, device="cpu", threads=1, timeout=300,
@@ -69,6 +74,9 @@ def test_subprocess_segmentation_matches_the_core_library(scan, request, headles
     assert_same_maps(scene, outputs, expected, attention=1e-5, probabilities=1e-5, translated=1e-5)
     # the model's confidence in its tumour comes back with the outputs (the done event of bigl segment)
     assert expected.confidence is not None and outputs.confidence == pytest.approx(expected.confidence, abs=1e-5)
+    # ...and so does the contrast view the model's search kept (None for a model that does not search)
+    assert (expected.contrast_gamma is None) == (scan == "lps_scan")
+    assert outputs.contrast_gamma == expected.contrast_gamma
 
     # the volume table counts the direct output's voxels
     rows = {row["Region"]: row for row in scene.table_rows(outputs.volumes_table)}
