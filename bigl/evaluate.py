@@ -334,6 +334,10 @@ def format_report_markdown(result: dict) -> str:
     if unsure:
         lines += [f"The model was unsure of (tumour confidence below its floor of {floor:.2f}): "
                   + ", ".join(f"{case} ({value:.2f})" for case, value in unsure.items()), ""]
+    other_views = {case: gamma for case, gamma in (result.get("contrast_gamma") or {}).items() if gamma != 1.0}
+    if other_views:
+        lines += ["Segmented at another contrast by the contrast search (brain intensities to the power gamma): "
+                  + ", ".join(f"{case} (gamma {gamma:g})" for case, gamma in other_views.items()), ""]
     skipped = result["skipped"]
     if skipped["unlabelled"]:
         lines += [f"Skipped (no labels): {', '.join(skipped['unlabelled'])}", ""]

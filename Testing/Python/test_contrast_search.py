@@ -170,13 +170,14 @@ def test_the_search_is_a_model_default_and_a_cli_switch(tiny_bundle, tmp_path, c
 
 
 def test_evaluate_records_the_chosen_contrast(tiny_bundle, phantom_cohort):
-    from bigl.evaluate import evaluate_bundle
+    from bigl.evaluate import evaluate_bundle, format_report_markdown
 
-    searching = evaluate_bundle(BiGLPredictor.from_path(tiny_bundle, device="cpu", contrast_search=True),
-                                phantom_cohort, "t2", cases=["Phantom_001", "Phantom_002"], progress=False)
+    predictor = BiGLPredictor.from_path(tiny_bundle, device="cpu", contrast_search=True)
+    predictor.bundle.segmenter = SureOfDarkBrains(1.0)
+    searching = evaluate_bundle(predictor, phantom_cohort, "t2", cases=["Phantom_001", "Phantom_002"], progress=False)
     assert searching["inference"]["contrast_search"] is True
-    assert set(searching["contrast_gamma"]) == {"Phantom_001", "Phantom_002"}
-    assert all(value in CONTRAST_GAMMAS for value in searching["contrast_gamma"].values())
+    assert searching["contrast_gamma"] == {"Phantom_001": max(CONTRAST_GAMMAS), "Phantom_002": max(CONTRAST_GAMMAS)}
+    assert f"Phantom_002 (gamma {max(CONTRAST_GAMMAS):g})" in format_report_markdown(searching)
     plain = evaluate_bundle(BiGLPredictor.from_path(tiny_bundle, device="cpu"), phantom_cohort, "t2",
                             cases=["Phantom_001"], progress=False)
     assert plain["contrast_gamma"] is None
