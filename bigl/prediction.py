@@ -185,7 +185,8 @@ class Predictor(ModelDescription):
 
         name = name or "the image"
         self.check_modality(modality)
-        if contrast_gamma is not None and not (isinstance(contrast_gamma, (int, float)) and 0 < contrast_gamma < np.inf):
+        if contrast_gamma is not None and (isinstance(contrast_gamma, bool) or not isinstance(contrast_gamma, (int, float))
+                                           or not 0 < contrast_gamma < np.inf):
             raise ConfigError(f"a contrast gamma must be a number above 0, got {contrast_gamma!r}",
                               f"use one of {', '.join(map(str, CONTRAST_GAMMAS))}, or None for the scan as it is")
         if translated and not self.has_translator:

@@ -192,7 +192,7 @@ def test_a_chosen_contrast_view_is_segmented_without_a_search(tiny_bundle):
     forced = searching.predict(scan, AFFINE, modality="t2", contrast_gamma=min(CONTRAST_GAMMAS))
     assert forced.contrast_gamma == min(CONTRAST_GAMMAS) and searched.contrast_gamma == max(CONTRAST_GAMMAS)
     assert forced.confidence < searched.confidence
-    for bad in (0, -1.0, float("nan"), "1.4"):
+    for bad in (0, -1.0, float("nan"), float("inf"), "1.4", True):
         with pytest.raises(ConfigError, match="contrast gamma"):
             searching.predict(scan, AFFINE, modality="t2", contrast_gamma=bad)
 
