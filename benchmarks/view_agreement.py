@@ -169,15 +169,12 @@ def main() -> int:
 def search_choice(row: dict, gammas: Sequence[float], floor: float | None) -> float:
     """The view the contrast search keeps for a row: the scan as it is when its confidence is at or
     above ``floor`` (None: search every scan), else the most confident of it and the ``gammas``."""
+    from bigl.prediction import most_confident_view
+
     plain = row["confidence"]
     if floor is not None and np.isfinite(plain) and plain >= floor:
         return 1.0
-    best, best_confidence = 1.0, plain if np.isfinite(plain) else -1.0
-    for gamma in gammas:
-        value = row[f"confidence_g{gamma:g}"]
-        if np.isfinite(value) and value > best_confidence:
-            best, best_confidence = gamma, value
-    return best
+    return most_confident_view({1.0: plain, **{gamma: row[f"confidence_g{gamma:g}"] for gamma in gammas}})
 
 
 def report_search(rows: list[dict], gammas: Sequence[float], floor: float) -> None:

@@ -289,26 +289,29 @@ class Predictor(ModelDescription):
         """
         from bigl.data.preprocess import gamma_brain
 
-        def confidence_of(sums: tuple[float, int]) -> float:
-            return sums[0] / sums[1] if sums[1] else -1.0
+        def confidence_of(sums: tuple[float, int]) -> float | None:
+            return sums[0] / sums[1] if sums[1] else None
 
-        best, best_maps, best_confidence = 1.0, maps, confidence_of(maps["confidence"])
-        if self.confidence_floor is not None and best_confidence >= self.confidence_floor:
-            return best, maps
+        confidences, candidates = {1.0: confidence_of(maps["confidence"])}, {1.0: maps}
+        plain = confidences[1.0]
+        if self.confidence_floor is not None and plain is not None and plain >= self.confidence_floor:
+            return 1.0, maps
         others = [gamma for gamma in CONTRAST_GAMMAS if gamma != 1.0]
         report.extend(len(others) * len(slices))
         # Without flips or the inverted view a view's maps come from its plain pass alone: keep them.
         single_pass = not flip_axis and not self.invert_view
         for gamma in others:
             view = gamma_brain(slices, gamma)
-            candidate = self._segment_slices(view, attention, report) if single_pass else None
-            confidence = confidence_of(candidate["confidence"] if single_pass else self._plain_confidence(view, report))
-            if confidence > best_confidence:
-                best, best_maps, best_confidence = gamma, candidate, confidence
-        if best_maps is None:
+            if single_pass:
+                candidates[gamma] = self._segment_slices(view, attention, report)
+                confidences[gamma] = confidence_of(candidates[gamma]["confidence"])
+            else:
+                confidences[gamma] = confidence_of(self._plain_confidence(view, report))
+        best = most_confident_view(confidences)
+        if best not in candidates:
             report.extend(len(slices))
-            best_maps = self._segment_slices(gamma_brain(slices, best), attention, report, flip_axis=flip_axis)
-        return best, best_maps
+            candidates[best] = self._segment_slices(gamma_brain(slices, best), attention, report, flip_axis=flip_axis)
+        return best, candidates[best]
 
     def _plain_confidence(self, slices: np.ndarray, report: ProgressCallback) -> tuple[float, int]:
         """(sum, count) of :func:`tumour_confidence` over one plain pass of the segmenter."""
@@ -481,6 +484,18 @@ def softmax(logits: np.ndarray, axis: int = 1) -> np.ndarray:
     np.exp(shifted, out=shifted)
     shifted /= shifted.sum(axis=axis, keepdims=True)
     return shifted
+
+
+def most_confident_view(confidences: dict[float, float | None]) -> float:
+    """The rule of the contrast search: of the views' tumour confidences (gamma -> confidence; None
+    or nan: the view shows no tumour), the gamma of the highest; 1 (the scan as it is) on ties and
+    when no view shows a tumour, then the gamma listed first."""
+    best, best_confidence = 1.0, confidences.get(1.0)
+    best_confidence = -1.0 if best_confidence is None or not np.isfinite(best_confidence) else best_confidence
+    for gamma, confidence in confidences.items():
+        if confidence is not None and np.isfinite(confidence) and confidence > best_confidence:
+            best, best_confidence = gamma, confidence
+    return best
 
 
 def tumour_pixels(probabilities: np.ndarray) -> np.ndarray:
