@@ -243,14 +243,16 @@ class Predictor(ModelDescription):
         class_maps = maps.pop("probabilities")
         tumour_sum, tumour_pixels = maps.pop("confidence")
         confidence = tumour_sum / tumour_pixels if tumour_pixels else None
-        restored = np.empty((class_maps.shape[1], *data.shape), dtype=np.float32)
-        restored[:1] = self._restore(class_maps[:, :1], geometry, fill=1.0)
-        restored[1:] = self._restore(class_maps[:, 1:], geometry, fill=0.0)
-        del class_maps
-        np.clip(restored, 0.0, 1.0, out=restored)
-        restored /= restored.sum(axis=0, keepdims=True)
-        labels = self._finish_labels(classes_to_labels(np.argmax(restored, axis=0)).astype(np.uint8), data, affine,
+        restored = None
+        if probabilities:
+            restored = np.empty((class_maps.shape[1], *data.shape), dtype=np.float32)
+            restored[:1] = self._restore(class_maps[:, :1], geometry, fill=1.0)
+            restored[1:] = self._restore(class_maps[:, 1:], geometry, fill=0.0)
+            np.clip(restored, 0.0, 1.0, out=restored)
+            restored /= restored.sum(axis=0, keepdims=True)
+        labels = self._finish_labels(labels_on_grid(class_maps, geometry, resize=self._resize), data, affine,
                                      prepared.mask)
+        del class_maps
 
         attention_maps = None
         if attention:
@@ -264,7 +266,7 @@ class Predictor(ModelDescription):
         return Prediction(
             labels=labels,
             affine=affine,
-            probabilities=restored if probabilities else None,
+            probabilities=restored,
             attention=attention_maps,
             translated=translated_image,
             confidence=confidence,
@@ -476,6 +478,34 @@ def restore_on_grid(maps: np.ndarray, geometry, *, fill: float = 0.0,
     if geometry.square != geometry.image_size:
         stack = (resize or (lambda s, n: resize_bilinear(s, (n, n))))(stack, geometry.square)
     return restore_maps(stack[:, 0] if single else stack, replace(geometry, image_size=geometry.square), fill=fill)
+
+
+#: Slices restored at a time by :func:`labels_on_grid`: a few MB of class maps, so they stay in cache.
+LABEL_CHUNK_SLICES = 8
+
+
+def labels_on_grid(class_maps: np.ndarray, geometry, *,
+                   resize: Callable[[np.ndarray, int], np.ndarray] | None = None) -> np.ndarray:
+    """uint8 BraTS labels on the scan's grid from softmax maps [n, K, S, S]: the arg-max of the maps
+    restored bilinearly (as :func:`restore_on_grid` restores them), background outside the crop.
+
+    Computed a few slices at a time on the crop's square, then placed on the grid as class indices,
+    so no float volume of every class on the whole grid is made: on a 240 x 240 x 155 scan that
+    volume is 143 MB and restoring it, normalising it and taking its arg-max cost about a second
+    (docs/results.md, "Inference speed"). The arg-max of restored maps is that of the normalised
+    probabilities, which only divide each voxel's classes by one positive sum."""
+    from bigl.data.preprocess import place_slices
+
+    maps = np.asarray(class_maps, dtype=np.float32)
+    square = geometry.square
+    resize = resize or (lambda s, n: resize_bilinear(s, (n, n)))
+    classes = np.empty((len(maps), square, square), dtype=np.uint8)
+    for start in range(0, len(maps), LABEL_CHUNK_SLICES):
+        chunk = maps[start:start + LABEL_CHUNK_SLICES]
+        if square != chunk.shape[-1]:
+            chunk = resize(np.ascontiguousarray(chunk), square)
+        classes[start:start + len(chunk)] = np.argmax(chunk, axis=1)
+    return place_slices(classes_to_labels(classes), geometry, fill=0)
 
 
 def softmax(logits: np.ndarray, axis: int = 1) -> np.ndarray:

@@ -14,7 +14,7 @@ from bigl.bundle import load_bundle, make_metadata, save_bundle
 from bigl.data.preprocess import PreprocessConfig, SliceGeometry, restore_maps
 from bigl.errors import BundleError, ConfigError, InputError
 from bigl.inference import BiGLPredictor, out_of_memory_error, restore_on_grid
-from bigl.prediction import channel_summary, position_summary
+from bigl.prediction import channel_summary, labels_on_grid, position_summary
 from bigl.labels import classes_to_labels
 from bigl.models import DualAttentionUNet, SegmenterConfig
 
@@ -129,6 +129,41 @@ def test_fast_restore_matches_restore_maps(image_size, square):
         got = restore_on_grid(maps, geometry, fill=0.5)
         assert got.shape == expected.shape and got.dtype == np.float32
         assert np.allclose(got, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("image_size, square", [(32, 45), (32, 20), (16, 16)], ids=["up", "down", "same"])
+@pytest.mark.parametrize("count", [1, 8, 19])  # inside one chunk of slices, exactly one, across three
+def test_labels_on_grid_is_the_argmax_of_the_restored_probabilities(image_size, square, count):
+    geometry = SliceGeometry(original_shape=(50, 60, 25), bbox=((2, 2 + square - 3), (5, 5 + square), (3, 3 + count)),
+                             slice_axis=2, square=square, pad=((1, 2), (0, 0)), image_size=image_size)
+    rng = np.random.default_rng(count)
+    logits = rng.normal(size=(count, 4, image_size, image_size)).astype(np.float32) * 3
+    maps = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    restored = np.concatenate([restore_on_grid(maps[:, :1], geometry, fill=1.0),
+                               restore_on_grid(maps[:, 1:], geometry, fill=0.0)])
+    expected = classes_to_labels(np.argmax(restored / restored.sum(axis=0), axis=0))
+    got = labels_on_grid(maps, geometry)
+    assert got.dtype == np.uint8 and got.shape == (50, 60, 25)
+    assert np.array_equal(got, expected)
+    assert set(np.unique(got)) == {0, 1, 2, 4}  # every class somewhere: the maps are not one class
+    assert not got[:, :, :3].any() and not got[:, :, 3 + count:].any()  # outside the crop: background
+
+
+def test_labels_on_grid_uses_the_engine_resize():
+    geometry = SliceGeometry(original_shape=(20, 20, 3), bbox=((0, 20), (0, 20), (0, 3)), slice_axis=2, square=20,
+                             pad=((0, 0), (0, 0)), image_size=10)
+    maps = np.zeros((3, 4, 10, 10), np.float32)
+    maps[:, 0] = 1.0
+    calls = []
+
+    def all_oedema(stack, size):  # a resize that answers "oedema" everywhere, to show it is the one used
+        calls.append((stack.shape, size))
+        out = np.zeros((*stack.shape[:2], size, size), np.float32)
+        out[:, 2] = 1.0
+        return out
+
+    assert np.all(labels_on_grid(maps, geometry, resize=all_oedema) == 2)
+    assert calls == [((3, 4, 10, 10), 20)]
 
 
 # ------------------------------------------------------------------------------------ attention summaries

@@ -250,6 +250,12 @@ def _from_slices(stack: np.ndarray, geometry: SliceGeometry, fill, dtype) -> np.
     return out
 
 
+def place_slices(stack: np.ndarray, geometry: SliceGeometry, *, fill) -> np.ndarray:
+    """Maps already at the crop's square size, ``[..., n, square, square]`` -> ``[..., X, Y, Z]`` of the
+    same dtype, ``fill`` outside the crop."""
+    return _from_slices(stack, geometry, fill, stack.dtype)
+
+
 def _resize_planes(stack: np.ndarray, size: int, *, order: int, anti_aliasing: bool = False) -> np.ndarray:
     """Resize the last two axes of a stack to ``size`` x ``size`` (other axes untouched)."""
     if stack.shape[-1] == size and stack.shape[-2] == size:
