@@ -92,11 +92,14 @@ def test_the_search_keeps_the_view_the_model_is_most_confident_of(tiny_bundle, s
     assert found.confidence == pytest.approx(confidences[chosen], abs=1e-5)
     plain = _predictor(tiny_bundle, sign).predict(scan, AFFINE, modality="t2")
     assert plain.contrast_gamma is None and plain.confidence == pytest.approx(confidences[1.0], abs=1e-5)
+    found_maps = searching.predict(scan, AFFINE, modality="t2", probabilities=True).probabilities
+    plain_maps = _predictor(tiny_bundle, sign).predict(scan, AFFINE, modality="t2", probabilities=True).probabilities
+    if chosen == 1.0:  # no view beats the scan as it is: its prediction is kept as it was
+        assert found.confidence == plain.confidence and np.array_equal(found_maps, plain_maps)
+        return
     assert found.confidence > plain.confidence
     # ...and the maps behind its labels are that view's (the confidence comes from the same pass)
     tumour = found.labels > 0
-    found_maps = searching.predict(scan, AFFINE, modality="t2", probabilities=True).probabilities
-    plain_maps = _predictor(tiny_bundle, sign).predict(scan, AFFINE, modality="t2", probabilities=True).probabilities
     assert found_maps[2][tumour].mean() > plain_maps[2][tumour].mean() + 1e-3
 
 
@@ -109,7 +112,7 @@ def test_only_scans_below_the_models_floor_are_searched(tiny_bundle, tmp_path, f
     bundle = annotate_bundle(tiny_bundle, tmp_path / "floored.safetensors", confidence_floor=floor)
     scan = synthetic_scan((60, 64, 40))
     predictor = BiGLPredictor.from_path(bundle, device="cpu", contrast_search=True, flip=flip)
-    counting = predictor.bundle.segmenter = Counting(SureOfDarkBrains(1.0))
+    counting = predictor.bundle.segmenter = Counting(SureOfDarkBrains(-1.0))
     progress = []
     prediction = predictor.predict(scan, AFFINE, modality="t2", progress=lambda done, total: progress.append((done, total)))
     count = len(prepare_volume(scan, predictor.preprocessing).slices)
@@ -117,11 +120,11 @@ def test_only_scans_below_the_models_floor_are_searched(tiny_bundle, tmp_path, f
     others = len(CONTRAST_GAMMAS) - 1
     expected = count * views + (count * others + (count * views if flip else 0) if searched else 0)
     assert counting.slices == expected
-    assert prediction.contrast_gamma == (max(CONTRAST_GAMMAS) if searched else 1.0)
+    assert prediction.contrast_gamma == (min(CONTRAST_GAMMAS) if searched else 1.0)
     # the progress counts each slice once per prediction or search pass, and ends at its total
     assert progress[-1][0] == progress[-1][1] == count * (1 + (others + flip if searched else 0))
     plain = BiGLPredictor.from_path(bundle, device="cpu", flip=flip)
-    plain.bundle.segmenter = SureOfDarkBrains(1.0)
+    plain.bundle.segmenter = SureOfDarkBrains(-1.0)
     unchanged = plain.predict(scan, AFFINE, modality="t2")
     assert (prediction.confidence != pytest.approx(unchanged.confidence, abs=1e-6)) == searched
 
@@ -149,7 +152,7 @@ def test_the_search_is_a_model_default_and_a_cli_switch(tiny_bundle, tmp_path, c
 
     def with_fixed_segmenter(*args, **kwargs):
         predictor = original(*args, **kwargs)
-        predictor.bundle.segmenter = SureOfDarkBrains(1.0)
+        predictor.bundle.segmenter = SureOfDarkBrains(-1.0)
         return predictor
 
     monkeypatch.setattr(BiGLPredictor, "from_path", with_fixed_segmenter)
@@ -160,10 +163,10 @@ def test_the_search_is_a_model_default_and_a_cli_switch(tiny_bundle, tmp_path, c
     assert status == 0 and out.is_file()
     events = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
     (done,) = [event for event in events if event["event"] == "done"]
-    assert done["contrast_gamma"] == max(CONTRAST_GAMMAS)
+    assert done["contrast_gamma"] == min(CONTRAST_GAMMAS)
     status, stdout, _ = segment(capsys, "-i", scan, "-o", out, "-m", tiny_bundle, "--engine", "torch",
                                 "--contrast-search", "--progress", "none")
-    assert status == 0 and f"at contrast gamma {max(CONTRAST_GAMMAS):g}" in stdout
+    assert status == 0 and f"at contrast gamma {min(CONTRAST_GAMMAS):g}" in stdout
     status, stdout, _ = segment(capsys, "-i", scan, "-o", out, "-m", tiny_bundle, "--engine", "torch",
                                 "--progress", "none")
     assert status == 0 and "contrast gamma" not in stdout
@@ -173,11 +176,11 @@ def test_evaluate_records_the_chosen_contrast(tiny_bundle, phantom_cohort):
     from bigl.evaluate import evaluate_bundle, format_report_markdown
 
     predictor = BiGLPredictor.from_path(tiny_bundle, device="cpu", contrast_search=True)
-    predictor.bundle.segmenter = SureOfDarkBrains(1.0)
+    predictor.bundle.segmenter = SureOfDarkBrains(-1.0)
     searching = evaluate_bundle(predictor, phantom_cohort, "t2", cases=["Phantom_001", "Phantom_002"], progress=False)
     assert searching["inference"]["contrast_search"] is True
-    assert searching["contrast_gamma"] == {"Phantom_001": max(CONTRAST_GAMMAS), "Phantom_002": max(CONTRAST_GAMMAS)}
-    assert f"Phantom_002 (gamma {max(CONTRAST_GAMMAS):g})" in format_report_markdown(searching)
+    assert searching["contrast_gamma"] == {"Phantom_001": min(CONTRAST_GAMMAS), "Phantom_002": min(CONTRAST_GAMMAS)}
+    assert f"Phantom_002 (gamma {min(CONTRAST_GAMMAS):g})" in format_report_markdown(searching)
     plain = evaluate_bundle(BiGLPredictor.from_path(tiny_bundle, device="cpu"), phantom_cohort, "t2",
                             cases=["Phantom_001"], progress=False)
     assert plain["contrast_gamma"] is None
@@ -187,10 +190,10 @@ def test_a_chosen_contrast_view_is_segmented_without_a_search(tiny_bundle):
     from bigl.errors import ConfigError
 
     scan = synthetic_scan((60, 64, 40))
-    searching = _predictor(tiny_bundle, 1.0, contrast_search=True)
+    searching = _predictor(tiny_bundle, -1.0, contrast_search=True)
     searched = searching.predict(scan, AFFINE, modality="t2")
-    forced = searching.predict(scan, AFFINE, modality="t2", contrast_gamma=min(CONTRAST_GAMMAS))
-    assert forced.contrast_gamma == min(CONTRAST_GAMMAS) and searched.contrast_gamma == max(CONTRAST_GAMMAS)
+    forced = searching.predict(scan, AFFINE, modality="t2", contrast_gamma=1.4)  # any gamma, not only the searched ones
+    assert forced.contrast_gamma == 1.4 and searched.contrast_gamma == min(CONTRAST_GAMMAS)
     assert forced.confidence < searched.confidence
     for bad in (0, -1.0, float("nan"), float("inf"), "1.4", True):
         with pytest.raises(ConfigError, match="contrast gamma"):
