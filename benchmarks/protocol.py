@@ -65,7 +65,8 @@ REGIONS = ("WT", "TC", "ET")
 #: Override prefixes that change stage 1 (such a setting trains its own translator); precision
 #: changes both stages.
 _STAGE1_PREFIXES = ("translator.", "translator_training.", "preprocessing.", "data.", "run.cpu_bf16", "run.amp")
-_STAGE2_DATA_KEYS = ("data.augment_spatial", "data.augment_intensity", "data.augment_invert", "data.tumour_fraction", "data.workers")
+_STAGE2_DATA_KEYS = ("data.augment_spatial", "data.augment_intensity", "data.augment_invert", "data.augment_tumour_brightening",
+                     "data.tumour_fraction", "data.workers")
 
 
 def parse_setting(text: str) -> tuple[str, list[str]]:

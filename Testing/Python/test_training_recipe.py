@@ -153,6 +153,46 @@ def test_inversion_mirrors_the_brain_of_the_chosen_slices_only():
     torch.testing.assert_close(augment.invert_all(everything)[~background], images[~background].clamp(-1 + 2e-3, 1 - 2e-3))
 
 
+def test_tumour_brightening_raises_the_labelled_tumour_of_the_chosen_slices_only():
+    images, labels = brain_batch()
+    labels[0] = 0  # a slice without tumour has nothing to brighten
+    background, tumour = images == -1.0, (labels > 0).unsqueeze(1)
+    everything = augment.tumour_brightening(images, labels, np.random.default_rng(0), 1.0)
+    assert torch.equal(everything[background], images[background]) and torch.equal(everything[0], images[0])
+    lift = everything - images
+    low, high = augment.TUMOUR_BRIGHTENING_RANGE
+    grow = lambda mask: torch.nn.functional.max_pool2d(mask.float()[None], 3, stride=1, padding=1)[0].bool()  # noqa: E731
+    for i in range(1, len(images)):
+        interior = ~grow(~tumour[i])  # the tumour less its outer pixel
+        inside = lift[i][interior]
+        assert 2 * low < float(inside[0]) <= 2 * high + 1e-6  # one shift per slice, drawn in the range
+        assert torch.allclose(inside, inside[0])  # the whole interior alike
+        edge = lift[i][grow(tumour[i]) & ~interior]
+        assert bool((edge > 0).all()) and bool((edge < inside[0]).all())  # a soft edge, either side of the outline
+        assert torch.count_nonzero(lift[i][~grow(tumour[i])]) == 0  # beyond it: unchanged
+    assert float(everything.max()) <= 1.0
+    assert torch.equal(augment.tumour_brightening(images, labels, np.random.default_rng(0), 0.0), images)
+    some = augment.tumour_brightening(images, labels, np.random.default_rng(3), 0.5)
+    changed = [not torch.equal(some[i], images[i]) for i in range(1, len(images))]
+    assert any(changed) and not all(changed)
+    assert torch.equal(some, augment.tumour_brightening(images, labels, np.random.default_rng(3), 0.5))
+
+
+def test_the_segmenter_sees_translated_source_slices_with_their_tumour_brightened(phantom_cohort, tmp_path):
+    trainer, batch, seen = first_step_inputs(phantom_cohort, tmp_path / "run", "data.augment_tumour_brightening=1.0")
+    x_s, fake_t = seen["segmenter_input"].chunk(4)[:2]
+    assert torch.equal(x_s, batch["x"])  # the source slices as they are
+    lift = fake_t - seen["translated"]
+    tumour = (batch["y"] > 0).unsqueeze(1)
+    assert tumour.any() and float(lift[tumour].mean()) > 0
+    ring = torch.nn.functional.max_pool2d(tumour.float(), 3, stride=1, padding=1).bool()
+    assert torch.count_nonzero(lift[~ring]) == 0
+    assert trainer.training_metadata()["augmentation"]["tumour_brightening_probability"] == 1.0
+    for value in ("1.5", "-0.1", "true"):
+        with pytest.raises(ConfigError, match="augment_tumour_brightening"):
+            smoke(phantom_cohort, f"data.augment_tumour_brightening={value}")
+
+
 def first_step_inputs(phantom_cohort, folder, *overrides):
     """What the networks really receive in the first stage-2 step (forward hooks): the stage-2
     trainer, its batch, and the translator's input and output and the segmenter's input."""

@@ -37,11 +37,12 @@ made on the plain slice, learnt on a slice of other gamma, contrast, level, bias
 intensities is covered with the target's anatomy. With ``self_training_rounds`` > 1 the pseudo-labels are made anew
 at the start of each round. The pseudo-labels travel in the checkpoints, so resume is exact.
 
-Augmentation (``data.augment_spatial``, ``data.augment_intensity``, ``data.augment_invert``;
-:mod:`bigl.training.augment`): spatial to x_s with y_s before translation (and to the
-pseudo-labelled x_t in self-training), intensity to x_s and x_s->t as the segmenter sees them (and,
-with ``adapt.pseudo_augment_intensity``, to the pseudo-labelled x_t),
-inversion to x_s as the segmenter sees it (the translator gets x_s un-augmented).
+Augmentation (``data.augment_spatial``, ``data.augment_intensity``, ``data.augment_invert``,
+``data.augment_tumour_brightening``; :mod:`bigl.training.augment`): spatial to x_s with y_s before
+translation (and to the pseudo-labelled x_t in self-training), intensity to x_s and x_s->t as the
+segmenter sees them (and, with ``adapt.pseudo_augment_intensity``, to the pseudo-labelled x_t),
+inversion to x_s as the segmenter sees it (the translator gets x_s un-augmented), tumour
+brightening to x_s->t (by y_s) before its intensity augmentation.
 """
 
 from __future__ import annotations
@@ -311,6 +312,10 @@ class AdaptTrainer(StageTrainer):
             invert_seed = int(rng.integers(0, 2**63 - 1))
             after = batch.get("augment_labelled", lambda t: t)
             batch["augment_labelled"] = lambda t: after(augment.invert(t, np.random.default_rng(invert_seed), data.augment_invert, **rows))
+        if data.augment_tumour_brightening > 0:
+            tumour_seed, then = int(rng.integers(0, 2**63 - 1)), batch.get("augment_translated", lambda t: t)
+            batch["augment_translated"] = lambda t: then(augment.tumour_brightening(
+                t, y, np.random.default_rng(tumour_seed), data.augment_tumour_brightening, **rows))
         if self.method == "bigl":
             if self.self_training(step):
                 picked = self.pseudo_rows(step, size)
@@ -530,9 +535,12 @@ class AdaptTrainer(StageTrainer):
             "precision": self.precision_record,
         }
         data_cfg = self.ctx.config.data
-        if data_cfg.augment_spatial or data_cfg.augment_intensity or data_cfg.augment_invert:
+        if (data_cfg.augment_spatial or data_cfg.augment_intensity or data_cfg.augment_invert
+                or data_cfg.augment_tumour_brightening):
             info["augmentation"] = {"spatial": data_cfg.augment_spatial, "intensity": data_cfg.augment_intensity,
-                                    "invert": data_cfg.augment_invert, **augment.describe()}
+                                    "invert": data_cfg.augment_invert,
+                                    "tumour_brightening_probability": data_cfg.augment_tumour_brightening,
+                                    **augment.describe()}
         if self.self_steps:
             info["iterations"]["self_training"] = self.self_steps
             info["self_training"] = {key: getattr(self.adapt, key) for key in (

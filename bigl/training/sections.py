@@ -110,6 +110,9 @@ class DataSection:
     #: Probability that a source slice the segmenter sees has its brain intensities mirrored.
     augment_invert: float = within(0.0, 0.0, 1.0, hint="0 (off) or e.g. 0.5: the segmenter sees half of the source "
                                    "slices with their brain intensities mirrored")
+    #: Probability that a translated source slice (x_s->t) the segmenter sees has its tumour brightened.
+    augment_tumour_brightening: float = within(0.0, 0.0, 1.0, hint="0 (off) or e.g. 0.5: the segmenter sees half of the "
+                                               "translated source slices with their tumour brightened")
     workers: int = positive(2)
     allow_same_modality: bool = False
 
