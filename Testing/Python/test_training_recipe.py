@@ -178,6 +178,26 @@ def test_tumour_brightening_raises_the_labelled_tumour_of_the_chosen_slices_only
     assert torch.equal(some, augment.tumour_brightening(images, labels, np.random.default_rng(3), 0.5))
 
 
+def test_the_tumour_contrast_benchmark_measures_the_brightening():
+    """benchmarks/tumour_contrast.py's measure: the tumour's median minus the rest of the brain's,
+    raised by exactly the shift a slice's tumour interior was brightened by."""
+    from bigl.testing import load_script
+
+    script = load_script(Path(__file__).resolve().parents[2] / "benchmarks" / "tumour_contrast.py")
+    images, labels = brain_batch(n=1, size=64)
+    images = torch.where(images > -1.0, 0.0, -1.0)  # a flat brain: nothing clipped at the top
+    labels[:, 20:44, 20:44] = 2  # a large square, so its median lies in the interior
+    before = script.tumour_contrast(images[:, 0].numpy(), labels.numpy())
+    assert before == 0.0
+    labels[:, 30:34, 30:34] = 1  # a core inside the oedema, the same intensity: the whole tumour counts
+    brightened = augment.tumour_brightening(images, labels, np.random.default_rng(1), 1.0)
+    shift = float((brightened - images)[0, 0, 32, 32])
+    assert shift > 0
+    after = script.tumour_contrast(brightened[:, 0].numpy(), labels.numpy())
+    assert after == pytest.approx(shift, abs=1e-6)  # the median sits in the interior
+    assert np.isnan(script.tumour_contrast(images[:, 0].numpy(), np.zeros_like(labels.numpy())))
+
+
 def test_the_segmenter_sees_translated_source_slices_with_their_tumour_brightened(phantom_cohort, tmp_path):
     trainer, batch, seen = first_step_inputs(phantom_cohort, tmp_path / "run", "data.augment_tumour_brightening=1.0")
     x_s, fake_t = seen["segmenter_input"].chunk(4)[:2]

@@ -48,7 +48,8 @@ BIAS_STRENGTH = 0.3  # log-amplitude of the bias field
 BIAS_GRID = 4  # control points per side of the bias field
 NOISE_STD_MAX = 0.04
 #: Shift of the tumour's intensities on the [0, 1] brain scale: 0-0.25 is 0-0.5 on the network's [-1, 1]
-#: scale, which takes x_s->t's tumour contrast (median 0.15) over the real T2 range (0.13-0.73).
+#: scale, which takes x_s->t's tumour contrast (median 0.15 there) over most of the range real T2
+#: scans show (0.0-0.73, median 0.41).
 TUMOUR_BRIGHTENING_RANGE = (0.0, 0.25)
 PROBABILITY = 0.5
 #: Pixels above this value are brain (background is exactly -1 after preprocessing).
