@@ -19,6 +19,7 @@ CONTRACT = {
     "end": {"stage", "bundle", "slices_per_s"},
     "onnx_export": {"files"},
     "done": {"bundle"},
+    "target_confidence": {"stage", "per_scan"},
     "error": {"message", "hint"},
 }
 
@@ -68,6 +69,22 @@ def test_event_log_follows_the_contract(smoke_run):
     assert events[-1]["bundle"] == "model.safetensors"
     exports = [e for e in events if e["event"] == "onnx_export"]
     assert [e["files"] for e in exports] == [["model.onnx", "model.translator.onnx"]]
+    (confidence,) = [e for e in events if e["event"] == "target_confidence"]
+    assert confidence["stage"] == "adapt" and kinds.index("target_confidence") < kinds.index("onnx_export")
+
+
+def test_bigl_train_prints_how_sure_the_model_is_of_the_target_scans(smoke_run, capsys):
+    from bigl.bundle import read_metadata
+    from bigl.cli.train import _print_target_confidence
+
+    recorded = read_metadata(smoke_run / "model.safetensors")["training"]["target_confidence"]
+    _print_target_confidence(smoke_run / "model.safetensors")
+    line = capsys.readouterr().out
+    assert recorded["mean"] is not None  # the smoke model finds some tumour on the phantoms
+    assert f"mean tumour confidence {recorded['mean']:.3f} on the {recorded['scans']} unlabelled target scans" in line
+    assert recorded["unsure"] and all(name in line for name in recorded["unsure"])
+    _print_target_confidence(smoke_run / "translator.safetensors")  # the translator stage's file: no model, no line
+    assert capsys.readouterr().out == ""
 
 
 def test_the_onnx_export_is_the_final_bundle(smoke_run):

@@ -153,6 +153,38 @@ def test_inversion_mirrors_the_brain_of_the_chosen_slices_only():
     torch.testing.assert_close(augment.invert_all(everything)[~background], images[~background].clamp(-1 + 2e-3, 1 - 2e-3))
 
 
+def test_a_bigl_model_records_its_confidence_on_the_unlabelled_target_scans(phantom_cohort, tmp_path):
+    """Label-free, read off the run: each unlabelled target scan's tumour confidence under the
+    shipped segmenter (in the event log), their mean and the scans below the floor (in the bundle),
+    as a predictor finds them on the scans themselves."""
+    from bigl.bundle import read_metadata
+    from bigl.inference import BiGLPredictor
+    from bigl.plausibility import CONFIDENCE_FLOOR
+
+    bundle = run_training(smoke(phantom_cohort, "adapt.iterations=2", "translator_training.iterations=2", "run.threads=1"),
+                          tmp_path / "run", progress=False)
+    recorded = read_metadata(bundle)["training"]["target_confidence"]
+    (event,) = [e for e in read_events(tmp_path / "run" / "events.jsonl") if e["event"] == "target_confidence"]
+    per_scan = event["per_scan"]
+    assert recorded["scans"] == len(per_scan) >= 2 and recorded["floor"] == CONFIDENCE_FLOOR
+    found = [value for value in per_scan.values() if value is not None]
+    assert found and recorded["mean"] == pytest.approx(np.mean(found), abs=1e-4)
+    assert recorded["unsure"] == [name for name, value in per_scan.items() if value is None or value < CONFIDENCE_FLOOR]
+    predictor = BiGLPredictor.from_path(bundle, device="cpu")
+    cases = {case.name: case for case in find_cases(phantom_cohort)}
+    for name, value in per_scan.items():
+        image = cases[name].load_image("t2")
+        confidence = predictor.predict(image.data, image.affine, modality="t2").confidence
+        assert (value is None) == (confidence is None)
+        if value is not None:
+            assert value == pytest.approx(confidence, abs=0.01)  # training keeps the slices in float16
+    for method in ("source-only", "target-only"):  # no target scans without labels, nothing to record
+        other = run_training(smoke(phantom_cohort, "adapt.iterations=1", "run.threads=1", f"adapt.method={method}",
+                                   *(["data.target_labels=true"] if method == "target-only" else [])),
+                             tmp_path / method, progress=False)
+        assert "target_confidence" not in read_metadata(other)["training"]
+
+
 def test_tumour_brightening_raises_the_labelled_tumour_of_the_chosen_slices_only():
     images, labels = brain_batch()
     labels[0] = 0  # a slice without tumour has nothing to brighten

@@ -136,4 +136,22 @@ def run(args: argparse.Namespace) -> int:
         raise
     if main_process:
         print(f"bigl train: wrote {result}")
+        _print_target_confidence(result)
     return 0
+
+
+def _print_target_confidence(bundle) -> None:
+    """One line on how sure the model is of the unlabelled target scans it adapted to (label-free),
+    for a run that wrote a model and recorded it."""
+    from bigl.bundle import read_metadata
+    from bigl.runfolder import BUNDLE_FILE
+
+    if bundle is None or Path(bundle).name != BUNDLE_FILE:  # the translator stage writes no model
+        return
+    recorded = (read_metadata(bundle).get("training") or {}).get("target_confidence")
+    if not recorded or recorded.get("mean") is None:
+        return
+    unsure = recorded["unsure"]
+    print(f"bigl train: mean tumour confidence {recorded['mean']:.3f} on the {recorded['scans']} unlabelled target scans; "
+          + (f"{len(unsure)} below {recorded['floor']:g} ({', '.join(unsure)})" if unsure else f"none below {recorded['floor']:g}")
+          + " (label-free: to compare runs of one recipe, docs/results.md \"Choosing a seed without labels\")")
