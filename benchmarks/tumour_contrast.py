@@ -12,7 +12,9 @@ WT Dice on the target scan (plain pass: no test-time options).
 
 The labels are the source labels of co-registered scans (BraTS shares one label map between its
 modalities), so this reads nothing a source-labelled training run does not have; report cases are
-left out with ``--exclude-report``.
+left out with ``--exclude-report``, a split's scored cases with ``--exclude``: with ``--segment``
+the rows are then a run's own unlabelled target scans, on which its mean confidence is the
+label-free seed choice of docs/results.md ("Choosing a seed without labels").
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ def main() -> int:
     parser.add_argument("--model", required=True, help="a BiGL bundle (with its translators)")
     parser.add_argument("--cases", help="comma-separated case names (default: every labelled case)")
     parser.add_argument("--exclude-report", action="store_true", help="leave out the report cases")
+    parser.add_argument("--exclude", default="", help="comma-separated cases to leave out (e.g. a split's scored cases)")
     parser.add_argument("--segment", action="store_true", help="also the model's confidence and WT Dice on the target scan")
     parser.add_argument("--out", type=Path, required=True, help="CSV file of the rows")
     args = parser.parse_args()
@@ -66,8 +69,8 @@ def main() -> int:
     if args.cases:
         wanted = {name.strip() for name in args.cases.split(",") if name.strip()}
         cases = [case for case in cases if case.name in wanted]
-    if args.exclude_report:
-        cases = [case for case in cases if case.name not in REPORT_CASES]
+    left_out = {name.strip() for name in args.exclude.split(",") if name.strip()} | set(REPORT_CASES if args.exclude_report else [])
+    cases = [case for case in cases if case.name not in left_out]
     translator = bundle.translator_s2t.eval()
     predictor = (open_predictor(args.model, engine="torch", flip=False, invert_view=False, postprocess=False,
                                 refine_edges=False, contrast_search=False) if args.segment else None)
@@ -100,6 +103,9 @@ def main() -> int:
     print(f"\n{len(rows)} cases; median tumour-minus-brain contrast: " + ", ".join(
         f"{key} {np.nanmedian(v):.3f}" for key, v in values.items()))
     print(f"translated fainter than the real target on {int(np.sum(values['translated'] < values['target']))} cases")
+    if args.segment:
+        confidence = [row["confidence"] for row in rows if row["confidence"] is not None]
+        print(f"target scans: mean tumour confidence {np.mean(confidence):.4f}, mean WT Dice {np.mean([r['wt_dice'] for r in rows]):.3f}")
     return 0
 
 
