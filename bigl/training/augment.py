@@ -21,8 +21,8 @@ Two independent switches, both applied to a batch of slices in [-1, 1] with back
   slice x_s->t the segmenter sees, the whole tumour of the source labels (its edge softened over a
   pixel) is made brighter by a shift drawn from ``TUMOUR_BRIGHTENING_RANGE`` on the [0, 1] brain
   scale, inside the brain. Why: a T1 scan barely shows the oedema, so the translator paints T2
-  tumours much fainter than real T2 shows them (median tumour-minus-brain contrast 0.15 in x_s->t
-  against 0.41 in the real T2 of the same training cases, docs/results.md, "How bright the
+  tumours much fainter than real T2 shows them (median tumour-minus-brain contrast 0.16-0.20 in
+  x_s->t against 0.37 in the real T2 of the same training cases, docs/results.md, "How bright the
   translator paints the tumour"), and the segmenter learns the tumour's T2 look from x_s->t. Uses
   the source labels only. Applied before the intensity augmentation.
 
@@ -48,8 +48,8 @@ BIAS_STRENGTH = 0.3  # log-amplitude of the bias field
 BIAS_GRID = 4  # control points per side of the bias field
 NOISE_STD_MAX = 0.04
 #: Shift of the tumour's intensities on the [0, 1] brain scale: 0-0.25 is 0-0.5 on the network's [-1, 1]
-#: scale, which takes x_s->t's tumour contrast (median 0.15 there) over most of the range real T2
-#: scans show (0.0-0.73, median 0.41).
+#: scale, which takes x_s->t's tumour contrast (median 0.16-0.20 there) over most of the range real
+#: T2 scans show (median 0.37).
 TUMOUR_BRIGHTENING_RANGE = (0.0, 0.25)
 PROBABILITY = 0.5
 #: Pixels above this value are brain (background is exactly -1 after preprocessing).
