@@ -333,7 +333,7 @@ class Predictor(ModelDescription):
 
     def _resize(self, stack: np.ndarray, size: int) -> np.ndarray:
         """[n, C, S, S] float32 -> [n, C, size, size], bilinear (half-pixel centres, edges clamped)."""
-        return resize_bilinear(stack, (size, size))
+        return resize_square(stack, size)
 
     def no_translator_error(self) -> BundleError:
         """Why this model cannot produce a translated image, and the fix."""
@@ -462,6 +462,11 @@ def resize_bilinear(stack: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return stack
 
 
+def resize_square(stack: np.ndarray, size: int) -> np.ndarray:
+    """:func:`resize_bilinear` to ``size`` x ``size``: the in-plane resize of the restoring functions."""
+    return resize_bilinear(stack, (size, size))
+
+
 def restore_on_grid(maps: np.ndarray, geometry, *, fill: float = 0.0,
                     resize: Callable[[np.ndarray, int], np.ndarray] | None = None) -> np.ndarray:
     """:func:`bigl.data.preprocess.restore_maps`, with a faster in-plane resize.
@@ -478,7 +483,7 @@ def restore_on_grid(maps: np.ndarray, geometry, *, fill: float = 0.0,
     if single:
         stack = stack[:, None]
     if geometry.square != geometry.image_size:
-        stack = (resize or (lambda s, n: resize_bilinear(s, (n, n))))(stack, geometry.square)
+        stack = (resize or resize_square)(stack, geometry.square)
     return restore_maps(stack[:, 0] if single else stack, replace(geometry, image_size=geometry.square), fill=fill)
 
 
@@ -500,7 +505,7 @@ def labels_on_grid(class_maps: np.ndarray, geometry, *,
 
     maps = np.asarray(class_maps, dtype=np.float32)
     square = geometry.square
-    resize = resize or (lambda s, n: resize_bilinear(s, (n, n)))
+    resize = resize or resize_square
     classes = np.empty((len(maps), square, square), dtype=np.uint8)
     for start in range(0, len(maps), LABEL_CHUNK_SLICES):
         chunk = maps[start:start + LABEL_CHUNK_SLICES]

@@ -582,7 +582,7 @@ class AdaptTrainer(StageTrainer):
                 x = torch.from_numpy(unlabelled.stack(rows, ctx.config.segmenter.in_channels)).to(ctx.device)
                 with ctx.autocast():
                     probabilities = torch.softmax(segmenter(x).float(), 1).cpu().numpy()
-                for row, case in zip(range(len(rows)), unlabelled.case_index[rows]):
+                for row, case in enumerate(unlabelled.case_index[rows]):
                     part_sum, part_pixels = tumour_confidence_sums(probabilities[row:row + 1])
                     sums[case] += part_sum
                     pixels[case] += part_pixels

@@ -1,6 +1,6 @@
 """Batch augmentation of labelled slices (beyond the paper; off in the paper's config).
 
-Two independent switches, both applied to a batch of slices in [-1, 1] with background -1:
+Independent switches, each applied to a batch of slices in [-1, 1] with background -1:
 
 - spatial (``data.augment_spatial``): per slice, with probability 1/2, a rotation of up to
   ``MAX_ROTATION_DEGREES`` and a scaling by a factor in ``SCALE_RANGE`` about the slice centre; the
